@@ -1,0 +1,53 @@
+//! cnnc: a declarative model-graph compiler for convolutional networks.
+//!
+//! The pipeline, one module a stage (see ARCHITECTURE.md):
+//! `.cnn` text → [`syntax::parse`] → AST → [`ir::lower::lower`] → IR graph →
+//! [`ir::infer_shapes`] → shapes → [`ir::cost::analyze`] → costs → [`check`] → reports.
+
+pub mod check;
+pub mod data;
+pub mod diagnostic;
+pub mod ir;
+pub mod report;
+pub mod syntax;
+
+use diagnostic::{Diagnostic, SourceFile};
+use ir::cost::CostInfo;
+use ir::lower::Model;
+use ir::ShapeInfo;
+
+/// A model that parsed, lowered, has every shape inferred and passed every check.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub model: Model,
+    pub shapes: ShapeInfo,
+    pub costs: CostInfo,
+    /// Lint warnings: the model is legal, but probably not what was meant.
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// Runs the front end on a source text: parse, lower, infer shapes, count costs, check.
+/// On failure returns every diagnostic found (errors, and warnings found before them).
+pub fn check(source: &SourceFile) -> Result<Checked, Vec<Diagnostic>> {
+    let ast = syntax::parse(&source.text).map_err(|e| vec![e])?;
+    let model = ir::lower::lower(&ast)?;
+    let shapes = ir::infer_shapes(&model.graph).map_err(|e| vec![e])?;
+    let costs = ir::cost::analyze(&model.graph, &shapes);
+    let warnings = check::lint(&model.graph, &shapes, &costs);
+    let errors = match &model.train {
+        Some(train) => check::check_train(&model.graph, &shapes, train),
+        None => Vec::new(),
+    };
+    if !errors.is_empty() {
+        return Err(warnings.into_iter().chain(errors).collect());
+    }
+    Ok(Checked { model, shapes, costs, warnings })
+}
+
+/// Reads a `.cnn` file.
+pub fn read_source(path: &std::path::Path) -> anyhow::Result<SourceFile> {
+    use anyhow::Context as _;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read `{}`", path.display()))?;
+    Ok(SourceFile::new(path.display().to_string(), text))
+}
