@@ -46,54 +46,64 @@ pub fn check_train(graph: &Graph, shapes: &ShapeInfo, train: &TrainConfig) -> Ve
     let last_op = &graph.node(output).op;
     let width = shapes.shape(output);
     let last_layer = graph.layer_of(output);
-    let problem = match loss {
+    let loss_span = train.span("loss");
+    match loss {
         Loss::CategoricalCrossentropy | Loss::SparseCategoricalCrossentropy => {
             let wanted = classes.map_or("a softmax output".to_string(), |n| {
                 format!("a softmax output {n} wide (the dataset's classes)")
             });
-            match (last_op, width) {
+            let found = match (last_op, width) {
                 (Op::Activation(Activation::Softmax), Shape::Flat(n)) if classes.is_none_or(|c| c == n) => None,
-                (Op::Activation(Activation::Softmax), Shape::Flat(n)) => {
-                    Some((wanted, format!("{} is {n} wide", last_layer.name)))
-                }
+                (Op::Activation(Activation::Softmax), Shape::Flat(n)) => Some(format!("{} is {n} wide", last_layer.name)),
                 (Op::Activation(Activation::Softmax), shape) => {
-                    Some((wanted, format!("{} outputs {shape}, not a vector", last_layer.name)))
+                    Some(format!("{} outputs {shape}, not a vector", last_layer.name))
                 }
-                _ => Some((wanted, format!("{} does not end in softmax", last_layer.name))),
+                _ => Some(format!("{} does not end in softmax", last_layer.name)),
+            };
+            if let Some(found) = found {
+                let help = match classes {
+                    Some(n) => format!("end the model with dense({n}, activation=softmax)"),
+                    None => "end the model with a dense layer with activation=softmax".into(),
+                };
+                errors.push(
+                    Diagnostic::error(format!("{} needs {wanted}, but {found}", loss.name()))
+                        .label(loss_span, format!("needs {wanted}"))
+                        .secondary(last_layer.span, found)
+                        .help(help),
+                );
             }
         }
         Loss::BinaryCrossentropy => {
-            let wanted = "a sigmoid output 1 wide".to_string();
-            let mut problem = match (last_op, width) {
+            let found = match (last_op, width) {
                 (Op::Activation(Activation::Sigmoid), Shape::Flat(1)) => None,
                 (Op::Activation(Activation::Sigmoid), shape) => {
-                    Some((wanted.clone(), format!("{} outputs {shape}", last_layer.name)))
+                    Some(format!("{} outputs {shape}", last_layer.name))
                 }
-                _ => Some((wanted.clone(), format!("{} does not end in sigmoid", last_layer.name))),
+                _ => Some(format!("{} does not end in sigmoid", last_layer.name)),
             };
-            if let (None, Some(data)) = (&problem, train.data) {
-                if data.classes != 2 {
-                    problem = Some((
-                        "a dataset with 2 classes".into(),
-                        format!("{} has {} classes", data.name, data.classes),
-                    ));
-                }
+            if let Some(found) = found {
+                errors.push(
+                    Diagnostic::error(format!("binary_crossentropy needs a sigmoid output 1 wide, but {found}"))
+                        .label(loss_span, "needs a sigmoid output 1 wide")
+                        .secondary(last_layer.span, found)
+                        .help("end the model with dense(1, activation=sigmoid)"),
+                );
             }
-            problem
+            if let Some(data) = train.data.filter(|d| d.classes != 2) {
+                errors.push(
+                    Diagnostic::error(format!(
+                        "binary_crossentropy is for two classes, but {} has {}",
+                        data.name, data.classes
+                    ))
+                    .label(loss_span, "needs two classes")
+                    .secondary(train.span("data"), format!("{} classes", data.classes))
+                    .help(format!(
+                        "for {} classes: loss = categorical_crossentropy, and dense({}, activation=softmax) last",
+                        data.classes, data.classes
+                    )),
+                );
+            }
         }
-    };
-    if let Some((wanted, found)) = problem {
-        let mut d = Diagnostic::error(format!("{} needs {wanted}, but {found}", loss.name()))
-            .label(train.span("loss"), format!("needs {wanted}"))
-            .secondary(last_layer.span, found);
-        d = match (loss, classes) {
-            (Loss::BinaryCrossentropy, _) => {
-                d.help("end the model with dense(1, activation=sigmoid)")
-            }
-            (_, Some(n)) => d.help(format!("end the model with dense({n}, activation=softmax)")),
-            (_, None) => d.help("end the model with a dense layer with activation=softmax"),
-        };
-        errors.push(d);
     }
     errors
 }
@@ -133,12 +143,14 @@ pub fn lint(graph: &Graph, shapes: &ShapeInfo, costs: &CostInfo) -> Vec<Diagnost
         }
     }
     let total = costs.total_params();
+    let parametric_layers = graph.nodes().filter(|(id, _)| !costs.params(*id).is_empty()).count();
     for (id, node) in graph.nodes() {
-        if !matches!(node.op, Op::Dense(_)) {
+        // A model whose only parametric layer is dense has nothing to move the weight to.
+        if !matches!(node.op, Op::Dense(_)) || parametric_layers < 2 {
             continue;
         }
         let params: usize = costs.params(id).iter().map(|p| p.numel()).sum();
-        if total > 0 && params as f64 > DENSE_SHARE_WARNING * total as f64 {
+        if params as f64 > DENSE_SHARE_WARNING * total as f64 {
             let layer = graph.layer_of(id);
             let share = 100.0 * params as f64 / total as f64;
             let input = shapes.shape(node.inputs[0]);
@@ -149,7 +161,7 @@ pub fn lint(graph: &Graph, shapes: &ShapeInfo, costs: &CostInfo) -> Vec<Diagnost
                     group_digits(params as u64),
                     group_digits(total as u64)
                 ))
-                .label(layer.span, format!("{} inputs x {} units", input.numel(), shapes.shape(id).numel()))
+                .label(layer.span, format!("{} inputs x {} units", group_digits(input.numel() as u64), group_digits(shapes.shape(id).numel() as u64)))
                 .note("a dense layer this large is slow to train and tends to overfit")
                 .help("shrink its input with more pooling or strided convolutions before flatten"),
             );

@@ -67,7 +67,10 @@ pub fn lower(file: &ast::File) -> Result<Model, Vec<Diagnostic>> {
     };
     match graph {
         Some(graph) if errors.is_empty() => Ok(Model { graph, train }),
-        _ => Err(errors),
+        _ => {
+            errors.sort_by_key(|d| d.labels.iter().find(|l| l.primary).map(|l| l.span.start));
+            Err(errors)
+        }
     }
 }
 
@@ -98,8 +101,12 @@ fn lower_model(block: &ast::ModelBlock) -> Result<Graph, Vec<Diagnostic>> {
     let mut graph = Graph::new(block.name.name.clone());
 
     let mut statements = block.statements.iter();
+    let mut input_span = block.head;
     let input_shape = match statements.next() {
-        Some(Statement::Input { value, .. }) => input_shape(value).map_err(|e| errors.push(e)).ok(),
+        Some(Statement::Input { value, span }) => {
+            input_span = *span;
+            input_shape(value).map_err(|e| errors.push(e)).ok()
+        }
         other => {
             let span = match other {
                 Some(Statement::Layer(layer)) => layer.span,
@@ -134,12 +141,12 @@ fn lower_model(block: &ast::ModelBlock) -> Result<Graph, Vec<Diagnostic>> {
     }
 
     let names = layer_names(&layers, &mut errors);
-    let input_layer = graph.add_layer("input_layer".into(), "InputLayer", block.head);
+    let input_layer = graph.add_layer("input_layer".into(), "InputLayer", input_span);
     let mut previous = graph.add_node(
         Op::Input(input_shape.unwrap_or(Shape::Flat(1))),
         vec![],
         input_layer,
-        block.head,
+        input_span,
     );
     for (call, name) in layers.iter().zip(names) {
         match lower_layer(&mut graph, call, name, previous) {
@@ -227,21 +234,23 @@ fn lower_layer(
     let Some(&(_, class, _)) = LAYERS.iter().find(|(w, ..)| *w == word) else {
         let known: Vec<&str> = LAYERS.iter().map(|(w, ..)| *w).collect();
         let mut d = Diagnostic::error(format!("unknown layer `{word}`"));
-        d = match suggest(word, &known) {
-            Some(s) => d.label(call.name.span, did_you_mean(&s)),
+        let suggestion = suggest(word, &known);
+        d = match &suggestion {
+            Some(s) => d.label(call.name.span, did_you_mean(s)),
             None => d.label(call.name.span, "not a layer of the language"),
         };
-        return Err(vec![d.note(format!("the layers are: {}", known.join(", ")))]);
+        let mut errors = vec![d.note(format!("the layers are: {}", known.join(", ")))];
+        // Check the arguments as the suggested layer's, so that `Conv2D(32, kernel_size=3)`
+        // learns about `kernel` in the same run.
+        if let Some(s) = suggestion {
+            let (params, positional) = layer_params(&s);
+            if let Err(mut e) = Args::bind(&s, &call.args, params, positional) {
+                errors.append(&mut e);
+            }
+        }
+        return Err(errors);
     };
-    let (params, positional): (&[&'static str], &[&'static str]) = match word {
-        "conv2d" => (&["filters", "kernel", "stride", "padding", "activation", "bias"], &["filters"]),
-        "maxpool" | "avgpool" => (&["pool", "stride", "padding"], &["pool"]),
-        "batchnorm" => (&["momentum", "epsilon"], &[]),
-        "leaky_relu" => (&["alpha"], &["alpha"]),
-        "dropout" => (&["rate"], &["rate"]),
-        "dense" => (&["units", "activation", "bias"], &["units"]),
-        _ => (&[], &[]),
-    };
+    let (params, positional) = layer_params(word);
     let args = Args::bind(word, &call.args, params, positional)?;
     let mut errors = Vec::new();
 
@@ -325,6 +334,19 @@ fn lower_layer(
         _ => unreachable!("every word of LAYERS is lowered"),
     };
     if errors.is_empty() { Ok(output) } else { Err(errors) }
+}
+
+/// The arguments a layer takes, and which of them may be given by position.
+fn layer_params(word: &str) -> (&'static [&'static str], &'static [&'static str]) {
+    match word {
+        "conv2d" => (&["filters", "kernel", "stride", "padding", "activation", "bias"], &["filters"]),
+        "maxpool" | "avgpool" => (&["pool", "stride", "padding"], &["pool"]),
+        "batchnorm" => (&["momentum", "epsilon"], &[]),
+        "leaky_relu" => (&["alpha"], &["alpha"]),
+        "dropout" => (&["rate"], &["rate"]),
+        "dense" => (&["units", "activation", "bias"], &["units"]),
+        _ => (&[], &[]),
+    }
 }
 
 /// The value of `result`, or `None` with its error kept for the report.
@@ -448,7 +470,7 @@ fn too_large(value: &Value, what: &str) -> Diagnostic {
 }
 
 pub(super) fn wrong_kind(value: &Value, what: &str, expected: &str) -> Diagnostic {
-    Diagnostic::error(format!("{what} must be {expected}, but this is {}", value.kind.describe()))
+    Diagnostic::error(format!("{what} must be {expected}, got {}", value.kind.show()))
         .label(value.span, format!("expected {expected}"))
 }
 

@@ -238,9 +238,9 @@ fn infer_window(
     let layer = graph.layer_of(id);
     let op = graph.node(id).op.name();
     let Shape::Hwc { h, w, .. } = input else {
+        let who = if layer.name == op { op.to_string() } else { format!("{} ({op})", layer.name) };
         return Err(Diagnostic::error(format!(
-            "{} is a {op} and needs a height x width x channels input, but its input is flat ({input})",
-            layer.name
+            "{who} needs a height x width x channels input, but its input is flat ({input})"
         ))
         .label(layer.span, "gets a flat input here")
         .note(format!("shape so far: {}", history(graph, info, id)))

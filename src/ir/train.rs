@@ -110,7 +110,9 @@ pub(super) fn lower_train(block: &ast::TrainBlock) -> Result<TrainConfig, Vec<Di
             }
             "seed" => match value.kind {
                 ValueKind::Int(n) if n >= 0 => Ok(config.seed = n as u64),
-                _ => Err(wrong_kind(value, "seed", "a whole number, 0 or more")),
+                ValueKind::Int(n) => Err(Diagnostic::error(format!("seed must be 0 or more, got {n}"))
+                    .label(value.span, "negative seed")),
+                _ => Err(wrong_kind(value, "seed", "a whole number")),
             },
             _ => unreachable!("every key is handled"),
         };

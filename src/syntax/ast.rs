@@ -73,6 +73,17 @@ pub enum ValueKind {
 }
 
 impl ValueKind {
+    /// The value, short, for messages: `2.5`, `3x3x3`, `` `yes` ``.
+    pub fn show(&self) -> String {
+        match self {
+            ValueKind::Int(n) => n.to_string(),
+            ValueKind::Float(x) => x.to_string(),
+            ValueKind::Dims(d) => d.iter().map(u64::to_string).collect::<Vec<_>>().join("x"),
+            ValueKind::Ident(w) => format!("`{w}`"),
+            ValueKind::Call { name, .. } => format!("`{}(…)`", name.name),
+        }
+    }
+
     /// How the value is called in messages: "a number", "a word", …
     pub fn describe(&self) -> &'static str {
         match self {

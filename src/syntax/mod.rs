@@ -184,11 +184,26 @@ fn parse_error(text: &str, error: pest::error::Error<Rule>) -> Diagnostic {
     } else {
         format!("expected {}, found {found}", one_of(&expected))
     };
-    let end = text[offset..].chars().next().map_or(offset, |c| offset + c.len_utf8());
-    let mut diagnostic = Diagnostic::error(format!("syntax error: {what}"))
-        .label(Span::new(offset, end), format!("expected {}", one_of(&expected)));
-    if expected.is_empty() {
-        diagnostic.labels[0].message = "not understood here".into();
+    let unclosed = offset == text.len() && expected.contains(&"`}`");
+    let message = if unclosed {
+        "syntax error: the file ends before a block is closed".to_string()
+    } else {
+        format!("syntax error: {what}")
+    };
+    let mut diagnostic = Diagnostic::error(message);
+    let at = missing_token_position(text, offset);
+    diagnostic = if expected.is_empty() {
+        let end = text[offset..].chars().next().map_or(offset, |c| offset + c.len_utf8());
+        diagnostic.label(Span::new(offset, end), "not understood here")
+    } else if at < offset {
+        // What is missing belongs after the previous token, on its line, as rustc shows it.
+        diagnostic.label(Span::new(at, at), format!("expected {} here", one_of(&expected)))
+    } else {
+        let end = text[offset..].chars().next().map_or(offset, |c| offset + c.len_utf8());
+        diagnostic.label(Span::new(offset, end), format!("expected {}", one_of(&expected)))
+    };
+    if unclosed {
+        diagnostic = diagnostic.help("add the missing `}`");
     }
     if text[offset..].starts_with(['"', '\'']) {
         diagnostic = diagnostic.help("values are written without quotes: `data = mnist`");
@@ -197,6 +212,23 @@ fn parse_error(text: &str, error: pest::error::Error<Rule>) -> Diagnostic {
         diagnostic = diagnostic.help("settings are written `key = value`");
     }
     diagnostic
+}
+
+/// Where a missing token should go: right after the previous token when the parser stopped on
+/// a later line (skipping a comment at the end of that line), else `offset` itself.
+fn missing_token_position(text: &str, offset: usize) -> usize {
+    let before = &text[..offset];
+    let trimmed = before.trim_end();
+    if !before[trimmed.len()..].contains('\n') {
+        return offset;
+    }
+    let line_start = trimmed.rfind('\n').map_or(0, |i| i + 1);
+    let line = &trimmed[line_start..];
+    let code = match line.find('#') {
+        Some(hash) => line[..hash].trim_end(),
+        None => line,
+    };
+    if code.is_empty() { offset } else { line_start + code.len() }
 }
 
 fn found_at(text: &str, offset: usize) -> String {
@@ -280,8 +312,9 @@ mod tests {
 
     #[test]
     fn a_missing_paren_is_reported_where_it_is_missing() {
-        let error = parse("model m {\n  conv2d(32, kernel=3\n}").unwrap_err();
+        let error = parse("model m {\n  conv2d(32, kernel=3  # comment\n}").unwrap_err();
         assert_eq!(error.message, "syntax error: expected `)` or `,`, found `}`");
-        assert_eq!(error.labels[0].span.start, 32);
+        // right after `kernel=3`, not at the `}` on the next line
+        assert_eq!(error.labels[0].span.start, 30);
     }
 }

@@ -40,22 +40,24 @@ const FOREIGN_NAMES: &[(&str, &str)] = &[
     ("batch", "batch_size"),
     ("dataset", "data"),
     ("val_split", "validation_split"),
-    ("filters", "the first argument (`conv2d(32, …)`)"),
-    ("units", "the first argument (`dense(10, …)`)"),
-    ("rate", "the first argument (`dropout(0.5)`)"),
 ];
 
 /// The known word closest to `word`: a Keras-style spelling's translation, the same word in
 /// other case, or one at a small edit distance.
 pub fn suggest<'a>(word: &str, known: &[&'a str]) -> Option<String> {
     if let Some((_, ours)) = FOREIGN_NAMES.iter().find(|(theirs, _)| *theirs == word) {
-        if known.contains(ours) || ours.starts_with("the first") {
+        if known.contains(ours) {
             return Some((*ours).to_string());
         }
     }
     let lower = word.to_lowercase();
     if let Some(k) = known.iter().find(|k| k.to_lowercase() == lower) {
         return Some((*k).to_string());
+    }
+    if lower.len() >= 3 {
+        if let Some(k) = known.iter().find(|k| k.starts_with(&lower)) {
+            return Some((*k).to_string());
+        }
     }
     let limit = if word.len() <= 3 { 1 } else { 2 };
     known
@@ -66,13 +68,8 @@ pub fn suggest<'a>(word: &str, known: &[&'a str]) -> Option<String> {
         .map(|(_, k)| k.to_string())
 }
 
-/// The "did you mean" text for a suggestion: backquoted when it is a word of the language.
 pub fn did_you_mean(suggestion: &str) -> String {
-    if suggestion.starts_with("the first") {
-        format!("did you mean {suggestion}?")
-    } else {
-        format!("did you mean `{suggestion}`?")
-    }
+    format!("did you mean `{suggestion}`?")
 }
 
 /// Levenshtein distance, by characters.
@@ -105,6 +102,7 @@ mod tests {
             ("DENSE", Some("dense")),
             ("conv2", Some("conv2d")),
             ("maxpol", Some("maxpool")),
+            ("batch", Some("batchnorm")),
             ("lstm", None),
         ];
         for (word, expected) in cases {
