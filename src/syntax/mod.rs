@@ -315,6 +315,6 @@ mod tests {
         let error = parse("model m {\n  conv2d(32, kernel=3  # comment\n}").unwrap_err();
         assert_eq!(error.message, "syntax error: expected `)` or `,`, found `}`");
         // right after `kernel=3`, not at the `}` on the next line
-        assert_eq!(error.labels[0].span.start, 30);
+        assert_eq!(error.labels[0].span.start, 31);
     }
 }
