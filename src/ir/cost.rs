@@ -34,9 +34,9 @@ pub struct Flops {
 
 impl std::ops::AddAssign for Flops {
     fn add_assign(&mut self, other: Flops) {
-        self.forward += other.forward;
-        self.backward_input += other.backward_input;
-        self.backward_weights += other.backward_weights;
+        self.forward = self.forward.saturating_add(other.forward);
+        self.backward_input = self.backward_input.saturating_add(other.backward_input);
+        self.backward_weights = self.backward_weights.saturating_add(other.backward_weights);
     }
 }
 
@@ -187,27 +187,29 @@ fn node_flops(
     output: Shape,
     needs_input_grad: bool,
 ) -> Flops {
+    // Sizes are bounded by shape inference, but their products with kernel areas may still
+    // exceed 64 bits for absurd models: counts saturate rather than wrap.
     let out = output.numel() as u64;
     let input_grad = |flops: u64| if needs_input_grad { flops } else { 0 };
     match op {
         Op::Conv2d(c) => {
             let cin = input.map_or(0, |s| s.channels()) as u64;
-            let macs = out * (c.kernel[0] * c.kernel[1]) as u64 * cin;
+            let macs = out.saturating_mul((c.kernel[0] * c.kernel[1]) as u64).saturating_mul(cin);
             let bias = if c.bias { out } else { 0 };
-            Flops { forward: 2 * macs + bias, backward_input: input_grad(2 * macs), backward_weights: 2 * macs + bias }
+            matmul_flops(macs, bias, needs_input_grad)
         }
         Op::Dense(d) => {
-            let macs = input.map_or(0, |s| s.numel()) as u64 * d.units as u64;
+            let macs = (input.map_or(0, |s| s.numel()) as u64).saturating_mul(d.units as u64);
             let bias = if d.bias { out } else { 0 };
-            Flops { forward: 2 * macs + bias, backward_input: input_grad(2 * macs), backward_weights: 2 * macs + bias }
+            matmul_flops(macs, bias, needs_input_grad)
         }
         Op::Pool(p) => {
             let window = (p.size[0] * p.size[1]) as u64;
             let (forward, backward) = match p.kind {
                 // compares per window; the gradient goes to one argmax per window
-                PoolKind::Max => (out * (window - 1), out),
+                PoolKind::Max => (out.saturating_mul(window - 1), out),
                 // adds and one divide per window; the gradient is spread over the window
-                PoolKind::Avg => (out * window, out * window),
+                PoolKind::Avg => (out.saturating_mul(window), out.saturating_mul(window)),
             };
             Flops { forward, backward_input: input_grad(backward), backward_weights: 0 }
         }
@@ -224,6 +226,16 @@ fn node_flops(
     }
 }
 
+/// Conv2d and dense: 2 FLOPs per multiply-add, one add per output for the bias.
+fn matmul_flops(macs: u64, bias: u64, needs_input_grad: bool) -> Flops {
+    let flops = macs.saturating_mul(2);
+    Flops {
+        forward: flops.saturating_add(bias),
+        backward_input: if needs_input_grad { flops } else { 0 },
+        backward_weights: flops.saturating_add(bias),
+    }
+}
+
 fn next_field(
     graph: &Graph,
     shapes: &ShapeInfo,
@@ -237,8 +249,8 @@ fn next_field(
             ReceptiveField::Local([0, 1].map(|axis| {
                 let (f, w) = (fields[axis], windows[axis]);
                 Field {
-                    size: f.size + (w.kernel - 1) * f.jump,
-                    jump: f.jump * w.stride,
+                    size: f.size.saturating_add((w.kernel - 1).saturating_mul(f.jump)),
+                    jump: f.jump.saturating_mul(w.stride),
                     start: f.start + ((w.kernel as f64 - 1.0) / 2.0 - w.pad_before as f64) * f.jump as f64,
                 }
             }))
@@ -252,7 +264,7 @@ fn next_field(
             let extent = |f: Field, len: usize, image_len: usize| {
                 let half = (f.size as f64 - 1.0) / 2.0;
                 let lo = (f.start - half).max(0.0);
-                let hi = (f.start + ((len - 1) * f.jump) as f64 + half).min(image_len as f64 - 1.0);
+                let hi = (f.start + (len - 1) as f64 * f.jump as f64 + half).min(image_len as f64 - 1.0);
                 (hi - lo + 1.0).max(0.0) as usize
             };
             ReceptiveField::Global { size: [extent(fields[0], h, image[0]), extent(fields[1], w, image[1])] }

@@ -167,6 +167,10 @@ fn window_on_axis(len: usize, kernel: usize, stride: usize, padding: Padding, ax
     Window { kernel, stride, pad_before, pad_after }
 }
 
+/// The most elements one value (per sample) or one weight tensor may have: 2^32, far beyond
+/// any model that fits in memory, and small enough that every later count fits in 64 bits.
+pub const MAX_ELEMENTS: usize = 1 << 32;
+
 /// Infers the shape of every node, or explains, with the shape's history, why one cannot be.
 pub fn infer_shapes(graph: &Graph) -> Result<ShapeInfo, Diagnostic> {
     let mut info = ShapeInfo { shapes: Vec::new(), windows: Vec::new() };
@@ -203,27 +207,40 @@ pub fn infer_shapes(graph: &Graph) -> Result<ShapeInfo, Diagnostic> {
                     layer.name
                 )));
             }
-            (Op::Flatten, Some(input)) => {
-                let n = checked_numel(graph, id, input)?;
-                (Shape::Flat(n), None)
-            }
+            (Op::Flatten, Some(input)) => (Shape::Flat(input.numel()), None),
             (Op::BatchNorm(_) | Op::Activation(_) | Op::Dropout { .. }, Some(input)) => {
                 (input, None)
             }
         };
+        check_size(graph, id, "output", &shape.dims())?;
+        if let (Op::Conv2d(conv), Some(input)) = (&node.op, input) {
+            let kernel = [conv.kernel[0], conv.kernel[1], input.channels(), conv.filters];
+            check_size(graph, id, "kernel", &kernel)?;
+        }
+        if let (Op::Dense(dense), Some(input)) = (&node.op, input) {
+            check_size(graph, id, "kernel", &[input.numel(), dense.units])?;
+        }
         info.shapes.push(shape);
         info.windows.push(window);
     }
     Ok(info)
 }
 
-fn checked_numel(graph: &Graph, id: NodeId, shape: Shape) -> Result<usize, Diagnostic> {
-    let Shape::Hwc { h, w, c } = shape else { return Ok(shape.numel()) };
-    h.checked_mul(w).and_then(|hw| hw.checked_mul(c)).ok_or_else(|| {
-        let layer = graph.layer_of(id);
-        Diagnostic::error(format!("{}: {h}x{w}x{c} has too many elements to count", layer.name))
-            .label(layer.span, "here")
-    })
+/// Rejects a value or weight with more than [`MAX_ELEMENTS`] elements.
+fn check_size(graph: &Graph, id: NodeId, what: &str, dims: &[usize]) -> Result<(), Diagnostic> {
+    let numel = dims.iter().try_fold(1usize, |n, d| n.checked_mul(*d));
+    if numel.is_some_and(|n| n <= MAX_ELEMENTS) {
+        return Ok(());
+    }
+    let layer = graph.layer_of(id);
+    let shape = dims.iter().map(usize::to_string).collect::<Vec<_>>().join("x");
+    let subject = match graph.node(id).op {
+        Op::Input(_) => format!("the input {shape}"),
+        _ => format!("{}: its {what} ({shape})", layer.name),
+    };
+    Err(Diagnostic::error(format!("{subject} has more elements than cnnc supports (2^32)"))
+    .label(layer.span, "too large")
+    .help("check the sizes, strides and padding of this layer and the ones before it"))
 }
 
 fn infer_window(
@@ -255,8 +272,8 @@ fn infer_window(
         _ => {
             let what = if matches!(graph.node(id).op, Op::Pool(_)) { "pool size" } else { "kernel" };
             let arg = if what == "kernel" { "kernel" } else { "pool" };
-            let padded_h = h + windows[0].pad_before + windows[0].pad_after;
-            let padded_w = w + windows[1].pad_before + windows[1].pad_after;
+            let padded_h = h.saturating_add(windows[0].pad_before).saturating_add(windows[0].pad_after);
+            let padded_w = w.saturating_add(windows[1].pad_before).saturating_add(windows[1].pad_after);
             let padded = if padded_h == h && padded_w == w {
                 format!("{h}x{w} input")
             } else {

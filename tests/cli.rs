@@ -1,0 +1,102 @@
+//! The `cnnc` binary as a user runs it: exit codes, where output goes, and messages.
+
+use std::process::{Command, Output};
+
+fn cnnc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cnnc")).args(args).output().expect("cnnc runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn check_prints_ok_for_a_good_model() {
+    let out = cnnc(&["check", "models/mnist.cnn"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "ok\n");
+    assert_eq!(text(&out.stderr), "");
+}
+
+#[test]
+fn check_points_at_the_error_and_fails() {
+    let out = cnnc(&["check", "tests/ui/dense_before_flatten.cnn"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("--> tests/ui/dense_before_flatten.cnn:7:5"), "{stderr}");
+    assert!(stderr.contains("28→26→13→11→5"), "{stderr}");
+    assert!(stderr.contains("5·5·64 = 1600 inputs"), "{stderr}");
+    assert!(stderr.ends_with("error: tests/ui/dense_before_flatten.cnn found 1 error(s)\n"), "{stderr}");
+    assert_eq!(text(&out.stdout), "");
+}
+
+#[test]
+fn warnings_pass_unless_denied() {
+    let out = cnnc(&["check", "models/seed000.cnn"]);
+    assert!(out.status.success());
+    assert!(text(&out.stderr).contains("warning: dense holds 98.9% of the model's parameters"));
+    assert_eq!(text(&out.stdout), "ok\n");
+
+    let denied = cnnc(&["check", "--deny-warnings", "models/seed000.cnn"]);
+    assert_eq!(denied.status.code(), Some(1));
+    assert!(text(&denied.stderr).contains("--deny-warnings"));
+    assert_eq!(text(&denied.stdout), "");
+}
+
+#[test]
+fn summary_prints_a_table_and_json() {
+    let out = cnnc(&["summary", "models/mnist.cnn"]);
+    assert!(out.status.success());
+    let table = text(&out.stdout);
+    assert!(table.starts_with("Model: \"mnist\""), "{table}");
+    assert!(table.contains("Total params: 34,826 (136.04 KB)"), "{table}");
+
+    let out = cnnc(&["summary", "--json", "models/mnist.cnn"]);
+    assert!(out.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    assert_eq!(json["model"], "mnist");
+    assert_eq!(json["input"], serde_json::json!([28, 28, 1]));
+    assert_eq!(json["total_params"], 34_826);
+    assert_eq!(json["layers"][0]["output_shape"], serde_json::json!([26, 26, 32]));
+}
+
+#[test]
+fn a_missing_file_is_a_clear_error() {
+    let out = cnnc(&["check", "no/such/model.cnn"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.starts_with("error: cannot read `no/such/model.cnn`"), "{stderr}");
+    assert!(!stderr.contains("panicked"));
+}
+
+#[test]
+fn a_file_that_is_not_text_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("cnnc-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("binary.cnn");
+    std::fs::write(&path, [0xff, 0xfe, 0x00, 0x41]).unwrap();
+    let out = cnnc(&["check", path.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("cannot read"), "{stderr}");
+    assert!(stderr.contains("UTF-8"), "{stderr}");
+}
+
+#[test]
+fn help_explains_the_commands() {
+    let out = cnnc(&["--help"]);
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    for word in ["check", "summary", "Examples"] {
+        assert!(help.contains(word), "{help}");
+    }
+    let out = cnnc(&["summary", "--help"]);
+    assert!(text(&out.stdout).contains("--json"));
+}
+
+#[test]
+fn usage_errors_exit_with_2() {
+    assert_eq!(cnnc(&["summary"]).status.code(), Some(2));
+    assert_eq!(cnnc(&["frobnicate", "x.cnn"]).status.code(), Some(2));
+}
