@@ -53,8 +53,12 @@ pub fn check_train(graph: &Graph, shapes: &ShapeInfo, train: &TrainConfig) -> Ve
                 format!("a softmax output {n} wide (the dataset's classes)")
             });
             let found = match (last_op, width) {
-                (Op::Activation(Activation::Softmax), Shape::Flat(n)) if classes.is_none_or(|c| c == n) => None,
-                (Op::Activation(Activation::Softmax), Shape::Flat(n)) => Some(format!("{} is {n} wide", last_layer.name)),
+                (Op::Activation(Activation::Softmax), Shape::Flat(n)) if classes.is_none_or(|c| c == n) => {
+                    None
+                }
+                (Op::Activation(Activation::Softmax), Shape::Flat(n)) => {
+                    Some(format!("{} is {n} wide", last_layer.name))
+                }
                 (Op::Activation(Activation::Softmax), shape) => {
                     Some(format!("{} outputs {shape}, not a vector", last_layer.name))
                 }
@@ -83,10 +87,12 @@ pub fn check_train(graph: &Graph, shapes: &ShapeInfo, train: &TrainConfig) -> Ve
             };
             if let Some(found) = found {
                 errors.push(
-                    Diagnostic::error(format!("binary_crossentropy needs a sigmoid output 1 wide, but {found}"))
-                        .label(loss_span, "needs a sigmoid output 1 wide")
-                        .secondary(last_layer.span, found)
-                        .help("end the model with dense(1, activation=sigmoid)"),
+                    Diagnostic::error(format!(
+                        "binary_crossentropy needs a sigmoid output 1 wide, but {found}"
+                    ))
+                    .label(loss_span, "needs a sigmoid output 1 wide")
+                    .secondary(last_layer.span, found)
+                    .help("end the model with dense(1, activation=sigmoid)"),
                 );
             }
             if let Some(data) = train.data.filter(|d| d.classes != 2) {
@@ -161,7 +167,14 @@ pub fn lint(graph: &Graph, shapes: &ShapeInfo, costs: &CostInfo) -> Vec<Diagnost
                     group_digits(params as u64),
                     group_digits(total as u64)
                 ))
-                .label(layer.span, format!("{} inputs x {} units", group_digits(input.numel() as u64), group_digits(shapes.shape(id).numel() as u64)))
+                .label(
+                    layer.span,
+                    format!(
+                        "{} inputs x {} units",
+                        group_digits(input.numel() as u64),
+                        group_digits(shapes.shape(id).numel() as u64)
+                    ),
+                )
                 .note("a dense layer this large is slow to train and tends to overfit")
                 .help("shrink its input with more pooling or strided convolutions before flatten"),
             );
@@ -169,4 +182,3 @@ pub fn lint(graph: &Graph, shapes: &ShapeInfo, costs: &CostInfo) -> Vec<Diagnost
     }
     warnings
 }
-

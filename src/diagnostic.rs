@@ -172,11 +172,8 @@ impl Diagnostic {
             let (start_col, underline) = underline_extent(source, label.span, text);
             let mark = if label.primary { "^" } else { "-" };
             let marks = mark.repeat(underline.max(1));
-            let message = if label.message.is_empty() {
-                String::new()
-            } else {
-                format!(" {}", label.message)
-            };
+            let message =
+                if label.message.is_empty() { String::new() } else { format!(" {}", label.message) };
             let _ = writeln!(out, "{pad} | {}{marks}{message}", " ".repeat(start_col));
         }
         if !self.notes.is_empty() || !self.helps.is_empty() {

@@ -12,9 +12,9 @@ pub mod report;
 pub mod syntax;
 
 use diagnostic::{Diagnostic, SourceFile};
+use ir::ShapeInfo;
 use ir::cost::CostInfo;
 use ir::lower::Model;
-use ir::ShapeInfo;
 
 /// A model that parsed, lowered, has every shape inferred and passed every check.
 #[derive(Debug, Clone)]
@@ -47,7 +47,6 @@ pub fn check(source: &SourceFile) -> Result<Checked, Vec<Diagnostic>> {
 /// Reads a `.cnn` file.
 pub fn read_source(path: &std::path::Path) -> anyhow::Result<SourceFile> {
     use anyhow::Context as _;
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read `{}`", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read `{}`", path.display()))?;
     Ok(SourceFile::new(path.display().to_string(), text))
 }

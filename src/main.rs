@@ -13,7 +13,7 @@ use cnnc::diagnostic::{Diagnostic, SourceFile, render_all};
     version,
     about = "A compiler for convolutional networks described in .cnn files",
     long_about = "cnnc reads a model described in a .cnn file, infers every shape, and reports on it.\n\n\
-                  Examples:\n  cnnc check models/mnist.cnn\n  cnnc summary models/mnist.cnn\n  cnnc summary --json models/mnist.cnn"
+                  Examples:\n  cnnc check models/mnist.cnn\n  cnnc summary models/mnist.cnn\n  cnnc summary --json models/mnist.cnn\n  cnnc compile --emit ir models/mnist.cnn"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -42,6 +42,20 @@ enum Command {
         #[arg(long)]
         deny_warnings: bool,
     },
+    /// Compile a model and print an intermediate form.
+    Compile {
+        /// The .cnn file.
+        file: PathBuf,
+        /// What to print. `ir`: the forward IR graph, one op a line, with every shape.
+        /// (Cranelift IR and assembly come with the JIT backend.)
+        #[arg(long, value_enum, default_value = "ir")]
+        emit: Emit,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Emit {
+    Ir,
 }
 
 fn main() -> ExitCode {
@@ -56,6 +70,9 @@ fn main() -> ExitCode {
             } else {
                 print!("{}", cnnc::report::summary_text(checked));
             }
+        }),
+        Command::Compile { file, emit: Emit::Ir } => run(&file, false, |checked| {
+            print!("{}", cnnc::ir::dump(&checked.model.graph, Some(&checked.shapes)));
         }),
     }
 }

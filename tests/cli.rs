@@ -100,3 +100,19 @@ fn usage_errors_exit_with_2() {
     assert_eq!(cnnc(&["summary"]).status.code(), Some(2));
     assert_eq!(cnnc(&["frobnicate", "x.cnn"]).status.code(), Some(2));
 }
+
+#[test]
+fn compile_emits_the_ir_with_shapes() {
+    let out = cnnc(&["compile", "--emit", "ir", "models/mnist.cnn"]);
+    assert!(out.status.success());
+    let ir = text(&out.stdout);
+    assert!(ir.starts_with("graph mnist {\n  %0 = input() 28x28x1 : 28x28x1  # input_layer\n"), "{ir}");
+    assert!(
+        ir.contains(
+            "%1 = conv2d(%0) filters=32 kernel=3x3 stride=1x1 padding=valid bias=true : 26x26x32  # conv2d\n"
+        ),
+        "{ir}"
+    );
+    assert!(ir.contains("%2 = relu(%1) : 26x26x32  # conv2d\n"), "{ir}");
+    assert!(ir.contains("= softmax(%"), "{ir}");
+}

@@ -10,9 +10,8 @@ use serde_json::Value;
 
 fn check_file(path: &str) -> cnnc::Checked {
     let source = SourceFile::new(path, std::fs::read_to_string(path).unwrap());
-    cnnc::check(&source).unwrap_or_else(|d| {
-        panic!("{path} does not check:\n{}", cnnc::diagnostic::render_all(&d, &source))
-    })
+    cnnc::check(&source)
+        .unwrap_or_else(|d| panic!("{path} does not check:\n{}", cnnc::diagnostic::render_all(&d, &source)))
 }
 
 fn summary(path: &str) -> Value {
@@ -149,8 +148,13 @@ fn every_model_has_its_shapes_and_parameter_counts() {
             .unwrap()
             .iter()
             .map(|l| {
-                let shape = l["output_shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize);
-                (l["name"].as_str().unwrap().to_string(), shape.collect(), l["params"].as_u64().unwrap() as usize)
+                let shape =
+                    l["output_shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize);
+                (
+                    l["name"].as_str().unwrap().to_string(),
+                    shape.collect(),
+                    l["params"].as_u64().unwrap() as usize,
+                )
             })
             .collect();
         let expected: Vec<(String, Vec<usize>, usize)> =
@@ -221,7 +225,11 @@ fn receptive_fields_and_padding() {
         .unwrap()
         .iter()
         .map(|l| {
-            (l["receptive_field"].as_u64().unwrap(), l["receptive_field_jump"].as_u64(), l["receptive_field_start"].as_f64())
+            (
+                l["receptive_field"].as_u64().unwrap(),
+                l["receptive_field_jump"].as_u64(),
+                l["receptive_field_start"].as_f64(),
+            )
         })
         .collect();
     assert_eq!(fields[0], (3, Some(1), Some(1.0)));

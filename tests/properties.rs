@@ -50,7 +50,9 @@ fn layer() -> impl Strategy<Value = String> {
     let activation = prop::sample::select(vec!["relu", "linear", "softmax", "sigmoid", "tanh", "leaky_relu"]);
     prop_oneof![
         (0i64..40, size(), size(), padding.clone(), activation.clone(), any::<bool>()).prop_map(
-            |(f, k, s, p, a, b)| format!("conv2d({f}, kernel={k}, stride={s}, padding={p}, activation={a}, bias={b})")
+            |(f, k, s, p, a, b)| format!(
+                "conv2d({f}, kernel={k}, stride={s}, padding={p}, activation={a}, bias={b})"
+            )
         ),
         (size(), size(), padding).prop_map(|(k, s, p)| format!("maxpool({k}, stride={s}, padding={p})")),
         size().prop_map(|k| format!("avgpool({k})")),

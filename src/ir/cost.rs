@@ -107,7 +107,8 @@ pub fn params(op: &Op, input: Option<Shape>) -> Vec<ParamSpec> {
     let spec = |name, shape: Vec<usize>, trainable| ParamSpec { name, shape, trainable };
     match (op, input) {
         (Op::Conv2d(c), Some(input)) => {
-            let mut p = vec![spec("kernel", vec![c.kernel[0], c.kernel[1], input.channels(), c.filters], true)];
+            let mut p =
+                vec![spec("kernel", vec![c.kernel[0], c.kernel[1], input.channels(), c.filters], true)];
             if c.bias {
                 p.push(spec("bias", vec![c.filters], true));
             }
@@ -163,8 +164,7 @@ pub fn analyze(graph: &Graph, shapes: &ShapeInfo) -> CostInfo {
         let output = shapes.shape(id);
         let params = params(&node.op, input);
         let needs_input_grad = input_id.is_some_and(|i| trainable_upstream[i.index()]);
-        trainable_upstream[id.index()] =
-            needs_input_grad || params.iter().any(|p| p.trainable);
+        trainable_upstream[id.index()] = needs_input_grad || params.iter().any(|p| p.trainable);
 
         let flops = node_flops(&node.op, input, output, needs_input_grad);
         let field = match input_id {
@@ -181,12 +181,7 @@ pub fn analyze(graph: &Graph, shapes: &ShapeInfo) -> CostInfo {
     info
 }
 
-fn node_flops(
-    op: &Op,
-    input: Option<Shape>,
-    output: Shape,
-    needs_input_grad: bool,
-) -> Flops {
+fn node_flops(op: &Op, input: Option<Shape>, output: Shape, needs_input_grad: bool) -> Flops {
     // Sizes are bounded by shape inference, but their products with kernel areas may still
     // exceed 64 bits for absurd models: counts saturate rather than wrap.
     let out = output.numel() as u64;

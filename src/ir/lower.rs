@@ -7,7 +7,9 @@
 use std::collections::HashMap;
 
 use super::train::{TrainConfig, lower_train};
-use super::{Activation, BatchNorm, Conv2d, Dense, Graph, LayerId, NodeId, Op, Padding, Pool, PoolKind, Shape};
+use super::{
+    Activation, BatchNorm, Conv2d, Dense, Graph, LayerId, NodeId, Op, Padding, Pool, PoolKind, Shape,
+};
 use crate::diagnostic::{Diagnostic, Span};
 use crate::syntax::ast::{self, Arg, LayerCall, Statement, Value, ValueKind};
 use crate::syntax::suggest::{did_you_mean, suggest};
@@ -142,12 +144,8 @@ fn lower_model(block: &ast::ModelBlock) -> Result<Graph, Vec<Diagnostic>> {
 
     let names = layer_names(&layers, &mut errors);
     let input_layer = graph.add_layer("input_layer".into(), "InputLayer", input_span);
-    let mut previous = graph.add_node(
-        Op::Input(input_shape.unwrap_or(Shape::Flat(1))),
-        vec![],
-        input_layer,
-        input_span,
-    );
+    let mut previous =
+        graph.add_node(Op::Input(input_shape.unwrap_or(Shape::Flat(1))), vec![], input_layer, input_span);
     for (call, name) in layers.iter().zip(names) {
         match lower_layer(&mut graph, call, name, previous) {
             Ok(Some(output)) => previous = output,
@@ -259,14 +257,22 @@ fn lower_layer(
     let span = call.span;
     let output = match word {
         "conv2d" => {
-            let filters = keep(&mut errors, args.required(call, "filters", "the number of filters", "conv2d(32, kernel=3)")
-                .and_then(|v| positive_int(v, "filters")));
-            let kernel = keep(&mut errors, args.required(call, "kernel", "a kernel size", "conv2d(32, kernel=3)")
-                .and_then(|v| size_pair(v, "kernel")));
+            let filters = keep(
+                &mut errors,
+                args.required(call, "filters", "the number of filters", "conv2d(32, kernel=3)")
+                    .and_then(|v| positive_int(v, "filters")),
+            );
+            let kernel = keep(
+                &mut errors,
+                args.required(call, "kernel", "a kernel size", "conv2d(32, kernel=3)")
+                    .and_then(|v| size_pair(v, "kernel")),
+            );
             let stride = keep(&mut errors, args.get("stride").map_or(Ok([1, 1]), |v| size_pair(v, "stride")));
             let padding = keep(&mut errors, args.get("padding").map_or(Ok(Padding::Valid), padding));
-            let activation =
-                keep(&mut errors, args.get("activation").map_or(Ok(None), |v| activation(v, LEAKY_ACTIVATION_ALPHA)));
+            let activation = keep(
+                &mut errors,
+                args.get("activation").map_or(Ok(None), |v| activation(v, LEAKY_ACTIVATION_ALPHA)),
+            );
             let bias = keep(&mut errors, args.get("bias").map_or(Ok(true), |v| boolean(v, "bias")));
             match (filters, kernel, stride, padding, activation, bias) {
                 (Some(filters), Some(kernel), Some(stride), Some(padding), Some(act), Some(bias)) => {
@@ -280,7 +286,10 @@ fn lower_layer(
         "maxpool" | "avgpool" => {
             let kind = if word == "maxpool" { PoolKind::Max } else { PoolKind::Avg };
             let size = keep(&mut errors, args.get("pool").map_or(Ok([2, 2]), |v| size_pair(v, "pool")));
-            let stride = keep(&mut errors, args.get("stride").map_or(Ok(size.unwrap_or([1, 1])), |v| size_pair(v, "stride")));
+            let stride = keep(
+                &mut errors,
+                args.get("stride").map_or(Ok(size.unwrap_or([1, 1])), |v| size_pair(v, "stride")),
+            );
             let padding = keep(&mut errors, args.get("padding").map_or(Ok(Padding::Valid), padding));
             match (size, stride, padding) {
                 (Some(size), Some(stride), Some(padding)) => {
@@ -291,10 +300,13 @@ fn lower_layer(
             }
         }
         "batchnorm" => {
-            let momentum = keep(&mut errors, args.get("momentum").map_or(Ok(0.99), |v| {
-                number_in(v, "momentum", 0.0..=1.0, "between 0 and 1")
-            }));
-            let epsilon = keep(&mut errors, args.get("epsilon").map_or(Ok(1e-3), |v| positive_number(v, "epsilon")));
+            let momentum = keep(
+                &mut errors,
+                args.get("momentum")
+                    .map_or(Ok(0.99), |v| number_in(v, "momentum", 0.0..=1.0, "between 0 and 1")),
+            );
+            let epsilon =
+                keep(&mut errors, args.get("epsilon").map_or(Ok(1e-3), |v| positive_number(v, "epsilon")));
             match (momentum, epsilon) {
                 (Some(m), Some(e)) => {
                     let bn = BatchNorm { momentum: m as f32, epsilon: e as f32 };
@@ -304,24 +316,34 @@ fn lower_layer(
             }
         }
         "relu" | "sigmoid" | "tanh" | "softmax" | "leaky_relu" => {
-            let alpha = keep(&mut errors, args.get("alpha").map_or(Ok(LEAKY_LAYER_ALPHA), |v| finite_number(v, "alpha")));
+            let alpha = keep(
+                &mut errors,
+                args.get("alpha").map_or(Ok(LEAKY_LAYER_ALPHA), |v| finite_number(v, "alpha")),
+            );
             alpha.map(|alpha| {
                 let act = activation_by_name(word, alpha).expect("a layer word is an activation");
                 graph.add_node(Op::Activation(act), vec![input], layer, span)
             })
         }
         "dropout" => {
-            let rate = keep(&mut errors, args.required(call, "rate", "a rate", "dropout(0.5)").and_then(|v| {
-                number_in(v, "the dropout rate", 0.0..1.0, "at least 0 and less than 1")
-            }));
+            let rate = keep(
+                &mut errors,
+                args.required(call, "rate", "a rate", "dropout(0.5)")
+                    .and_then(|v| number_in(v, "the dropout rate", 0.0..1.0, "at least 0 and less than 1")),
+            );
             rate.map(|rate| graph.add_node(Op::Dropout { rate: rate as f32 }, vec![input], layer, span))
         }
         "flatten" => Some(graph.add_node(Op::Flatten, vec![input], layer, span)),
         "dense" => {
-            let units = keep(&mut errors, args.required(call, "units", "a number of units", "dense(10)")
-                .and_then(|v| positive_int(v, "units")));
-            let activation =
-                keep(&mut errors, args.get("activation").map_or(Ok(None), |v| activation(v, LEAKY_ACTIVATION_ALPHA)));
+            let units = keep(
+                &mut errors,
+                args.required(call, "units", "a number of units", "dense(10)")
+                    .and_then(|v| positive_int(v, "units")),
+            );
+            let activation = keep(
+                &mut errors,
+                args.get("activation").map_or(Ok(None), |v| activation(v, LEAKY_ACTIVATION_ALPHA)),
+            );
             let bias = keep(&mut errors, args.get("bias").map_or(Ok(true), |v| boolean(v, "bias")));
             match (units, activation, bias) {
                 (Some(units), Some(act), Some(bias)) => {
@@ -397,7 +419,10 @@ impl<'a> Args<'a> {
                         let mut d = Diagnostic::error(format!("too many arguments for {layer}"))
                             .label(arg.span, takes);
                         if !params.is_empty() {
-                            d = d.help(format!("name the others: {}", params.iter().map(|p| format!("{p}=…")).collect::<Vec<_>>().join(", ")));
+                            d = d.help(format!(
+                                "name the others: {}",
+                                params.iter().map(|p| format!("{p}=…")).collect::<Vec<_>>().join(", ")
+                            ));
                         }
                         errors.push(d);
                         continue;
@@ -445,7 +470,13 @@ impl<'a> Args<'a> {
         self.bound.iter().map(|(p, a)| (*p, a.span)).collect()
     }
 
-    fn required(&self, call: &LayerCall, param: &str, what: &str, example: &str) -> Result<&'a Value, Diagnostic> {
+    fn required(
+        &self,
+        call: &LayerCall,
+        param: &str,
+        what: &str,
+        example: &str,
+    ) -> Result<&'a Value, Diagnostic> {
         self.get(param).ok_or_else(|| {
             Diagnostic::error(format!("{} needs {what}", call.name.name))
                 .label(call.span, format!("`{param}` is missing"))
@@ -524,12 +555,14 @@ fn activation(value: &Value, default_alpha: f64) -> Result<Option<Activation>, D
     let (word, alpha) = match &value.kind {
         ValueKind::Ident(word) => (word, default_alpha),
         ValueKind::Call { name, args } if name.name == "leaky_relu" => {
-            let bound = Args::bind("leaky_relu", args, &["alpha"], &["alpha"])
-                .map_err(|mut e| e.remove(0))?;
+            let bound =
+                Args::bind("leaky_relu", args, &["alpha"], &["alpha"]).map_err(|mut e| e.remove(0))?;
             let alpha = bound.get("alpha").map_or(Ok(default_alpha), |v| finite_number(v, "alpha"))?;
             (&name.name, alpha)
         }
-        _ => return Err(wrong_kind(value, "activation", "an activation such as relu")),
+        _ => {
+            return Err(wrong_kind(value, "activation", "an activation such as relu"));
+        }
     };
     if word == "linear" {
         return Ok(None);

@@ -56,7 +56,9 @@ pub enum Op {
     // -- element-wise and reshaping --
     Activation(Activation),
     /// Inverted dropout: zero a `rate` fraction in training, identity at inference.
-    Dropout { rate: f32 },
+    Dropout {
+        rate: f32,
+    },
     Flatten,
 }
 
@@ -110,7 +112,9 @@ pub enum Padding {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Activation {
     Relu,
-    LeakyRelu { alpha: f32 },
+    LeakyRelu {
+        alpha: f32,
+    },
     Sigmoid,
     Tanh,
     /// Over the last axis (channels), as Keras.

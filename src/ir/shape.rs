@@ -122,8 +122,7 @@ impl ShapeInfo {
         let [wh, ww] = self.window(id)?;
         let input = self.shape(graph.node(id).inputs[0]);
         let output = self.shape(id);
-        let (Shape::Hwc { h: ih, w: iw, .. }, Shape::Hwc { h: oh, w: ow, .. }) = (input, output)
-        else {
+        let (Shape::Hwc { h: ih, w: iw, .. }, Shape::Hwc { h: oh, w: ow, .. }) = (input, output) else {
             return None;
         };
         let (rows_at_end, rows_between) = ignored_on_axis(ih, oh, wh);
@@ -208,9 +207,7 @@ pub fn infer_shapes(graph: &Graph) -> Result<ShapeInfo, Diagnostic> {
                 )));
             }
             (Op::Flatten, Some(input)) => (Shape::Flat(input.numel()), None),
-            (Op::BatchNorm(_) | Op::Activation(_) | Op::Dropout { .. }, Some(input)) => {
-                (input, None)
-            }
+            (Op::BatchNorm(_) | Op::Activation(_) | Op::Dropout { .. }, Some(input)) => (input, None),
         };
         check_size(graph, id, "output", &shape.dims())?;
         if let (Op::Conv2d(conv), Some(input)) = (&node.op, input) {
@@ -239,8 +236,8 @@ fn check_size(graph: &Graph, id: NodeId, what: &str, dims: &[usize]) -> Result<(
         _ => format!("{}: its {what} ({shape})", layer.name),
     };
     Err(Diagnostic::error(format!("{subject} has more elements than cnnc supports (2^32)"))
-    .label(layer.span, "too large")
-    .help("check the sizes, strides and padding of this layer and the ones before it"))
+        .label(layer.span, "too large")
+        .help("check the sizes, strides and padding of this layer and the ones before it"))
 }
 
 fn infer_window(
@@ -283,12 +280,14 @@ fn infer_window(
                 "{}: {what} {}x{} is larger than its {padded}",
                 layer.name, kernel[0], kernel[1]
             ))
-            .label(layer.arg_span(arg), format!("{}x{} does not fit in {padded_h}x{padded_w}", kernel[0], kernel[1]))
+            .label(
+                layer.arg_span(arg),
+                format!("{}x{} does not fit in {padded_h}x{padded_w}", kernel[0], kernel[1]),
+            )
             .note(format!("shape so far: {}", history(graph, info, id)))
             .help(match graph.node(id).op {
                 Op::Pool(_) => "use a smaller pool, or remove an earlier pooling layer".to_string(),
-                _ => "use padding=same, a smaller kernel, or fewer pooling layers before it"
-                    .to_string(),
+                _ => "use padding=same, a smaller kernel, or fewer pooling layers before it".to_string(),
             }));
         }
     };

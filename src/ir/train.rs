@@ -61,8 +61,7 @@ impl TrainConfig {
     }
 }
 
-const KEYS: &[&str] =
-    &["data", "loss", "optimizer", "batch_size", "epochs", "validation_split", "seed"];
+const KEYS: &[&str] = &["data", "loss", "optimizer", "batch_size", "epochs", "validation_split", "seed"];
 
 pub(super) fn lower_train(block: &ast::TrainBlock) -> Result<TrainConfig, Vec<Diagnostic>> {
     let mut errors = Vec::new();
@@ -109,7 +108,10 @@ pub(super) fn lower_train(block: &ast::TrainBlock) -> Result<TrainConfig, Vec<Di
                     .map(|v| config.validation_split = v as f32)
             }
             "seed" => match value.kind {
-                ValueKind::Int(n) if n >= 0 => Ok(config.seed = n as u64),
+                ValueKind::Int(n) if n >= 0 => {
+                    let _: () = config.seed = n as u64;
+                    Ok(())
+                }
                 ValueKind::Int(n) => Err(Diagnostic::error(format!("seed must be 0 or more, got {n}"))
                     .label(value.span, "negative seed")),
                 _ => Err(wrong_kind(value, "seed", "a whole number")),
@@ -156,7 +158,9 @@ fn optimizer(value: &Value) -> Result<Optimizer, Diagnostic> {
     let (name, args): (&str, &[ast::Arg]) = match &value.kind {
         ValueKind::Ident(w) => (w, &[]),
         ValueKind::Call { name, args } => (&name.name, args),
-        _ => return Err(wrong_kind(value, "optimizer", "an optimizer such as adam(lr=0.001)")),
+        _ => {
+            return Err(wrong_kind(value, "optimizer", "an optimizer such as adam(lr=0.001)"));
+        }
     };
     let params: &[&str] = match name {
         "sgd" => &["lr", "momentum"],
@@ -188,9 +192,8 @@ fn optimizer(value: &Value) -> Result<Optimizer, Diagnostic> {
     let get = |p: &str, default: f64, check: &dyn Fn(&Value) -> Result<f64, Diagnostic>| {
         found.iter().find(|(q, _)| *q == p).map_or(Ok(default), |(_, v)| check(v)).map(|x| x as f32)
     };
-    let unit = |what: &'static str| {
-        move |v: &Value| number_in(v, what, 0.0..1.0, "at least 0 and less than 1")
-    };
+    let unit =
+        |what: &'static str| move |v: &Value| number_in(v, what, 0.0..1.0, "at least 0 and less than 1");
     let lr = |v: &Value| positive_number(v, "lr");
     Ok(match name {
         "sgd" => Optimizer::Sgd {
@@ -205,4 +208,3 @@ fn optimizer(value: &Value) -> Result<Optimizer, Diagnostic> {
         },
     })
 }
-

@@ -101,7 +101,8 @@ pub fn summary_text(checked: &Checked) -> String {
     let totals = totals(checked, &rows);
     let input = checked.shapes.shape(graph.input());
 
-    let header = ["Layer (type)", "Output Shape", "Param #", "FLOPs", "Memory", "Padding t,b,l,r", "Receptive field"];
+    let header =
+        ["Layer (type)", "Output Shape", "Param #", "FLOPs", "Memory", "Padding t,b,l,r", "Receptive field"];
     let cells: Vec<[String; 7]> = rows
         .iter()
         .map(|r| {
@@ -174,7 +175,9 @@ pub fn summary_text(checked: &Checked) -> String {
 fn notes(checked: &Checked, rows: &[LayerRow]) -> Vec<String> {
     let mut notes = Vec::new();
     for row in rows {
-        let (Some(ignored), Some(input)) = (row.ignored, row.window_input) else { continue };
+        let (Some(ignored), Some(input)) = (row.ignored, row.window_input) else {
+            continue;
+        };
         if !ignored.any() {
             continue;
         }
@@ -196,15 +199,14 @@ fn notes(checked: &Checked, rows: &[LayerRow]) -> Vec<String> {
         notes.push(format!("{}: {}", row.name, parts.join("; ")));
     }
     let input = checked.shapes.shape(checked.model.graph.input());
-    if let (Some(last), Shape::Hwc { h, w, .. }) = (rows.last(), input) {
-        if let ReceptiveField::Global { size: [sh, sw] } = last.receptive_field {
-            if sh < h || sw < w {
-                notes.push(format!(
-                    "only {sh}x{sw} of the {h}x{w} input image can influence the output; \
+    if let (Some(last), Shape::Hwc { h, w, .. }) = (rows.last(), input)
+        && let ReceptiveField::Global { size: [sh, sw] } = last.receptive_field
+        && (sh < h || sw < w)
+    {
+        notes.push(format!(
+            "only {sh}x{sw} of the {h}x{w} input image can influence the output; \
                      the rest is cut off by the layers above"
-                ));
-            }
-        }
+        ));
     }
     notes
 }
@@ -283,23 +285,20 @@ fn field_json(field: ReceptiveField) -> (Value, Value, Value) {
         if a == b { a.into() } else { json!([a.into(), b.into()]) }
     }
     match field {
-        ReceptiveField::Local([h, w]) => {
-            (pair(h.size, w.size), pair(h.jump, w.jump), pair(h.start, w.start))
-        }
+        ReceptiveField::Local([h, w]) => (pair(h.size, w.size), pair(h.jump, w.jump), pair(h.start, w.start)),
         ReceptiveField::Global { size: [h, w] } => (pair(h, w), Value::Null, Value::Null),
         ReceptiveField::None => (Value::Null, Value::Null, Value::Null),
     }
 }
 
 fn field_text(field: ReceptiveField) -> String {
-    let pair = |a: usize, b: usize| if a == b { a.to_string() } else { format!("{a}x{b}") };
+    let pair = |a: usize, b: usize| {
+        if a == b { a.to_string() } else { format!("{a}x{b}") }
+    };
     match field {
         ReceptiveField::Local([h, w]) => {
-            let start = if h.start == w.start {
-                format!("{}", h.start)
-            } else {
-                format!("{},{}", h.start, w.start)
-            };
+            let start =
+                if h.start == w.start { format!("{}", h.start) } else { format!("{},{}", h.start, w.start) };
             format!("{} (jump {}, start {start})", pair(h.size, w.size), pair(h.jump, w.jump))
         }
         ReceptiveField::Global { size: [h, w] } => format!("{} (all)", pair(h, w)),
@@ -337,7 +336,7 @@ pub fn group_digits(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);

@@ -147,8 +147,7 @@ fn value(pair: Pair<Rule>) -> Result<Value, Diagnostic> {
 }
 
 fn too_large(span: Span, text: &str) -> Diagnostic {
-    Diagnostic::error(format!("the number `{text}` is too large"))
-        .label(span, "does not fit in 64 bits")
+    Diagnostic::error(format!("the number `{text}` is too large")).label(span, "does not fit in 64 bits")
 }
 
 fn train_block(pair: Pair<Rule>) -> Result<TrainBlock, Diagnostic> {
@@ -237,8 +236,7 @@ fn found_at(text: &str, offset: usize) -> String {
         None => "the end of the file".into(),
         Some('\n') | Some('\r') => "the end of the line".into(),
         Some(c) if c.is_alphanumeric() || c == '_' => {
-            let word: String =
-                rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+            let word: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
             format!("`{word}`")
         }
         Some(c) => format!("`{c}`"),
@@ -282,8 +280,7 @@ mod tests {
 
     #[test]
     fn parses_layers_args_and_aliases() {
-        let file = parse("model m { input 28x28x1  conv2d(32, kernel=3x3) as stem flatten }")
-            .unwrap();
+        let file = parse("model m { input 28x28x1  conv2d(32, kernel=3x3) as stem flatten }").unwrap();
         let statements = &file.models[0].statements;
         assert_eq!(statements.len(), 3);
         let Statement::Layer(conv) = &statements[1] else { panic!("not a layer") };

@@ -44,20 +44,20 @@ const FOREIGN_NAMES: &[(&str, &str)] = &[
 
 /// The known word closest to `word`: a Keras-style spelling's translation, the same word in
 /// other case, or one at a small edit distance.
-pub fn suggest<'a>(word: &str, known: &[&'a str]) -> Option<String> {
-    if let Some((_, ours)) = FOREIGN_NAMES.iter().find(|(theirs, _)| *theirs == word) {
-        if known.contains(ours) {
-            return Some((*ours).to_string());
-        }
+pub fn suggest(word: &str, known: &[&str]) -> Option<String> {
+    if let Some((_, ours)) = FOREIGN_NAMES.iter().find(|(theirs, _)| *theirs == word)
+        && known.contains(ours)
+    {
+        return Some((*ours).to_string());
     }
     let lower = word.to_lowercase();
     if let Some(k) = known.iter().find(|k| k.to_lowercase() == lower) {
         return Some((*k).to_string());
     }
-    if lower.len() >= 3 {
-        if let Some(k) = known.iter().find(|k| k.starts_with(&lower)) {
-            return Some((*k).to_string());
-        }
+    if lower.len() >= 3
+        && let Some(k) = known.iter().find(|k| k.starts_with(&lower))
+    {
+        return Some((*k).to_string());
     }
     let limit = if word.len() <= 3 { 1 } else { 2 };
     known
