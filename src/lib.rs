@@ -28,6 +28,20 @@ pub struct Checked {
 
 /// Runs the front end on a source text: parse, lower, infer shapes, count costs, check.
 /// On failure returns every diagnostic found (errors, and warnings found before them).
+///
+/// ```
+/// use cnnc::diagnostic::SourceFile;
+///
+/// let source = SourceFile::new("tiny.cnn", "model tiny { input 8x8x1  conv2d(4, kernel=3)  flatten  dense(2) }");
+/// let checked = cnnc::check(&source).unwrap();
+/// let output = checked.model.graph.output().unwrap();
+/// assert_eq!(checked.shapes.shape(output).dims(), vec![2]);
+/// assert_eq!(checked.costs.total_params(), 3 * 3 * 4 + 4 + 6 * 6 * 4 * 2 + 2);
+///
+/// let broken = SourceFile::new("broken.cnn", "model m { input 8x8x1  dense(2) }");
+/// let errors = cnnc::check(&broken).unwrap_err();
+/// assert_eq!(errors[0].message, "dense needs a flat input, but its input is 8x8x1");
+/// ```
 pub fn check(source: &SourceFile) -> Result<Checked, Vec<Diagnostic>> {
     let ast = syntax::parse(&source.text).map_err(|e| vec![e])?;
     let model = ir::lower::lower(&ast)?;
