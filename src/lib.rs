@@ -10,6 +10,7 @@ pub mod diagnostic;
 pub mod ir;
 pub mod report;
 pub mod syntax;
+pub mod train;
 
 use diagnostic::{Diagnostic, SourceFile};
 use ir::ShapeInfo;

@@ -3,6 +3,9 @@
 //! Architecture invariant: the registry is plain data; the compiler front end consults it to
 //! check a model against its dataset, and must not read files through it.
 
+pub mod fetch;
+pub mod idx;
+
 /// What the compiler needs to know of a dataset to check a model against it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DatasetInfo {

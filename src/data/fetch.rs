@@ -1,0 +1,1 @@
+//! Finding dataset files: the cache directory, fetching MNIST, and Debian's Fashion-MNIST.

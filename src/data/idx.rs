@@ -1,0 +1,1 @@
+//! The IDX file format (MNIST's), plain or gzip-compressed.

@@ -1,0 +1,1 @@
+//! Checkpoints: a self-describing safetensors bundle of named tensors and metadata.

@@ -1,0 +1,1 @@
+//! A plot of loss and accuracy per epoch (train and validation), as a standalone SVG.
