@@ -4,11 +4,14 @@
 //! `.cnn` text → [`syntax::parse`] → AST → [`ir::lower::lower`] → IR graph →
 //! [`ir::infer_shapes`] → shapes → [`ir::cost::analyze`] → costs → [`check`] → reports.
 
+pub mod autodiff;
+pub mod backend;
 pub mod check;
 pub mod data;
 pub mod diagnostic;
 pub mod ir;
 pub mod report;
+pub mod rng;
 pub mod syntax;
 pub mod train;
 

@@ -25,6 +25,11 @@ impl NodeId {
     pub fn index(self) -> usize {
         self.0 as usize
     }
+
+    /// The handle of the node at `index`; for tests and tables indexed by node.
+    pub fn from_index(index: usize) -> Self {
+        NodeId(index as u32)
+    }
 }
 
 /// A typed handle to a [`Layer`] of a [`Graph`].

@@ -2,4 +2,6 @@
 
 pub mod checkpoint;
 pub mod metrics;
+pub mod optimizer;
 pub mod plot;
+pub mod state;

@@ -1,0 +1,362 @@
+//! The reference backend: interprets a [`Program`] op by op with the plain ndarray loops of
+//! [`ops`]. It is the oracle that every faster backend is checked against: correctness over
+//! speed. Generic over the float type so that whole-model gradients can be checked in f64.
+
+pub mod ops;
+
+use std::sync::Arc;
+
+use ndarray::{ArrayD, Ix1, Ix2, Ix4, IxDyn};
+
+use super::{Backend, StepResult};
+use crate::autodiff::{Program, Step};
+use crate::ir::train::{Loss, Optimizer};
+use crate::ir::{Activation, NodeId, Op, PoolKind, Shape};
+use crate::rng::Rng;
+use crate::train::optimizer;
+use crate::train::state::State;
+use ops::{BatchStats, Geometry, Real};
+
+/// Whether ops run as in training (batch statistics, dropout) or inference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `step` seeds the dropout masks together with the run's `seed`.
+    Train { seed: u64, step: u64 },
+    Infer,
+}
+
+/// Every node's value from one forward pass, and what the backward pass needs besides.
+#[derive(Debug, Clone)]
+pub struct Tape<T> {
+    pub values: Vec<Option<ArrayD<T>>>,
+    stats: Vec<Option<BatchStats<T>>>,
+    masks: Vec<Option<ArrayD<T>>>,
+}
+
+/// The result of a forward and backward pass, before any update.
+#[derive(Debug, Clone)]
+pub struct Gradients<T> {
+    pub loss_sum: f64,
+    pub correct: usize,
+    /// Per parameter; `None` for non-trainable ones.
+    pub grads: Vec<Option<ArrayD<T>>>,
+    /// New values of the batchnorm moving statistics: (parameter index, value).
+    pub moving: Vec<(usize, ArrayD<T>)>,
+}
+
+/// The reference backend for training in f32.
+pub struct Reference {
+    program: Arc<Program>,
+    optimizer: Optimizer,
+}
+
+impl Reference {
+    pub fn new(program: Arc<Program>, optimizer: Optimizer) -> Self {
+        Reference { program, optimizer }
+    }
+}
+
+impl Backend for Reference {
+    fn name(&self) -> &'static str {
+        "reference"
+    }
+
+    fn train_step(&mut self, state: &mut State, images: &[f32], labels: &[u8], step: u64) -> StepResult {
+        let program = &self.program;
+        let input = batch_array(program, images);
+        let g = gradients(program, &state.params, input, labels, Mode::Train { seed: state.seed, step });
+        for (index, value) in g.moving {
+            state.params[index] = value;
+        }
+        state.iterations += 1;
+        for (index, grad) in g.grads.iter().enumerate() {
+            if let Some(grad) = grad {
+                let slots = &mut state.slots[index];
+                optimizer::update(&self.optimizer, &mut state.params[index], grad, slots, state.iterations);
+            }
+        }
+        StepResult { loss_sum: g.loss_sum, correct: g.correct }
+    }
+
+    fn predict(&mut self, state: &State, images: &[f32]) -> Vec<f32> {
+        let program = &self.program;
+        let tape = forward(program, &state.params, batch_array(program, images), Mode::Infer, program.output);
+        tape.values[program.output.index()].as_ref().expect("the output was computed").iter().copied().collect()
+    }
+}
+
+/// A flat batch of images as an (N, …input shape) array.
+pub fn batch_array<T: Real>(program: &Program, images: &[T]) -> ArrayD<T> {
+    let sample = program.shapes.shape(program.graph.input());
+    let n = images.len() / sample.numel();
+    let mut shape = vec![n];
+    shape.extend(sample.dims());
+    ArrayD::from_shape_vec(IxDyn(&shape), images.to_vec()).expect("images hold whole samples")
+}
+
+/// Runs the forward pass up to and including `last`.
+pub fn forward<T: Real>(program: &Program, params: &[ArrayD<T>], input: ArrayD<T>, mode: Mode, last: NodeId) -> Tape<T> {
+    let len = program.graph.len();
+    let mut tape = Tape { values: vec![None; len], stats: vec![None; len], masks: vec![None; len] };
+    tape.values[0] = Some(input);
+    for &id in program.inference.iter().filter(|id| **id <= last) {
+        let (value, stats, mask) = forward_node(program, params, &tape, id, mode);
+        tape.values[id.index()] = Some(row_major(value));
+        tape.stats[id.index()] = stats;
+        tape.masks[id.index()] = mask;
+    }
+    tape
+}
+
+/// Forward, fused loss and backward on one batch; returns the gradients without applying them.
+pub fn gradients<T: Real>(program: &Program, params: &[ArrayD<T>], input: ArrayD<T>, labels: &[u8], mode: Mode) -> Gradients<T> {
+    let loss = program.loss.expect("a program with training steps has a loss");
+    let tape = forward(program, params, input, mode, program.logits);
+    let mut dvalues: Vec<Option<ArrayD<T>>> = vec![None; program.graph.len()];
+    let mut result = Gradients { loss_sum: 0.0, correct: 0, grads: vec![None; params.len()], moving: Vec::new() };
+    for step in &program.steps {
+        match *step {
+            Step::Forward(_) | Step::Update => {}
+            Step::Loss => {
+                let z = value(&tape, program.logits).into_dimensionality::<Ix2>().expect("logits are flat");
+                let (loss_sum, correct, dz) = match loss {
+                    Loss::CategoricalCrossentropy | Loss::SparseCategoricalCrossentropy => {
+                        ops::softmax_cross_entropy(z, labels)
+                    }
+                    Loss::BinaryCrossentropy => ops::sigmoid_binary_cross_entropy(z, labels),
+                };
+                result.loss_sum = loss_sum;
+                result.correct = correct;
+                dvalues[program.logits.index()] = Some(dz.into_dyn());
+            }
+            Step::Backward(id) => {
+                let dy = dvalues[id.index()].take().expect("the gradient of a node is ready before its rule runs");
+                backward_node(program, params, &tape, id, dy, &mut dvalues, &mut result.grads);
+            }
+        }
+    }
+    if let Mode::Train { .. } = mode {
+        result.moving = moving_updates(program, params, &tape);
+    }
+    result
+}
+
+fn value<T: Real>(tape: &Tape<T>, id: NodeId) -> ndarray::ArrayViewD<'_, T> {
+    tape.values[id.index()].as_ref().expect("inputs are computed before their consumers").view()
+}
+
+fn geometry(program: &Program, id: NodeId) -> Geometry {
+    let [h, w] = program.shapes.window(id).expect("a window op has a window");
+    let Shape::Hwc { h: oh, w: ow, .. } = program.shapes.shape(id) else { unreachable!("window ops output HWC") };
+    Geometry {
+        kernel: [h.kernel, w.kernel],
+        stride: [h.stride, w.stride],
+        pad_before: [h.pad_before, w.pad_before],
+        out: [oh, ow],
+    }
+}
+
+/// Views an (N, …, C) value as (M, C): every axis but the last folded into rows.
+fn rows<T: Real>(x: ndarray::ArrayViewD<'_, T>) -> ndarray::ArrayView2<'_, T> {
+    let c = *x.shape().last().expect("values have a batch axis");
+    let m = x.len() / c.max(1);
+    x.into_shape_with_order((m, c)).expect("values are row-major")
+}
+
+type NodeOutput<T> = (ArrayD<T>, Option<BatchStats<T>>, Option<ArrayD<T>>);
+
+fn forward_node<T: Real>(program: &Program, params: &[ArrayD<T>], tape: &Tape<T>, id: NodeId, mode: Mode) -> NodeOutput<T> {
+    let node = program.graph.node(id);
+    let x = value(tape, node.inputs[0]);
+    let p = |k: usize| params[program.node_params[id.index()][k]].view();
+    let output_dims = {
+        let mut d = vec![x.shape()[0]];
+        d.extend(program.shapes.shape(id).dims());
+        d
+    };
+    match &node.op {
+        Op::Input(_) => unreachable!("the input is not computed"),
+        Op::Conv2d(conv) => {
+            let w = p(0).into_dimensionality::<Ix4>().expect("HWIO kernel");
+            let b = conv.bias.then(|| p(1).into_dimensionality::<Ix1>().expect("bias"));
+            let x4 = x.into_dimensionality::<Ix4>().expect("NHWC input");
+            (ops::conv2d_forward(x4, w, b, &geometry(program, id)).into_dyn(), None, None)
+        }
+        Op::Dense(dense) => {
+            let w = p(0).into_dimensionality::<Ix2>().expect("dense kernel");
+            let b = dense.bias.then(|| p(1).into_dimensionality::<Ix1>().expect("bias"));
+            let x2 = x.into_dimensionality::<Ix2>().expect("flat input");
+            (ops::dense_forward(x2, w, b).into_dyn(), None, None)
+        }
+        Op::BatchNorm(bn) => {
+            let (gamma, beta) = (p(0).into_dimensionality::<Ix1>().unwrap(), p(1).into_dimensionality::<Ix1>().unwrap());
+            let eps = T::of(f64::from(bn.epsilon));
+            match mode {
+                Mode::Train { .. } => {
+                    let (y, stats) = ops::batchnorm_forward_train(rows(x), gamma, beta, eps);
+                    (reshape(y.into_dyn(), &output_dims), Some(stats), None)
+                }
+                Mode::Infer => {
+                    let (mean, var) = (p(2).into_dimensionality::<Ix1>().unwrap(), p(3).into_dimensionality::<Ix1>().unwrap());
+                    let y = ops::batchnorm_forward_infer(rows(x), gamma, beta, mean, var, eps);
+                    (reshape(y.into_dyn(), &output_dims), None, None)
+                }
+            }
+        }
+        Op::Pool(pool) => {
+            let x4 = x.into_dimensionality::<Ix4>().expect("NHWC input");
+            let g = geometry(program, id);
+            let y = match pool.kind {
+                PoolKind::Max => ops::maxpool_forward(x4, &g),
+                PoolKind::Avg => ops::avgpool_forward(x4, &g),
+            };
+            (y.into_dyn(), None, None)
+        }
+        Op::Activation(Activation::Softmax) => (reshape(ops::softmax_forward(rows(x)).into_dyn(), &output_dims), None, None),
+        Op::Activation(act) => {
+            let act = *act;
+            (x.mapv(|v| activate(act, v)), None, None)
+        }
+        Op::Dropout { rate } => match mode {
+            Mode::Infer => (x.to_owned(), None, None),
+            Mode::Train { seed, step } => {
+                let mask = dropout_mask::<T>(x.raw_dim(), *rate, seed, step, id);
+                (&x * &mask, None, Some(mask))
+            }
+        },
+        Op::Flatten => (reshape(x.to_owned(), &output_dims), None, None),
+    }
+}
+
+fn activate<T: Real>(act: Activation, v: T) -> T {
+    match act {
+        Activation::Relu => ops::relu(v),
+        Activation::LeakyRelu { alpha } => ops::leaky_relu(v, T::of(f64::from(alpha))),
+        Activation::Sigmoid => ops::sigmoid(v),
+        Activation::Tanh => v.tanh(),
+        Activation::Softmax => unreachable!("softmax is not element-wise"),
+    }
+}
+
+/// Every stored value and gradient is row-major, so that views can be reshaped freely (a
+/// matrix product may return its result in column-major order).
+fn row_major<T: Real>(x: ArrayD<T>) -> ArrayD<T> {
+    if x.is_standard_layout() { x } else { x.as_standard_layout().into_owned() }
+}
+
+fn reshape<T: Real>(x: ArrayD<T>, dims: &[usize]) -> ArrayD<T> {
+    row_major(x).into_shape_with_order(IxDyn(dims)).expect("same number of elements")
+}
+
+/// Inverted dropout: each element is kept with probability 1 − rate and scaled by 1/(1 − rate).
+/// Element i's draw depends only on (seed, step, node, i).
+pub fn dropout_mask<T: Real>(dim: IxDyn, rate: f32, seed: u64, step: u64, node: NodeId) -> ArrayD<T> {
+    let key = Rng::new(seed, &[0xd409_0u64, step, node.index() as u64]).next_u64();
+    let keep = T::of(1.0 / (1.0 - f64::from(rate)));
+    let mut index = 0u64;
+    ArrayD::from_shape_simple_fn(dim, || {
+        let u = Rng::new(key, &[index]).next_f32();
+        index += 1;
+        if u >= rate { keep } else { T::zero() }
+    })
+}
+
+fn backward_node<T: Real>(
+    program: &Program,
+    params: &[ArrayD<T>],
+    tape: &Tape<T>,
+    id: NodeId,
+    dy: ArrayD<T>,
+    dvalues: &mut [Option<ArrayD<T>>],
+    grads: &mut [Option<ArrayD<T>>],
+) {
+    let node = program.graph.node(id);
+    let input = node.inputs[0];
+    let need_dx = program.needs_grad[input.index()];
+    let x = value(tape, input);
+    let indices = &program.node_params[id.index()];
+    let p = |k: usize| params[indices[k]].view();
+    let input_dims = x.shape().to_vec();
+    let dx: Option<ArrayD<T>> = match &node.op {
+        Op::Input(_) => unreachable!("the input has no gradient rule"),
+        Op::Conv2d(conv) => {
+            let g = geometry(program, id);
+            let w = p(0).into_dimensionality::<Ix4>().unwrap();
+            let dy4 = dy.view().into_dimensionality::<Ix4>().unwrap();
+            let x4 = x.view().into_dimensionality::<Ix4>().unwrap();
+            let kernel_shape: [usize; 4] = w.dim().into();
+            let (dw, db) = ops::conv2d_backward_weights(x4, dy4, kernel_shape, &g);
+            grads[indices[0]] = Some(dw.into_dyn());
+            if conv.bias {
+                grads[indices[1]] = Some(db.into_dyn());
+            }
+            need_dx.then(|| ops::conv2d_backward_input(dy4, w, [input_dims[1], input_dims[2]], &g).into_dyn())
+        }
+        Op::Dense(dense) => {
+            let w = p(0).into_dimensionality::<Ix2>().unwrap();
+            let (dx, dw, db) = ops::dense_backward(x.into_dimensionality::<Ix2>().unwrap(), w, dy.view().into_dimensionality::<Ix2>().unwrap());
+            grads[indices[0]] = Some(dw.into_dyn());
+            if dense.bias {
+                grads[indices[1]] = Some(db.into_dyn());
+            }
+            need_dx.then(|| dx.into_dyn())
+        }
+        Op::BatchNorm(bn) => {
+            let stats = tape.stats[id.index()].as_ref().expect("training forward keeps batch statistics");
+            let gamma = p(0).into_dimensionality::<Ix1>().unwrap();
+            let (dx, dgamma, dbeta) = ops::batchnorm_backward(rows(x), rows(dy.view()), gamma, stats, T::of(f64::from(bn.epsilon)));
+            grads[indices[0]] = Some(dgamma.into_dyn());
+            grads[indices[1]] = Some(dbeta.into_dyn());
+            need_dx.then(|| reshape(dx.into_dyn(), &input_dims))
+        }
+        Op::Pool(pool) => need_dx.then(|| {
+            let g = geometry(program, id);
+            let dy4 = dy.view().into_dimensionality::<Ix4>().unwrap();
+            let x4 = x.into_dimensionality::<Ix4>().unwrap();
+            match pool.kind {
+                PoolKind::Max => ops::maxpool_backward(x4, dy4, &g).into_dyn(),
+                PoolKind::Avg => ops::avgpool_backward(x4.dim().into(), dy4, &g).into_dyn(),
+            }
+        }),
+        Op::Activation(act) => need_dx.then(|| {
+            let y = value(tape, id);
+            match act {
+                Activation::Softmax => reshape(ops::softmax_backward(rows(y), rows(dy.view())).into_dyn(), &input_dims),
+                Activation::Relu => ndarray::Zip::from(&dy).and(&x).map_collect(|&d, &x| if x > T::zero() { d } else { T::zero() }),
+                Activation::LeakyRelu { alpha } => {
+                    let alpha = T::of(f64::from(*alpha));
+                    ndarray::Zip::from(&dy).and(&x).map_collect(|&d, &x| if x > T::zero() { d } else { alpha * d })
+                }
+                Activation::Sigmoid => ndarray::Zip::from(&dy).and(&y).map_collect(|&d, &y| d * y * (T::one() - y)),
+                Activation::Tanh => ndarray::Zip::from(&dy).and(&y).map_collect(|&d, &y| d * (T::one() - y * y)),
+            }
+        }),
+        Op::Dropout { .. } => need_dx.then(|| {
+            let mask = tape.masks[id.index()].as_ref().expect("training forward keeps the mask");
+            &dy * mask
+        }),
+        Op::Flatten => need_dx.then(|| reshape(dy, &input_dims)),
+    };
+    if let Some(dx) = dx.map(row_major) {
+        match &mut dvalues[input.index()] {
+            Some(acc) => *acc += &dx,
+            slot => *slot = Some(dx),
+        }
+    }
+}
+
+/// The moving statistics each batchnorm node would have after this batch.
+fn moving_updates<T: Real>(program: &Program, params: &[ArrayD<T>], tape: &Tape<T>) -> Vec<(usize, ArrayD<T>)> {
+    let mut updates = Vec::new();
+    for (id, node) in program.graph.nodes() {
+        let (Op::BatchNorm(bn), Some(stats)) = (&node.op, &tape.stats[id.index()]) else { continue };
+        let indices = &program.node_params[id.index()];
+        let momentum = T::of(f64::from(bn.momentum));
+        for (slot, batch) in [(2, &stats.mean), (3, &stats.var)] {
+            let mut moving = params[indices[slot]].clone().into_dimensionality::<Ix1>().expect("per-channel statistic");
+            ops::update_moving(&mut moving, batch, momentum);
+            updates.push((indices[slot], moving.into_dyn()));
+        }
+    }
+    updates
+}
