@@ -284,7 +284,7 @@ fn train(checked: &cnnc::Checked, source: &SourceFile, args: &TrainArgs) -> anyh
     if let Some(limit) = args.limit {
         train_split = train_split.take(limit);
     }
-    let (train_split, validation) = train_split.split_off_validation(config.validation_split);
+    let (train_split, validation) = train_split.split_off_validation(config.validation_split)?;
     let out_dir = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&checked.model.graph.name));
     let files = RunFiles { out_dir, resume: args.resume.clone() };
     let BackendKind::Reference = args.backend;

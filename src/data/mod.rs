@@ -7,6 +7,7 @@
 
 pub mod fetch;
 pub mod idx;
+pub mod image;
 
 use std::path::Path;
 
