@@ -219,3 +219,18 @@ fn a_model_without_a_dataset_cannot_be_trained() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("names no dataset"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn the_thread_count_does_not_change_the_result() {
+    let in_pool = |threads: usize, name: &str| {
+        let files = files(&scratch(name));
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| run(SMALL, &config(SMALL), 200, &files).unwrap())
+    };
+    let one = in_pool(1, "threads-1");
+    let three = in_pool(3, "threads-3");
+    assert_eq!(one.state, three.state, "every sum is taken in a fixed order");
+}

@@ -61,3 +61,37 @@ fn png_pixels(bytes: &[u8], [h, w, c]: [usize; 3]) -> anyhow::Result<Vec<f32>> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(width: u32, height: u32, color: png::ColorType, data: &[u8]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        let mut encoder = png::Encoder::new(&mut bytes, width, height);
+        encoder.set_color(color);
+        encoder.set_depth(png::BitDepth::Eight);
+        encoder.write_header().unwrap().write_image_data(data).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn grayscale_and_color_pngs_become_model_inputs() {
+        let gray = png(2, 1, png::ColorType::Grayscale, &[0, 255]);
+        assert_eq!(png_pixels(&gray, [1, 2, 1]).unwrap(), vec![0.0, 1.0]);
+        // RGBA: color averaged to gray, alpha ignored
+        let rgba = png(1, 1, png::ColorType::Rgba, &[255, 0, 0, 7]);
+        let px = png_pixels(&rgba, [1, 1, 1]).unwrap();
+        assert!((px[0] - 1.0 / 3.0).abs() < 1e-6, "{px:?}");
+        // gray into a three-channel model: repeated
+        assert_eq!(png_pixels(&gray, [1, 2, 3]).unwrap(), vec![0.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn a_png_of_the_wrong_size_or_a_broken_png_is_an_error() {
+        let gray = png(2, 1, png::ColorType::Grayscale, &[0, 255]);
+        let error = png_pixels(&gray, [28, 28, 1]).unwrap_err().to_string();
+        assert_eq!(error, "the image is 2x1 (width x height); the model takes 28x28");
+        assert!(png_pixels(&gray[..gray.len() - 20], [1, 2, 1]).is_err());
+    }
+}
