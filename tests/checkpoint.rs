@@ -122,6 +122,34 @@ fn saving_twice_writes_the_same_bytes() {
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
 }
 
+/// `save` lays the file out itself (for stable metadata order); with at most one metadata key
+/// the order question does not arise, and its bytes must be exactly the safetensors crate's.
+#[test]
+fn layout_matches_the_safetensors_crate() {
+    let dir = TestDir::new("layout");
+    let mut one_key = sample();
+    one_key.metadata.retain(|k, _| k == "model");
+    let mut no_metadata = sample();
+    no_metadata.metadata.clear();
+    for (what, checkpoint) in [("one metadata key", one_key), ("no metadata", no_metadata)] {
+        let path = dir.path("ckpt.safetensors");
+        checkpoint::save(&path, &checkpoint).unwrap();
+        let data: Vec<Vec<u8>> = checkpoint
+            .tensors
+            .iter()
+            .map(|t| t.data.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
+        let views = checkpoint.tensors.iter().zip(&data).map(|(t, bytes)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), bytes);
+            (t.name.clone(), view.unwrap())
+        });
+        let metadata =
+            (!checkpoint.metadata.is_empty()).then(|| checkpoint.metadata.clone().into_iter().collect());
+        let expected = safetensors::serialize(views, metadata).unwrap();
+        assert!(std::fs::read(&path).unwrap() == expected, "{what}: bytes differ from the crate's");
+    }
+}
+
 #[test]
 fn save_replaces_an_existing_checkpoint() {
     let dir = TestDir::new("replace");

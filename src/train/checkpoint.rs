@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context as _, bail};
-use safetensors::tensor::{Metadata, TensorView};
+use safetensors::tensor::Metadata;
 use safetensors::{Dtype, SafeTensors};
 
 /// One named f32 tensor, row-major (C order), as safetensors stores it.
@@ -134,18 +134,38 @@ fn to_bytes(checkpoint: &Checkpoint) -> anyhow::Result<Vec<u8>> {
         }
     }
 
-    let bytes: Vec<Vec<u8>> =
-        checkpoint.tensors.iter().map(|t| t.data.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
-    let mut views = Vec::with_capacity(bytes.len());
-    for (t, data) in checkpoint.tensors.iter().zip(&bytes) {
-        let view = TensorView::new(Dtype::F32, t.shape.clone(), data)
-            .with_context(|| format!("tensor `{}`", t.name))?;
-        views.push((t.name.as_str(), view));
+    // The header is written here rather than by `safetensors::serialize`, which passes the
+    // metadata through a `HashMap` and so orders its keys differently on every run. Written here,
+    // the same checkpoint always gives the same bytes (and the same hash). The layout is the
+    // crate's: tensors sorted by name, header padded with spaces to a multiple of 8 bytes.
+    let mut tensors: Vec<&Tensor> = checkpoint.tensors.iter().collect();
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut header = serde_json::Map::new();
+    if !checkpoint.metadata.is_empty() {
+        header.insert("__metadata__".to_string(), serde_json::json!(checkpoint.metadata));
     }
-    // Without metadata safetensors leaves `__metadata__` out of the header, as Python does.
-    let metadata = (!checkpoint.metadata.is_empty())
-        .then(|| checkpoint.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
-    Ok(safetensors::serialize(views, metadata)?)
+    let mut offset = 0usize;
+    for t in &tensors {
+        let end = t
+            .data
+            .len()
+            .checked_mul(4)
+            .and_then(|n| n.checked_add(offset))
+            .context("checkpoint too large")?;
+        let info = serde_json::json!({ "dtype": "F32", "shape": t.shape, "data_offsets": [offset, end] });
+        header.insert(t.name.clone(), info);
+        offset = end;
+    }
+    let mut header = serde_json::to_vec(&header)?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+
+    let mut bytes = Vec::with_capacity(8 + header.len() + offset);
+    bytes.extend((header.len() as u64).to_le_bytes());
+    bytes.extend(header);
+    for t in &tensors {
+        bytes.extend(t.data.iter().flat_map(|x| x.to_le_bytes()));
+    }
+    Ok(bytes)
 }
 
 /// Parses safetensors bytes into a checkpoint, tensors sorted by name.
