@@ -131,7 +131,12 @@ fn fused_logits(graph: &Graph, output: NodeId, loss: Loss) -> anyhow::Result<Nod
     };
     match &node.op {
         Op::Activation(a) if *a == expected => Ok(node.inputs[0]),
-        op => bail!("{} needs the model to end in {}, but it ends in {}", loss.name(), expected.name(), op.name()),
+        op => bail!(
+            "{} needs the model to end in {}, but it ends in {}",
+            loss.name(),
+            expected.name(),
+            op.name()
+        ),
     }
 }
 
@@ -163,7 +168,17 @@ mod tests {
         assert_eq!(names.join(" "), "F1 F2 F3 F4 F5 F6 F7 F8 F9 L B9 B8 B7 B6 B5 B4 B3 B2 B1 U");
         assert_eq!(p.logits.index(), 9);
         let names: Vec<&str> = p.params.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["conv2d/kernel", "conv2d/bias", "conv2d_1/kernel", "conv2d_1/bias", "dense/kernel", "dense/bias"]);
+        assert_eq!(
+            names,
+            [
+                "conv2d/kernel",
+                "conv2d/bias",
+                "conv2d_1/kernel",
+                "conv2d_1/bias",
+                "dense/kernel",
+                "dense/bias"
+            ]
+        );
         assert!(!p.needs_grad[0], "the input needs no gradient");
     }
 

@@ -179,9 +179,9 @@ fn main() -> ExitCode {
             let file = args.file.clone();
             run(&file, false, |checked, source| with_threads(args.threads, || train(checked, source, &args)))
         }
-        Command::Eval { file, weights, batch_size, threads } => run(&file, false, |checked, _| {
-            with_threads(threads, || eval(checked, &weights, batch_size))
-        }),
+        Command::Eval { file, weights, batch_size, threads } => {
+            run(&file, false, |checked, _| with_threads(threads, || eval(checked, &weights, batch_size)))
+        }
         Command::Predict { file, weights, images, index } => {
             run(&file, false, |checked, _| predict(checked, &weights, &images, &index))
         }
@@ -245,7 +245,8 @@ fn with_threads(threads: Option<usize>, f: impl FnOnce() -> anyhow::Result<()> +
 }
 
 fn dataset_of(checked: &cnnc::Checked) -> anyhow::Result<&'static cnnc::data::DatasetInfo> {
-    let train = checked.model.train.as_ref().context("the file has no train block: add one with `data = mnist`")?;
+    let train =
+        checked.model.train.as_ref().context("the file has no train block: add one with `data = mnist`")?;
     train.data.context(
         "the train block names no dataset: add `data = mnist` (or fashion_mnist); \
          this model can be checked and summarized, not trained",
@@ -299,13 +300,26 @@ fn train(checked: &cnnc::Checked, source: &SourceFile, args: &TrainArgs) -> anyh
     );
     let interactive = !args.quiet && std::io::stdout().is_terminal();
     let mut observer = Console::new(interactive);
-    let summary =
-        driver::train(checked, &source.text, &config, &train_split, validation.as_ref(), &data.test, &files, &mut observer)?;
+    let summary = driver::train(
+        checked,
+        &source.text,
+        &config,
+        &train_split,
+        validation.as_ref(),
+        &data.test,
+        &files,
+        &mut observer,
+    )?;
     println!(
         "Test: loss: {:.4} - accuracy: {:.4} ({} images)",
         summary.test_loss, summary.test_accuracy, data.test.len
     );
-    println!("Wrote {}, {} and {}", files.checkpoint().display(), files.metrics().display(), files.plot().display());
+    println!(
+        "Wrote {}, {} and {}",
+        files.checkpoint().display(),
+        files.metrics().display(),
+        files.plot().display()
+    );
     Ok(())
 }
 
@@ -323,12 +337,21 @@ fn eval(checked: &cnnc::Checked, weights: &Path, batch_size: usize) -> anyhow::R
     Ok(())
 }
 
-fn predict(checked: &cnnc::Checked, weights: &Path, paths: &[PathBuf], indices: &[usize]) -> anyhow::Result<()> {
+fn predict(
+    checked: &cnnc::Checked,
+    weights: &Path,
+    paths: &[PathBuf],
+    indices: &[usize],
+) -> anyhow::Result<()> {
     use cnnc::backend::Backend as _;
     let program = std::sync::Arc::new(cnnc::autodiff::build(checked)?);
     let state = driver::load_weights(&program, weights)?;
     let input = program.shapes.shape(program.graph.input());
-    let optimizer = checked.model.train.as_ref().map_or(cnnc::ir::train::Optimizer::Sgd { lr: 0.01, momentum: 0.0 }, |t| t.optimizer);
+    let optimizer = checked
+        .model
+        .train
+        .as_ref()
+        .map_or(cnnc::ir::train::Optimizer::Sgd { lr: 0.01, momentum: 0.0 }, |t| t.optimizer);
     let mut backend = cnnc::backend::reference::Reference::new(program.clone(), optimizer);
     for path in paths {
         for (label, image) in cnnc::data::image::read_for_model(path, input, indices)? {
@@ -352,7 +375,11 @@ fn data(command: DataCommand) -> anyhow::Result<()> {
                 format!("unknown dataset `{name}`; known: {}", cnnc::data::dataset_names().join(", "))
             })?;
             let files = cnnc::data::fetch::locate(info, true, &mut |line| eprintln!("{line}"))?;
-            println!("{} is ready: {}", info.name, files.train_images.parent().unwrap_or(Path::new(".")).display());
+            println!(
+                "{} is ready: {}",
+                info.name,
+                files.train_images.parent().unwrap_or(Path::new(".")).display()
+            );
             Ok(())
         }
     }
@@ -375,9 +402,11 @@ impl driver::Observer for Console {
         if self.interactive {
             let bar = indicatif::ProgressBar::new(steps as u64);
             bar.set_style(
-                indicatif::ProgressStyle::with_template("Epoch {prefix} {pos}/{len} [{bar:30}] {msg} ETA {eta}")
-                    .expect("a valid template")
-                    .progress_chars("=> "),
+                indicatif::ProgressStyle::with_template(
+                    "Epoch {prefix} {pos}/{len} [{bar:30}] {msg} ETA {eta}",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
             );
             bar.set_prefix(format!("{epoch}/{epochs}"));
             self.bar = Some(bar);
@@ -387,7 +416,9 @@ impl driver::Observer for Console {
     fn step(&mut self, done: usize, loss: f64, accuracy: f64, images_per_second: f64) {
         if let Some(bar) = &self.bar {
             bar.set_position(done as u64);
-            bar.set_message(format!("loss: {loss:.4} - accuracy: {accuracy:.4} - {images_per_second:.0} img/s"));
+            bar.set_message(format!(
+                "loss: {loss:.4} - accuracy: {accuracy:.4} - {images_per_second:.0} img/s"
+            ));
         }
     }
 

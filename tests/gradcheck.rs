@@ -18,8 +18,9 @@ const TOLERANCE: f64 = 1e-6;
 
 fn program(model: &str, loss: &str) -> Program {
     let text = format!("model m {{ {model} }}\ntrain {{ loss = {loss} }}");
-    let checked = cnnc::check(&SourceFile::new("case.cnn", text.as_str()))
-        .unwrap_or_else(|d| panic!("{}", cnnc::diagnostic::render_all(&d, &SourceFile::new("case.cnn", text.as_str()))));
+    let checked = cnnc::check(&SourceFile::new("case.cnn", text.as_str())).unwrap_or_else(|d| {
+        panic!("{}", cnnc::diagnostic::render_all(&d, &SourceFile::new("case.cnn", text.as_str())))
+    });
     autodiff::build(&checked).unwrap()
 }
 
@@ -46,7 +47,13 @@ fn setup(program: &Program, batch: usize, seed: u64) -> (Vec<ArrayD<f64>>, Array
     (params, reference::batch_array(program, &images), labels)
 }
 
-fn mean_loss(program: &Program, params: &[ArrayD<f64>], input: &ArrayD<f64>, labels: &[u8], mode: Mode) -> f64 {
+fn mean_loss(
+    program: &Program,
+    params: &[ArrayD<f64>],
+    input: &ArrayD<f64>,
+    labels: &[u8],
+    mode: Mode,
+) -> f64 {
     let g = reference::gradients(program, params, input.clone(), labels, mode);
     g.loss_sum / labels.len() as f64
 }
@@ -74,7 +81,11 @@ fn gradcheck(model: &str, loss: &str) {
             let numeric = (plus - minus) / (2.0 * H);
             let g = grad.as_slice().unwrap()[i];
             let error = (g - numeric).abs() / g.abs().max(numeric.abs()).max(1.0);
-            assert!(error < TOLERANCE, "{model}\n{}[{i}]: analytic {g:.10}, numeric {numeric:.10}", param.name);
+            assert!(
+                error < TOLERANCE,
+                "{model}\n{}[{i}]: analytic {g:.10}, numeric {numeric:.10}",
+                param.name
+            );
             checked += 1;
         }
     }
@@ -90,17 +101,26 @@ fn conv2d_stride_2_valid() {
 
 #[test]
 fn conv2d_same_odd_kernel_feeding_a_conv() {
-    gradcheck("input 7x7x2 conv2d(3, kernel=3, padding=same) conv2d(5, kernel=3, padding=same) flatten dense(2, activation=softmax)", CE);
+    gradcheck(
+        "input 7x7x2 conv2d(3, kernel=3, padding=same) conv2d(5, kernel=3, padding=same) flatten dense(2, activation=softmax)",
+        CE,
+    );
 }
 
 #[test]
 fn conv2d_same_even_kernel_stride_2_asymmetric_padding() {
-    gradcheck("input 7x6x3 conv2d(3, kernel=2) conv2d(5, kernel=4, stride=2, padding=same) flatten dense(3, activation=softmax)", CE);
+    gradcheck(
+        "input 7x6x3 conv2d(3, kernel=2) conv2d(5, kernel=4, stride=2, padding=same) flatten dense(3, activation=softmax)",
+        CE,
+    );
 }
 
 #[test]
 fn conv2d_rectangular_kernel_explicit_padding_no_bias() {
-    gradcheck("input 6x7x1 conv2d(2, kernel=1) conv2d(3, kernel=2x3, stride=2x1, padding=1x2, bias=false) flatten dense(2, activation=softmax)", CE);
+    gradcheck(
+        "input 6x7x1 conv2d(2, kernel=1) conv2d(3, kernel=2x3, stride=2x1, padding=1x2, bias=false) flatten dense(2, activation=softmax)",
+        CE,
+    );
 }
 
 #[test]
@@ -110,32 +130,50 @@ fn dense_with_and_without_bias() {
 
 #[test]
 fn maxpool_valid_and_same() {
-    gradcheck("input 9x9x2 conv2d(3, kernel=2) maxpool(2) maxpool(3, stride=2, padding=same) flatten dense(2, activation=softmax)", CE);
+    gradcheck(
+        "input 9x9x2 conv2d(3, kernel=2) maxpool(2) maxpool(3, stride=2, padding=same) flatten dense(2, activation=softmax)",
+        CE,
+    );
 }
 
 #[test]
 fn avgpool_same_padding_excludes_the_pad() {
-    gradcheck("input 7x7x2 conv2d(3, kernel=2) avgpool(3, stride=2, padding=same) avgpool(2, padding=1) flatten dense(2, activation=softmax)", CE);
+    gradcheck(
+        "input 7x7x2 conv2d(3, kernel=2) avgpool(3, stride=2, padding=same) avgpool(2, padding=1) flatten dense(2, activation=softmax)",
+        CE,
+    );
 }
 
 #[test]
 fn batchnorm_on_images_and_vectors() {
-    gradcheck("input 6x6x2 conv2d(5, kernel=3, bias=false) batchnorm relu flatten dense(4) batchnorm(momentum=0.9) dense(3, activation=softmax)", CE);
+    gradcheck(
+        "input 6x6x2 conv2d(5, kernel=3, bias=false) batchnorm relu flatten dense(4) batchnorm(momentum=0.9) dense(3, activation=softmax)",
+        CE,
+    );
 }
 
 #[test]
 fn activations() {
-    gradcheck("input 4x4x2 conv2d(3, kernel=2, activation=leaky_relu) sigmoid conv2d(3, kernel=2, activation=tanh) leaky_relu(alpha=0.1) flatten dense(5, activation=relu) softmax dense(3, activation=softmax)", CE);
+    gradcheck(
+        "input 4x4x2 conv2d(3, kernel=2, activation=leaky_relu) sigmoid conv2d(3, kernel=2, activation=tanh) leaky_relu(alpha=0.1) flatten dense(5, activation=relu) softmax dense(3, activation=softmax)",
+        CE,
+    );
 }
 
 #[test]
 fn dropout_uses_its_mask_in_both_directions() {
-    gradcheck("input 5x5x1 conv2d(3, kernel=2) dropout(0.4) flatten dense(4) dropout(0.3) dense(3, activation=softmax)", CE);
+    gradcheck(
+        "input 5x5x1 conv2d(3, kernel=2) dropout(0.4) flatten dense(4) dropout(0.3) dense(3, activation=softmax)",
+        CE,
+    );
 }
 
 #[test]
 fn sparse_categorical_and_binary_losses() {
-    gradcheck("input 4x4x1 conv2d(2, kernel=3) flatten dense(4, activation=softmax)", "sparse_categorical_crossentropy");
+    gradcheck(
+        "input 4x4x1 conv2d(2, kernel=3) flatten dense(4, activation=softmax)",
+        "sparse_categorical_crossentropy",
+    );
     gradcheck("input 4x4x1 conv2d(2, kernel=3) flatten dense(1, activation=sigmoid)", "binary_crossentropy");
 }
 
@@ -150,7 +188,10 @@ fn a_whole_small_model() {
 /// The f32 backend that trains computes the same gradients as the f64 one checked above.
 #[test]
 fn f32_gradients_match_f64() {
-    let program = program("input 8x8x3 conv2d(5, kernel=3, stride=2, padding=same) batchnorm relu flatten dense(3, activation=softmax)", CE);
+    let program = program(
+        "input 8x8x3 conv2d(5, kernel=3, stride=2, padding=same) batchnorm relu flatten dense(3, activation=softmax)",
+        CE,
+    );
     let (params, input, labels) = setup(&program, 4, 3);
     let mode = Mode::Train { seed: 1, step: 2 };
     let g64 = reference::gradients(&program, &params, input.clone(), &labels, mode);

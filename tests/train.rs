@@ -98,7 +98,8 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
     let mut first = config(SMALL);
     first.epochs = 1;
     run(SMALL, &first, 300, &files(&dir)).unwrap();
-    let resumed_files = RunFiles { out_dir: scratch("resumed"), resume: Some(dir.join("checkpoint.safetensors")) };
+    let resumed_files =
+        RunFiles { out_dir: scratch("resumed"), resume: Some(dir.join("checkpoint.safetensors")) };
     let resumed = run(SMALL, &config(SMALL), 300, &resumed_files).unwrap();
 
     assert_eq!(resumed.state, whole.state, "weights, optimizer slots and step count must match bit for bit");
@@ -136,7 +137,11 @@ fn a_nan_stops_training_and_keeps_the_last_good_checkpoint() {
     assert!(error.contains("the loss became"), "{error}");
     assert!(error.contains("at epoch 2, step"), "{error}");
     assert!(error.contains("from epoch 1, is kept"), "{error}");
-    assert_eq!(std::fs::read(dir.join("checkpoint.safetensors")).unwrap(), good, "the good checkpoint is untouched");
+    assert_eq!(
+        std::fs::read(dir.join("checkpoint.safetensors")).unwrap(),
+        good,
+        "the good checkpoint is untouched"
+    );
 }
 
 // -- the command line --
@@ -156,7 +161,10 @@ fn train_eval_and_predict_from_the_command_line() {
     std::fs::write(&model, SMALL).unwrap();
     let out = dir.join("run");
     let (model, out_s) = (model.to_str().unwrap(), out.to_str().unwrap());
-    let train = cnnc(&["train", model, "--epochs", "1", "--limit", "300", "--out", out_s, "--quiet"], "tests/fixtures");
+    let train = cnnc(
+        &["train", model, "--epochs", "1", "--limit", "300", "--out", out_s, "--quiet"],
+        "tests/fixtures",
+    );
     let stdout = text(&train.stdout);
     assert!(train.status.success(), "{stdout}{}", text(&train.stderr));
     // SMALL has no validation_split: all 300 samples train, in 10 batches of 32
@@ -172,7 +180,15 @@ fn train_eval_and_predict_from_the_command_line() {
     assert!(text(&eval.stdout).starts_with("Test: loss: "), "{}", text(&eval.stdout));
 
     let predict = cnnc(
-        &["predict", model, "--weights", weights, "tests/fixtures/mnist/t10k-images-idx3-ubyte.gz", "--index", "0,1"],
+        &[
+            "predict",
+            model,
+            "--weights",
+            weights,
+            "tests/fixtures/mnist/t10k-images-idx3-ubyte.gz",
+            "--index",
+            "0,1",
+        ],
         "tests/fixtures",
     );
     let lines = text(&predict.stdout);
@@ -206,7 +222,10 @@ fn corrupt_data_is_refused_with_a_message() {
     let images = dir.join("mnist/train-images-idx3-ubyte.gz");
     let bytes = std::fs::read(&images).unwrap();
     std::fs::write(&images, &bytes[..bytes.len() / 2]).unwrap();
-    let out = cnnc(&["train", "models/mnist.cnn", "--epochs", "1", "--out", dir.join("run").to_str().unwrap()], dir.to_str().unwrap());
+    let out = cnnc(
+        &["train", "models/mnist.cnn", "--epochs", "1", "--out", dir.join("run").to_str().unwrap()],
+        dir.to_str().unwrap(),
+    );
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     assert!(stderr.contains("train-images-idx3-ubyte.gz"), "{stderr}");

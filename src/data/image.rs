@@ -8,7 +8,11 @@ use crate::ir::Shape;
 
 /// Reads `path` (PNG, or IDX images when it is not a PNG) into model inputs: (label, pixels
 /// in [0, 1], HWC). For IDX files, `indices` picks images (all when empty).
-pub fn read_for_model(path: &Path, input: Shape, indices: &[usize]) -> anyhow::Result<Vec<(String, Vec<f32>)>> {
+pub fn read_for_model(
+    path: &Path,
+    input: Shape,
+    indices: &[usize],
+) -> anyhow::Result<Vec<(String, Vec<f32>)>> {
     let Shape::Hwc { h, w, c } = input else {
         bail!("this model's input is flat ({input}); predicting needs an image input such as 28x28x1");
     };
@@ -19,7 +23,12 @@ pub fn read_for_model(path: &Path, input: Shape, indices: &[usize]) -> anyhow::R
     }
     let images = super::idx::read_images(path)?;
     if images.rows != h || images.cols != w || c != 1 {
-        bail!("`{}` holds {}x{} grayscale images; the model's input is {input}", path.display(), images.rows, images.cols);
+        bail!(
+            "`{}` holds {}x{} grayscale images; the model's input is {input}",
+            path.display(),
+            images.rows,
+            images.cols
+        );
     }
     let picked: Vec<usize> = if indices.is_empty() { (0..images.count).collect() } else { indices.to_vec() };
     picked
@@ -29,7 +38,8 @@ pub fn read_for_model(path: &Path, input: Shape, indices: &[usize]) -> anyhow::R
                 bail!("`{}` has {} images; there is no image {i}", path.display(), images.count);
             }
             let size = h * w;
-            let pixels = images.pixels[i * size..(i + 1) * size].iter().map(|&p| f32::from(p) / 255.0).collect();
+            let pixels =
+                images.pixels[i * size..(i + 1) * size].iter().map(|&p| f32::from(p) / 255.0).collect();
             Ok((format!("{}[{i}]", path.display()), pixels))
         })
         .collect()

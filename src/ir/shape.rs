@@ -266,16 +266,16 @@ fn infer_window(
     ];
     // A pooling window must always hold a real pixel (a max over padding alone is -inf), so
     // explicit pool padding is limited to half the window, as in PyTorch. `same` never needs more.
-    if let (Op::Pool(_), Padding::Explicit(p)) = (&graph.node(id).op, padding) {
-        if p[0] > kernel[0] / 2 || p[1] > kernel[1] / 2 {
-            return Err(Diagnostic::error(format!(
-                "{}: padding {}x{} is more than half the pool size {}x{}",
-                layer.name, p[0], p[1], kernel[0], kernel[1]
-            ))
-            .label(layer.arg_span("padding"), "too much padding for this pool")
-            .note("some windows would see only padding")
-            .help(format!("use at most {}x{}, or padding=same", kernel[0] / 2, kernel[1] / 2)));
-        }
+    if let (Op::Pool(_), Padding::Explicit(p)) = (&graph.node(id).op, padding)
+        && (p[0] > kernel[0] / 2 || p[1] > kernel[1] / 2)
+    {
+        return Err(Diagnostic::error(format!(
+            "{}: padding {}x{} is more than half the pool size {}x{}",
+            layer.name, p[0], p[1], kernel[0], kernel[1]
+        ))
+        .label(layer.arg_span("padding"), "too much padding for this pool")
+        .note("some windows would see only padding")
+        .help(format!("use at most {}x{}, or padding=same", kernel[0] / 2, kernel[1] / 2)));
     }
     let (out_h, out_w) = match (window_output_len(h, windows[0]), window_output_len(w, windows[1])) {
         (Some(oh), Some(ow)) => (oh, ow),

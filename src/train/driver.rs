@@ -97,7 +97,13 @@ pub struct RunSummary {
 }
 
 /// Loss and accuracy of a model over a split, in inference mode.
-pub fn evaluate(backend: &mut dyn Backend, program: &Program, state: &State, split: &Split, batch_size: usize) -> (f64, f64) {
+pub fn evaluate(
+    backend: &mut dyn Backend,
+    program: &Program,
+    state: &State,
+    split: &Split,
+    batch_size: usize,
+) -> (f64, f64) {
     let sample = split.images.len() / split.len.max(1);
     let width = program.output_width();
     let (mut loss, mut correct) = (0.0, 0usize);
@@ -185,7 +191,10 @@ pub fn train(
             let result = backend.train_step(&mut state, &images, &labels, step);
             if !result.loss_sum.is_finite() {
                 let kept = if epoch > 0 || files.resume.is_some() {
-                    format!("the last good checkpoint, from epoch {epoch}, is kept at {}", files.checkpoint().display())
+                    format!(
+                        "the last good checkpoint, from epoch {epoch}, is kept at {}",
+                        files.checkpoint().display()
+                    )
                 } else {
                     "no checkpoint was written".to_string()
                 };
@@ -290,7 +299,11 @@ pub fn to_checkpoint(
 ) -> Checkpoint {
     let mut tensors = Vec::new();
     for (p, value) in program.params.iter().zip(&state.params) {
-        tensors.push(Tensor { name: p.name.clone(), shape: value.shape().to_vec(), data: value.iter().copied().collect() });
+        tensors.push(Tensor {
+            name: p.name.clone(),
+            shape: value.shape().to_vec(),
+            data: value.iter().copied().collect(),
+        });
     }
     let names = slot_names(&config.optimizer);
     for (p, slots) in program.params.iter().zip(&state.slots) {
@@ -326,7 +339,8 @@ pub fn to_checkpoint(
 
 /// The tensor names and shapes a checkpoint of this program must hold.
 pub fn expected_tensors(program: &Program, optimizer: Option<&Optimizer>) -> Vec<(String, Vec<usize>)> {
-    let mut expected: Vec<(String, Vec<usize>)> = program.params.iter().map(|p| (p.name.clone(), p.spec.shape.clone())).collect();
+    let mut expected: Vec<(String, Vec<usize>)> =
+        program.params.iter().map(|p| (p.name.clone(), p.spec.shape.clone())).collect();
     if let Some(optimizer) = optimizer {
         for p in program.params.iter().filter(|p| p.spec.trainable) {
             for slot in slot_names(optimizer) {
@@ -359,8 +373,13 @@ fn without_optimizer(ckpt: &Checkpoint) -> Checkpoint {
 }
 
 fn tensor_array(ckpt: &Checkpoint, name: &str) -> anyhow::Result<ndarray::ArrayD<f32>> {
-    let t = ckpt.tensors.iter().find(|t| t.name == name).with_context(|| format!("the checkpoint has no tensor `{name}`"))?;
-    ndarray::ArrayD::from_shape_vec(t.shape.clone(), t.data.clone()).with_context(|| format!("tensor `{name}` is malformed"))
+    let t = ckpt
+        .tensors
+        .iter()
+        .find(|t| t.name == name)
+        .with_context(|| format!("the checkpoint has no tensor `{name}`"))?;
+    ndarray::ArrayD::from_shape_vec(t.shape.clone(), t.data.clone())
+        .with_context(|| format!("tensor `{name}` is malformed"))
 }
 
 type Resumed = (State, Vec<EpochRecord>, usize, u64);
@@ -370,10 +389,17 @@ fn resume(program: &Program, config: &RunConfig, path: &Path) -> anyhow::Result<
     let ckpt = checkpoint::load(path)?;
     let problems = checkpoint::diff_shapes(&expected_tensors(program, Some(&config.optimizer)), &ckpt);
     if !problems.is_empty() {
-        bail!("cannot resume from `{}`: it does not fit this model and optimizer:\n  {}", path.display(), problems.join("\n  "));
+        bail!(
+            "cannot resume from `{}`: it does not fit this model and optimizer:\n  {}",
+            path.display(),
+            problems.join("\n  ")
+        );
     }
     let meta = |key: &str| -> anyhow::Result<String> {
-        ckpt.metadata.get(key).cloned().with_context(|| format!("`{}` lacks `{key}` in its metadata", path.display()))
+        ckpt.metadata
+            .get(key)
+            .cloned()
+            .with_context(|| format!("`{}` lacks `{key}` in its metadata", path.display()))
     };
     let number = |key: &str| -> anyhow::Result<u64> {
         meta(key)?.parse().with_context(|| format!("`{}` has a malformed `{key}`", path.display()))
@@ -395,8 +421,8 @@ fn resume(program: &Program, config: &RunConfig, path: &Path) -> anyhow::Result<
             state.slots[index][slot] = tensor_array(&ckpt, &format!("optimizer/{name}/{}", p.name))?;
         }
     }
-    let history: Vec<serde_json::Value> =
-        serde_json::from_str(&meta("history")?).with_context(|| format!("`{}` has a malformed history", path.display()))?;
+    let history: Vec<serde_json::Value> = serde_json::from_str(&meta("history")?)
+        .with_context(|| format!("`{}` has a malformed history", path.display()))?;
     let records = history
         .iter()
         .map(|r| EpochRecord {

@@ -6,7 +6,13 @@ use crate::ir::train::Optimizer;
 
 /// Applies one optimizer step to a trainable parameter, given its gradient and slots.
 /// `iteration` is the 1-based step number (Adam's bias correction).
-pub fn update(optimizer: &Optimizer, param: &mut ArrayD<f32>, grad: &ArrayD<f32>, slots: &mut [ArrayD<f32>], iteration: u64) {
+pub fn update(
+    optimizer: &Optimizer,
+    param: &mut ArrayD<f32>,
+    grad: &ArrayD<f32>,
+    slots: &mut [ArrayD<f32>],
+    iteration: u64,
+) {
     match *optimizer {
         // Keras: v = momentum·v − lr·g; w += v   (plain w −= lr·g without momentum)
         Optimizer::Sgd { lr, momentum } => match slots {
@@ -21,7 +27,8 @@ pub fn update(optimizer: &Optimizer, param: &mut ArrayD<f32>, grad: &ArrayD<f32>
         Optimizer::Adam { lr, beta1, beta2, epsilon } => {
             let [m, v] = slots else { unreachable!("adam keeps two slots") };
             let t = iteration as i32;
-            let alpha = f64::from(lr) * (1.0 - f64::from(beta2).powi(t)).sqrt() / (1.0 - f64::from(beta1).powi(t));
+            let alpha =
+                f64::from(lr) * (1.0 - f64::from(beta2).powi(t)).sqrt() / (1.0 - f64::from(beta1).powi(t));
             let alpha = alpha as f32;
             Zip::from(param).and(grad).and(m).and(v).for_each(|w, &g, m, v| {
                 *m += (g - *m) * (1.0 - beta1);

@@ -21,7 +21,10 @@ use ops::{BatchStats, Geometry, Real};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// `step` seeds the dropout masks together with the run's `seed`.
-    Train { seed: u64, step: u64 },
+    Train {
+        seed: u64,
+        step: u64,
+    },
     Infer,
 }
 
@@ -81,7 +84,12 @@ impl Backend for Reference {
     fn predict(&mut self, state: &State, images: &[f32]) -> Vec<f32> {
         let program = &self.program;
         let tape = forward(program, &state.params, batch_array(program, images), Mode::Infer, program.output);
-        tape.values[program.output.index()].as_ref().expect("the output was computed").iter().copied().collect()
+        tape.values[program.output.index()]
+            .as_ref()
+            .expect("the output was computed")
+            .iter()
+            .copied()
+            .collect()
     }
 }
 
@@ -95,7 +103,13 @@ pub fn batch_array<T: Real>(program: &Program, images: &[T]) -> ArrayD<T> {
 }
 
 /// Runs the forward pass up to and including `last`.
-pub fn forward<T: Real>(program: &Program, params: &[ArrayD<T>], input: ArrayD<T>, mode: Mode, last: NodeId) -> Tape<T> {
+pub fn forward<T: Real>(
+    program: &Program,
+    params: &[ArrayD<T>],
+    input: ArrayD<T>,
+    mode: Mode,
+    last: NodeId,
+) -> Tape<T> {
     let len = program.graph.len();
     let mut tape = Tape { values: vec![None; len], stats: vec![None; len], masks: vec![None; len] };
     tape.values[0] = Some(input);
@@ -109,11 +123,18 @@ pub fn forward<T: Real>(program: &Program, params: &[ArrayD<T>], input: ArrayD<T
 }
 
 /// Forward, fused loss and backward on one batch; returns the gradients without applying them.
-pub fn gradients<T: Real>(program: &Program, params: &[ArrayD<T>], input: ArrayD<T>, labels: &[u8], mode: Mode) -> Gradients<T> {
+pub fn gradients<T: Real>(
+    program: &Program,
+    params: &[ArrayD<T>],
+    input: ArrayD<T>,
+    labels: &[u8],
+    mode: Mode,
+) -> Gradients<T> {
     let loss = program.loss.expect("a program with training steps has a loss");
     let tape = forward(program, params, input, mode, program.logits);
     let mut dvalues: Vec<Option<ArrayD<T>>> = vec![None; program.graph.len()];
-    let mut result = Gradients { loss_sum: 0.0, correct: 0, grads: vec![None; params.len()], moving: Vec::new() };
+    let mut result =
+        Gradients { loss_sum: 0.0, correct: 0, grads: vec![None; params.len()], moving: Vec::new() };
     for step in &program.steps {
         match *step {
             Step::Forward(_) | Step::Update => {}
@@ -130,7 +151,8 @@ pub fn gradients<T: Real>(program: &Program, params: &[ArrayD<T>], input: ArrayD
                 dvalues[program.logits.index()] = Some(dz.into_dyn());
             }
             Step::Backward(id) => {
-                let dy = dvalues[id.index()].take().expect("the gradient of a node is ready before its rule runs");
+                let dy =
+                    dvalues[id.index()].take().expect("the gradient of a node is ready before its rule runs");
                 backward_node(program, params, &tape, id, dy, &mut dvalues, &mut result.grads);
             }
         }
@@ -147,7 +169,9 @@ fn value<T: Real>(tape: &Tape<T>, id: NodeId) -> ndarray::ArrayViewD<'_, T> {
 
 fn geometry(program: &Program, id: NodeId) -> Geometry {
     let [h, w] = program.shapes.window(id).expect("a window op has a window");
-    let Shape::Hwc { h: oh, w: ow, .. } = program.shapes.shape(id) else { unreachable!("window ops output HWC") };
+    let Shape::Hwc { h: oh, w: ow, .. } = program.shapes.shape(id) else {
+        unreachable!("window ops output HWC")
+    };
     Geometry {
         kernel: [h.kernel, w.kernel],
         stride: [h.stride, w.stride],
@@ -165,7 +189,13 @@ fn rows<T: Real>(x: ndarray::ArrayViewD<'_, T>) -> ndarray::ArrayView2<'_, T> {
 
 type NodeOutput<T> = (ArrayD<T>, Option<BatchStats<T>>, Option<ArrayD<T>>);
 
-fn forward_node<T: Real>(program: &Program, params: &[ArrayD<T>], tape: &Tape<T>, id: NodeId, mode: Mode) -> NodeOutput<T> {
+fn forward_node<T: Real>(
+    program: &Program,
+    params: &[ArrayD<T>],
+    tape: &Tape<T>,
+    id: NodeId,
+    mode: Mode,
+) -> NodeOutput<T> {
     let node = program.graph.node(id);
     let x = value(tape, node.inputs[0]);
     let p = |k: usize| params[program.node_params[id.index()][k]].view();
@@ -189,7 +219,8 @@ fn forward_node<T: Real>(program: &Program, params: &[ArrayD<T>], tape: &Tape<T>
             (ops::dense_forward(x2, w, b).into_dyn(), None, None)
         }
         Op::BatchNorm(bn) => {
-            let (gamma, beta) = (p(0).into_dimensionality::<Ix1>().unwrap(), p(1).into_dimensionality::<Ix1>().unwrap());
+            let (gamma, beta) =
+                (p(0).into_dimensionality::<Ix1>().unwrap(), p(1).into_dimensionality::<Ix1>().unwrap());
             let eps = T::of(f64::from(bn.epsilon));
             match mode {
                 Mode::Train { .. } => {
@@ -197,7 +228,10 @@ fn forward_node<T: Real>(program: &Program, params: &[ArrayD<T>], tape: &Tape<T>
                     (reshape(y.into_dyn(), &output_dims), Some(stats), None)
                 }
                 Mode::Infer => {
-                    let (mean, var) = (p(2).into_dimensionality::<Ix1>().unwrap(), p(3).into_dimensionality::<Ix1>().unwrap());
+                    let (mean, var) = (
+                        p(2).into_dimensionality::<Ix1>().unwrap(),
+                        p(3).into_dimensionality::<Ix1>().unwrap(),
+                    );
                     let y = ops::batchnorm_forward_infer(rows(x), gamma, beta, mean, var, eps);
                     (reshape(y.into_dyn(), &output_dims), None, None)
                 }
@@ -212,7 +246,9 @@ fn forward_node<T: Real>(program: &Program, params: &[ArrayD<T>], tape: &Tape<T>
             };
             (y.into_dyn(), None, None)
         }
-        Op::Activation(Activation::Softmax) => (reshape(ops::softmax_forward(rows(x)).into_dyn(), &output_dims), None, None),
+        Op::Activation(Activation::Softmax) => {
+            (reshape(ops::softmax_forward(rows(x)).into_dyn(), &output_dims), None, None)
+        }
         Op::Activation(act) => {
             let act = *act;
             (x.mapv(|v| activate(act, v)), None, None)
@@ -251,7 +287,7 @@ fn reshape<T: Real>(x: ArrayD<T>, dims: &[usize]) -> ArrayD<T> {
 /// Inverted dropout: each element is kept with probability 1 − rate and scaled by 1/(1 − rate).
 /// Element i's draw depends only on (seed, step, node, i).
 pub fn dropout_mask<T: Real>(dim: IxDyn, rate: f32, seed: u64, step: u64, node: NodeId) -> ArrayD<T> {
-    let key = Rng::new(seed, &[0xd409_0u64, step, node.index() as u64]).next_u64();
+    let key = Rng::new(seed, &[0xD_4090_u64, step, node.index() as u64]).next_u64();
     let keep = T::of(1.0 / (1.0 - f64::from(rate)));
     let mut index = 0u64;
     ArrayD::from_shape_simple_fn(dim, || {
@@ -294,7 +330,11 @@ fn backward_node<T: Real>(
         }
         Op::Dense(dense) => {
             let w = p(0).into_dimensionality::<Ix2>().unwrap();
-            let (dx, dw, db) = ops::dense_backward(x.into_dimensionality::<Ix2>().unwrap(), w, dy.view().into_dimensionality::<Ix2>().unwrap());
+            let (dx, dw, db) = ops::dense_backward(
+                x.into_dimensionality::<Ix2>().unwrap(),
+                w,
+                dy.view().into_dimensionality::<Ix2>().unwrap(),
+            );
             grads[indices[0]] = Some(dw.into_dyn());
             if dense.bias {
                 grads[indices[1]] = Some(db.into_dyn());
@@ -304,7 +344,8 @@ fn backward_node<T: Real>(
         Op::BatchNorm(bn) => {
             let stats = tape.stats[id.index()].as_ref().expect("training forward keeps batch statistics");
             let gamma = p(0).into_dimensionality::<Ix1>().unwrap();
-            let (dx, dgamma, dbeta) = ops::batchnorm_backward(rows(x), rows(dy.view()), gamma, stats, T::of(f64::from(bn.epsilon)));
+            let (dx, dgamma, dbeta) =
+                ops::batchnorm_backward(rows(x), rows(dy.view()), gamma, stats, T::of(f64::from(bn.epsilon)));
             grads[indices[0]] = Some(dgamma.into_dyn());
             grads[indices[1]] = Some(dbeta.into_dyn());
             need_dx.then(|| reshape(dx.into_dyn(), &input_dims))
@@ -321,14 +362,24 @@ fn backward_node<T: Real>(
         Op::Activation(act) => need_dx.then(|| {
             let y = value(tape, id);
             match act {
-                Activation::Softmax => reshape(ops::softmax_backward(rows(y), rows(dy.view())).into_dyn(), &input_dims),
-                Activation::Relu => ndarray::Zip::from(&dy).and(&x).map_collect(|&d, &x| if x > T::zero() { d } else { T::zero() }),
+                Activation::Softmax => {
+                    reshape(ops::softmax_backward(rows(y), rows(dy.view())).into_dyn(), &input_dims)
+                }
+                Activation::Relu => ndarray::Zip::from(&dy)
+                    .and(&x)
+                    .map_collect(|&d, &x| if x > T::zero() { d } else { T::zero() }),
                 Activation::LeakyRelu { alpha } => {
                     let alpha = T::of(f64::from(*alpha));
-                    ndarray::Zip::from(&dy).and(&x).map_collect(|&d, &x| if x > T::zero() { d } else { alpha * d })
+                    ndarray::Zip::from(&dy)
+                        .and(&x)
+                        .map_collect(|&d, &x| if x > T::zero() { d } else { alpha * d })
                 }
-                Activation::Sigmoid => ndarray::Zip::from(&dy).and(&y).map_collect(|&d, &y| d * y * (T::one() - y)),
-                Activation::Tanh => ndarray::Zip::from(&dy).and(&y).map_collect(|&d, &y| d * (T::one() - y * y)),
+                Activation::Sigmoid => {
+                    ndarray::Zip::from(&dy).and(&y).map_collect(|&d, &y| d * y * (T::one() - y))
+                }
+                Activation::Tanh => {
+                    ndarray::Zip::from(&dy).and(&y).map_collect(|&d, &y| d * (T::one() - y * y))
+                }
             }
         }),
         Op::Dropout { .. } => need_dx.then(|| {
@@ -346,14 +397,19 @@ fn backward_node<T: Real>(
 }
 
 /// The moving statistics each batchnorm node would have after this batch.
-fn moving_updates<T: Real>(program: &Program, params: &[ArrayD<T>], tape: &Tape<T>) -> Vec<(usize, ArrayD<T>)> {
+fn moving_updates<T: Real>(
+    program: &Program,
+    params: &[ArrayD<T>],
+    tape: &Tape<T>,
+) -> Vec<(usize, ArrayD<T>)> {
     let mut updates = Vec::new();
     for (id, node) in program.graph.nodes() {
         let (Op::BatchNorm(bn), Some(stats)) = (&node.op, &tape.stats[id.index()]) else { continue };
         let indices = &program.node_params[id.index()];
         let momentum = T::of(f64::from(bn.momentum));
         for (slot, batch) in [(2, &stats.mean), (3, &stats.var)] {
-            let mut moving = params[indices[slot]].clone().into_dimensionality::<Ix1>().expect("per-channel statistic");
+            let mut moving =
+                params[indices[slot]].clone().into_dimensionality::<Ix1>().expect("per-channel statistic");
             ops::update_moving(&mut moving, batch, momentum);
             updates.push((indices[slot], moving.into_dyn()));
         }

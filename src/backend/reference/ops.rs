@@ -11,7 +11,13 @@ use num_traits::Float;
 
 /// The float types the reference backend runs in.
 pub trait Real:
-    Float + ndarray::LinalgScalar + ndarray::ScalarOperand + Send + Sync + std::iter::Sum + std::ops::AddAssign
+    Float
+    + ndarray::LinalgScalar
+    + ndarray::ScalarOperand
+    + Send
+    + Sync
+    + std::iter::Sum
+    + std::ops::AddAssign
     + std::ops::SubAssign
     + std::ops::MulAssign
     + std::ops::DivAssign
@@ -286,7 +292,7 @@ pub fn batchnorm_forward_train<T: Real>(
     let centered = &x - &mean;
     let var = sum_rows((&centered * &centered).view()) / m;
     let inv_std = var.mapv(|v| T::one() / (v + epsilon).sqrt());
-    let y = &centered * &(&inv_std * &gamma) + &beta;
+    let y = &centered * &(&inv_std * &gamma) + beta;
     (y, BatchStats { mean, var })
 }
 
@@ -300,7 +306,7 @@ pub fn batchnorm_forward_infer<T: Real>(
     epsilon: T,
 ) -> Array2<T> {
     let scale = moving_var.mapv(|v| T::one() / (v + epsilon).sqrt()) * gamma;
-    (&x - &moving_mean) * &scale + &beta
+    (&x - &moving_mean) * &scale + beta
 }
 
 /// Returns (dx, dgamma, dbeta):
@@ -387,7 +393,7 @@ pub fn softmax_cross_entropy<T: Real>(z: ArrayView2<T>, labels: &[u8]) -> (f64, 
         if argmax(row) == label {
             correct += 1;
         }
-        d[label] = d[label] - T::one();
+        d[label] -= T::one();
         d /= n;
     }
     (loss, correct, dz)
