@@ -9,6 +9,7 @@ pub mod backend;
 pub mod check;
 pub mod data;
 pub mod diagnostic;
+pub mod fsutil;
 pub mod ir;
 pub mod report;
 pub mod rng;

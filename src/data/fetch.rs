@@ -14,7 +14,6 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -175,11 +174,9 @@ impl Fetcher {
         let files = self.take_verified(tmp.path(), &pip_output).map_err(&fail)?;
         for (part, bytes) in Part::ALL.into_iter().zip(files) {
             let path = dest.join(part.file_name());
-            write_atomically(&path, &bytes)
-                .map_err(|e| fail(format!("cannot write `{}`: {e}", path.display())))?;
+            crate::fsutil::write_atomically(&path, &bytes).map_err(|e| fail(format!("{e:#}")))?;
             log(&format!("wrote {} (SHA-256 verified)", path.display()));
         }
-        sync_dir(&dest);
         Ok(())
     }
 
@@ -373,30 +370,6 @@ fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
         } else if kind.is_dir() && depth < 16 {
             walk(&entry.path(), depth + 1, out);
         }
-    }
-}
-
-/// Writes a temporary file beside `path`, syncs it and renames it over `path`, so a crash
-/// leaves either the old file or the whole new one, never a prefix.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = path.with_file_name(format!(".{name}.partial-{}", std::process::id()));
-    let result = (|| {
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// Makes the renames durable. Best effort: not every platform can open a directory.
-fn sync_dir(dir: &Path) {
-    if let Ok(dir) = fs::File::open(dir) {
-        let _ = dir.sync_all();
     }
 }
 

@@ -17,6 +17,7 @@ use crate::autodiff::{self, Program};
 use crate::backend::Backend;
 use crate::backend::reference::Reference;
 use crate::data::Split;
+use crate::fsutil::write_atomically;
 use crate::ir::train::{Loss, Optimizer, TrainConfig};
 use crate::rng::Rng;
 use crate::train::checkpoint::{self, Checkpoint, Tensor};
@@ -263,18 +264,6 @@ fn write_metrics(files: &RunFiles, records: &[EpochRecord], test: Option<(f64, f
         text += &format!("{}\n", json!({"test_loss": loss, "test_accuracy": accuracy}));
     }
     write_atomically(&files.metrics(), text.as_bytes())
-}
-
-/// Writes a file through a temporary file and a rename, so that readers never see half of it.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().context("a file path has a name")?.to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.with_context(|| format!("cannot write `{}`", path.display()))
 }
 
 fn optimizer_name(optimizer: &Optimizer) -> String {
