@@ -6,7 +6,7 @@ pub mod ops;
 
 use std::sync::Arc;
 
-use ndarray::{ArrayD, Ix1, Ix2, Ix4, IxDyn};
+use ndarray::{Array1, Array2, Array4, ArrayD, ArrayView1, ArrayView2, ArrayView4, Ix1, Ix2, Ix4, IxDyn};
 
 use super::{Backend, StepResult};
 use crate::autodiff::{Program, Step};
@@ -16,6 +16,69 @@ use crate::rng::Rng;
 use crate::train::optimizer;
 use crate::train::state::State;
 use ops::{BatchStats, Geometry, Real};
+
+/// The compute-heavy ops, by node: the reference computes them with [`ops`]; a faster backend
+/// supplies its own (compiled for that node's shapes) and inherits everything else from the
+/// interpreter, so both run the same program the same way.
+pub trait Kernels<T: Real>: Sync {
+    fn conv2d_forward(
+        &self,
+        _node: NodeId,
+        x: ArrayView4<T>,
+        w: ArrayView4<T>,
+        b: Option<ArrayView1<T>>,
+        g: &Geometry,
+    ) -> Array4<T> {
+        ops::conv2d_forward(x, w, b, g)
+    }
+
+    fn conv2d_backward_input(
+        &self,
+        _node: NodeId,
+        dy: ArrayView4<T>,
+        w: ArrayView4<T>,
+        input_hw: [usize; 2],
+        g: &Geometry,
+    ) -> Array4<T> {
+        ops::conv2d_backward_input(dy, w, input_hw, g)
+    }
+
+    fn conv2d_backward_weights(
+        &self,
+        _node: NodeId,
+        x: ArrayView4<T>,
+        dy: ArrayView4<T>,
+        kernel_shape: [usize; 4],
+        g: &Geometry,
+    ) -> (Array4<T>, Array1<T>) {
+        ops::conv2d_backward_weights(x, dy, kernel_shape, g)
+    }
+
+    fn dense_forward(
+        &self,
+        _node: NodeId,
+        x: ArrayView2<T>,
+        w: ArrayView2<T>,
+        b: Option<ArrayView1<T>>,
+    ) -> Array2<T> {
+        ops::dense_forward(x, w, b)
+    }
+
+    /// (dx, dw, db)
+    fn dense_backward(
+        &self,
+        _node: NodeId,
+        x: ArrayView2<T>,
+        w: ArrayView2<T>,
+        dy: ArrayView2<T>,
+    ) -> (Array2<T>, Array2<T>, Array1<T>) {
+        ops::dense_backward(x, w, dy)
+    }
+}
+
+/// The reference's own kernels: [`ops`], as they are.
+pub struct Plain;
+impl<T: Real> Kernels<T> for Plain {}
 
 /// Whether ops run as in training (batch statistics, dropout) or inference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,8 +165,32 @@ pub fn batch_array<T: Real>(program: &Program, images: &[T]) -> ArrayD<T> {
     ArrayD::from_shape_vec(IxDyn(&shape), images.to_vec()).expect("images hold whole samples")
 }
 
-/// Runs the forward pass up to and including `last`.
+/// Runs the forward pass up to and including `last`, with the reference's kernels.
 pub fn forward<T: Real>(
+    program: &Program,
+    params: &[ArrayD<T>],
+    input: ArrayD<T>,
+    mode: Mode,
+    last: NodeId,
+) -> Tape<T> {
+    forward_with(&Plain, program, params, input, mode, last)
+}
+
+/// Forward, fused loss and backward on one batch with the reference's kernels; returns the
+/// gradients without applying them.
+pub fn gradients<T: Real>(
+    program: &Program,
+    params: &[ArrayD<T>],
+    input: ArrayD<T>,
+    labels: &[u8],
+    mode: Mode,
+) -> Gradients<T> {
+    gradients_with(&Plain, program, params, input, labels, mode)
+}
+
+/// Runs the forward pass up to and including `last`.
+pub fn forward_with<T: Real>(
+    kernels: &impl Kernels<T>,
     program: &Program,
     params: &[ArrayD<T>],
     input: ArrayD<T>,
@@ -114,7 +201,7 @@ pub fn forward<T: Real>(
     let mut tape = Tape { values: vec![None; len], stats: vec![None; len], masks: vec![None; len] };
     tape.values[0] = Some(input);
     for &id in program.inference.iter().filter(|id| **id <= last) {
-        let (value, stats, mask) = forward_node(program, params, &tape, id, mode);
+        let (value, stats, mask) = forward_node(kernels, program, params, &tape, id, mode);
         tape.values[id.index()] = Some(row_major(value));
         tape.stats[id.index()] = stats;
         tape.masks[id.index()] = mask;
@@ -123,7 +210,8 @@ pub fn forward<T: Real>(
 }
 
 /// Forward, fused loss and backward on one batch; returns the gradients without applying them.
-pub fn gradients<T: Real>(
+pub fn gradients_with<T: Real>(
+    kernels: &impl Kernels<T>,
     program: &Program,
     params: &[ArrayD<T>],
     input: ArrayD<T>,
@@ -131,7 +219,7 @@ pub fn gradients<T: Real>(
     mode: Mode,
 ) -> Gradients<T> {
     let loss = program.loss.expect("a program with training steps has a loss");
-    let tape = forward(program, params, input, mode, program.logits);
+    let tape = forward_with(kernels, program, params, input, mode, program.logits);
     let mut dvalues: Vec<Option<ArrayD<T>>> = vec![None; program.graph.len()];
     let mut result =
         Gradients { loss_sum: 0.0, correct: 0, grads: vec![None; params.len()], moving: Vec::new() };
@@ -153,7 +241,7 @@ pub fn gradients<T: Real>(
             Step::Backward(id) => {
                 let dy =
                     dvalues[id.index()].take().expect("the gradient of a node is ready before its rule runs");
-                backward_node(program, params, &tape, id, dy, &mut dvalues, &mut result.grads);
+                backward_node(kernels, program, params, &tape, id, dy, &mut dvalues, &mut result.grads);
             }
         }
     }
@@ -190,6 +278,7 @@ fn rows<T: Real>(x: ndarray::ArrayViewD<'_, T>) -> ndarray::ArrayView2<'_, T> {
 type NodeOutput<T> = (ArrayD<T>, Option<BatchStats<T>>, Option<ArrayD<T>>);
 
 fn forward_node<T: Real>(
+    kernels: &impl Kernels<T>,
     program: &Program,
     params: &[ArrayD<T>],
     tape: &Tape<T>,
@@ -210,13 +299,13 @@ fn forward_node<T: Real>(
             let w = p(0).into_dimensionality::<Ix4>().expect("HWIO kernel");
             let b = conv.bias.then(|| p(1).into_dimensionality::<Ix1>().expect("bias"));
             let x4 = x.into_dimensionality::<Ix4>().expect("NHWC input");
-            (ops::conv2d_forward(x4, w, b, &geometry(program, id)).into_dyn(), None, None)
+            (kernels.conv2d_forward(id, x4, w, b, &geometry(program, id)).into_dyn(), None, None)
         }
         Op::Dense(dense) => {
             let w = p(0).into_dimensionality::<Ix2>().expect("dense kernel");
             let b = dense.bias.then(|| p(1).into_dimensionality::<Ix1>().expect("bias"));
             let x2 = x.into_dimensionality::<Ix2>().expect("flat input");
-            (ops::dense_forward(x2, w, b).into_dyn(), None, None)
+            (kernels.dense_forward(id, x2, w, b).into_dyn(), None, None)
         }
         Op::BatchNorm(bn) => {
             let (gamma, beta) =
@@ -297,7 +386,9 @@ pub fn dropout_mask<T: Real>(dim: IxDyn, rate: f32, seed: u64, step: u64, node: 
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn backward_node<T: Real>(
+    kernels: &impl Kernels<T>,
     program: &Program,
     params: &[ArrayD<T>],
     tape: &Tape<T>,
@@ -321,16 +412,19 @@ fn backward_node<T: Real>(
             let dy4 = dy.view().into_dimensionality::<Ix4>().unwrap();
             let x4 = x.view().into_dimensionality::<Ix4>().unwrap();
             let kernel_shape: [usize; 4] = w.dim().into();
-            let (dw, db) = ops::conv2d_backward_weights(x4, dy4, kernel_shape, &g);
+            let (dw, db) = kernels.conv2d_backward_weights(id, x4, dy4, kernel_shape, &g);
             grads[indices[0]] = Some(dw.into_dyn());
             if conv.bias {
                 grads[indices[1]] = Some(db.into_dyn());
             }
-            need_dx.then(|| ops::conv2d_backward_input(dy4, w, [input_dims[1], input_dims[2]], &g).into_dyn())
+            need_dx.then(|| {
+                kernels.conv2d_backward_input(id, dy4, w, [input_dims[1], input_dims[2]], &g).into_dyn()
+            })
         }
         Op::Dense(dense) => {
             let w = p(0).into_dimensionality::<Ix2>().unwrap();
-            let (dx, dw, db) = ops::dense_backward(
+            let (dx, dw, db) = kernels.dense_backward(
+                id,
                 x.into_dimensionality::<Ix2>().unwrap(),
                 w,
                 dy.view().into_dimensionality::<Ix2>().unwrap(),
