@@ -52,10 +52,13 @@ enum Command {
     Compile {
         /// The .cnn file.
         file: PathBuf,
-        /// What to print. `ir`: the forward IR graph, one op a line, with every shape.
-        /// (Cranelift IR and assembly come with the JIT backend.)
+        /// What to print. `ir`: the forward IR graph, one op a line, with every shape;
+        /// `clif`: the Cranelift IR of the compiled kernels; `asm`: their machine code.
         #[arg(long, value_enum, default_value = "ir")]
         emit: Emit,
+        /// With clif or asm: only the kernels whose name contains this (e.g. conv2d_1_forward).
+        #[arg(long)]
+        kernel: Option<String>,
     },
     /// Train a model on its dataset, as its train block says. Writes checkpoint.safetensors,
     /// metrics.jsonl and metrics.svg into the output directory after every epoch.
@@ -128,7 +131,7 @@ struct TrainArgs {
     #[arg(long)]
     limit: Option<usize>,
     /// Which backend runs the kernels.
-    #[arg(long, value_enum, default_value = "reference")]
+    #[arg(long, value_enum, default_value = "jit")]
     backend: BackendKind,
     /// Worker threads (default: every core).
     #[arg(long)]
@@ -144,15 +147,28 @@ struct TrainArgs {
     quiet: bool,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Emit {
     Ir,
+    Clif,
+    Asm,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum BackendKind {
     /// Plain loops over ndarray: slow, obviously correct, the oracle.
     Reference,
+    /// Convolutions and dense layers compiled with Cranelift for the model's shapes.
+    Jit,
+}
+
+impl From<BackendKind> for driver::BackendKind {
+    fn from(kind: BackendKind) -> Self {
+        match kind {
+            BackendKind::Reference => driver::BackendKind::Reference,
+            BackendKind::Jit => driver::BackendKind::Jit,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -171,10 +187,7 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
-        Command::Compile { file, emit: Emit::Ir } => run(&file, false, |checked, _| {
-            print!("{}", cnnc::ir::dump(&checked.model.graph, Some(&checked.shapes)));
-            Ok(())
-        }),
+        Command::Compile { file, emit, kernel } => run(&file, false, |checked, _| compile(checked, emit, kernel.as_deref())),
         Command::Train(args) => {
             let file = args.file.clone();
             run(&file, false, |checked, source| with_threads(args.threads, || train(checked, source, &args)))
@@ -288,9 +301,13 @@ fn train(checked: &cnnc::Checked, source: &SourceFile, args: &TrainArgs) -> anyh
     let (train_split, validation) = train_split.split_off_validation(config.validation_split)?;
     let out_dir = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&checked.model.graph.name));
     let files = RunFiles { out_dir, resume: args.resume.clone() };
-    let BackendKind::Reference = args.backend;
+    config.backend = args.backend.into();
+    let backend_name = match config.backend {
+        driver::BackendKind::Reference => "reference",
+        driver::BackendKind::Jit => "jit",
+    };
     println!(
-        "Training {} on {} ({} train, {} validation, {} test) with the reference backend, {} thread(s)",
+        "Training {} on {} ({} train, {} validation, {} test) with the {backend_name} backend, {} thread(s)",
         checked.model.graph.name,
         info.name,
         train_split.len,
@@ -323,6 +340,27 @@ fn train(checked: &cnnc::Checked, source: &SourceFile, args: &TrainArgs) -> anyh
     Ok(())
 }
 
+fn compile(checked: &cnnc::Checked, emit: Emit, kernel: Option<&str>) -> anyhow::Result<()> {
+    if emit == Emit::Ir {
+        print!("{}", cnnc::ir::dump(&checked.model.graph, Some(&checked.shapes)));
+        return Ok(());
+    }
+    let program = cnnc::autodiff::build(checked)?;
+    let listing = cnnc::backend::jit::Listing { clif: emit == Emit::Clif, asm: emit == Emit::Asm };
+    let kernels = cnnc::backend::jit::JitKernels::compile(&program, listing)?;
+    let mut shown = 0;
+    for (name, text) in kernels.listings.iter().filter(|(name, _)| kernel.is_none_or(|k| name.contains(k))) {
+        println!("; kernel {name}\n{text}");
+        shown += 1;
+    }
+    if shown == 0 {
+        let names: Vec<&str> = kernels.listings.iter().map(|(n, _)| n.as_str()).collect();
+        bail!("no compiled kernel matches `{}`; the kernels are: {}", kernel.unwrap_or(""), names.join(", "));
+    }
+    eprintln!("compiled {} kernels in {:.1} ms", kernels.kernel_count(), kernels.compile_ms);
+    Ok(())
+}
+
 fn eval(checked: &cnnc::Checked, weights: &Path, batch_size: usize) -> anyhow::Result<()> {
     if checked.model.train.as_ref().and_then(|t| t.loss).is_none() {
         bail!("the file's train block names no loss, so there is nothing to evaluate against");
@@ -331,8 +369,8 @@ fn eval(checked: &cnnc::Checked, weights: &Path, batch_size: usize) -> anyhow::R
     let state = driver::load_weights(&program, weights)?;
     let data = load_dataset(dataset_of(checked)?)?;
     let optimizer = checked.model.train.as_ref().map(|t| t.optimizer).expect("checked above");
-    let mut backend = cnnc::backend::reference::Reference::new(program.clone(), optimizer);
-    let (loss, accuracy) = driver::evaluate(&mut backend, &program, &state, &data.test, batch_size.max(1));
+    let mut backend = driver::make_backend(driver::BackendKind::Jit, program.clone(), optimizer)?;
+    let (loss, accuracy) = driver::evaluate(backend.as_mut(), &program, &state, &data.test, batch_size.max(1));
     println!("Test: loss: {loss:.4} - accuracy: {accuracy:.4} ({} images)", data.test.len);
     Ok(())
 }
@@ -343,7 +381,6 @@ fn predict(
     paths: &[PathBuf],
     indices: &[usize],
 ) -> anyhow::Result<()> {
-    use cnnc::backend::Backend as _;
     let program = std::sync::Arc::new(cnnc::autodiff::build(checked)?);
     let state = driver::load_weights(&program, weights)?;
     let input = program.shapes.shape(program.graph.input());
@@ -352,7 +389,7 @@ fn predict(
         .train
         .as_ref()
         .map_or(cnnc::ir::train::Optimizer::Sgd { lr: 0.01, momentum: 0.0 }, |t| t.optimizer);
-    let mut backend = cnnc::backend::reference::Reference::new(program.clone(), optimizer);
+    let mut backend = driver::make_backend(driver::BackendKind::Jit, program.clone(), optimizer)?;
     for path in paths {
         for (label, image) in cnnc::data::image::read_for_model(path, input, indices)? {
             let probs = backend.predict(&state, &image);

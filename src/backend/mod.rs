@@ -4,6 +4,7 @@
 //! Architecture invariant: a backend takes a compiled program and buffers; it knows nothing of
 //! the syntax, the data files or the training loop.
 
+pub mod jit;
 pub mod reference;
 
 use crate::train::state::State;

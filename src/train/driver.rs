@@ -25,6 +25,24 @@ use crate::train::metrics::EpochRecord;
 use crate::train::plot;
 use crate::train::state::{State, slot_names};
 
+/// Which backend runs the kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendKind {
+    /// Plain loops over ndarray: slow, obviously correct, the oracle.
+    Reference,
+    /// Convolutions and dense layers compiled with Cranelift for the model's shapes.
+    #[default]
+    Jit,
+}
+
+/// Builds the chosen backend for a program.
+pub fn make_backend(kind: BackendKind, program: Arc<Program>, optimizer: Optimizer) -> anyhow::Result<Box<dyn Backend>> {
+    Ok(match kind {
+        BackendKind::Reference => Box::new(Reference::new(program, optimizer)),
+        BackendKind::Jit => Box::new(crate::backend::jit::Jit::new(program, optimizer)?),
+    })
+}
+
 /// The settings of a run: the train block's, with the command line's overrides applied.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -34,6 +52,7 @@ pub struct RunConfig {
     pub seed: u64,
     pub validation_split: f32,
     pub loss: Loss,
+    pub backend: BackendKind,
 }
 
 impl RunConfig {
@@ -46,6 +65,7 @@ impl RunConfig {
             seed: train.seed,
             validation_split: train.validation_split,
             loss,
+            backend: BackendKind::default(),
         })
     }
 
@@ -156,7 +176,7 @@ pub fn train(
     observer: &mut dyn Observer,
 ) -> anyhow::Result<RunSummary> {
     let program = Arc::new(autodiff::build(checked)?);
-    let mut backend = Reference::new(program.clone(), config.optimizer);
+    let mut backend = make_backend(config.backend, program.clone(), config.optimizer)?;
     std::fs::create_dir_all(&files.out_dir)
         .with_context(|| format!("cannot create the output directory `{}`", files.out_dir.display()))?;
 
@@ -218,7 +238,7 @@ pub fn train(
         let train_seconds = started.elapsed().as_secs_f64();
         let (val_loss, val_accuracy) = match validation {
             Some(v) if v.len > 0 => {
-                let (l, a) = evaluate(&mut backend, &program, &state, v, config.batch_size);
+                let (l, a) = evaluate(backend.as_mut(), &program, &state, v, config.batch_size);
                 (Some(l), Some(a))
             }
             _ => (None, None),
@@ -240,7 +260,7 @@ pub fn train(
         write_atomically(&files.plot(), plot::loss_accuracy_svg(&program.graph.name, &records).as_bytes())?;
     }
 
-    let (test_loss, test_accuracy) = evaluate(&mut backend, &program, &state, test, config.batch_size);
+    let (test_loss, test_accuracy) = evaluate(backend.as_mut(), &program, &state, test, config.batch_size);
     write_metrics(files, &records, Some((test_loss, test_accuracy)))?;
     Ok(RunSummary { records, test_loss, test_accuracy, state })
 }

@@ -1,0 +1,345 @@
+//! Convolution kernels (dense layers are 1x1 convolutions on 1x1 images): forward, the input
+//! gradient and the weight gradient, each specialized to one layer's shapes.
+//!
+//! All three work on an input already padded (the caller copies it into a zero border), so no
+//! kernel checks bounds. Channels are processed in chunks of 8 (two f32x4 vectors), then 4,
+//! then one at a time; several output pixels share each weight load (register blocking):
+//!
+//! ```text
+//!   for each pixel block (R pixels along a row) and channel chunk (8):
+//!       acc[R][2] = bias
+//!       for kh, kw, ci:  w0,w1 = weights[kh,kw,ci,chunk]
+//!                        for r < R: x = splat(input[pixel r, kh, kw, ci]); acc[r] += x·w
+//! ```
+
+use cranelift_codegen::ir::{InstBuilder as _, Value};
+use cranelift_frontend::Variable;
+
+use super::emit::{Emit, F32, F32X4};
+
+/// Output pixels computed together by the forward and input-gradient kernels.
+const PIXELS: usize = 4;
+/// Input channels computed together by the weight-gradient kernel.
+const ROWS: usize = 4;
+
+/// One convolution's shapes, as its kernels bake them in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvShape {
+    /// The padded input's height and width.
+    pub hp: usize,
+    pub wp: usize,
+    pub c: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub f: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub bias: bool,
+}
+
+impl ConvShape {
+    /// Work items of the weight-gradient kernel: one per kernel tap and group of input channels.
+    pub fn weight_tasks(&self) -> usize {
+        self.kh * self.kw * self.c.div_ceil(ROWS)
+    }
+}
+
+/// A chunk of channels: two vectors, one vector, or one scalar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Width {
+    Two,
+    One,
+    Scalar,
+}
+
+impl Width {
+    fn parts(self) -> usize {
+        if self == Width::Two { 2 } else { 1 }
+    }
+
+    fn ty(self) -> cranelift_codegen::ir::Type {
+        if self == Width::Scalar { F32 } else { F32X4 }
+    }
+}
+
+/// Calls `body(first channel, width)` for every chunk of `total` channels.
+fn for_chunks(e: &mut Emit, total: usize, mut body: impl FnMut(&mut Emit, Value, Width)) {
+    let full = total / 8;
+    e.for_n(full, |e, i| {
+        let first = e.mul_k(i, 8);
+        body(e, first, Width::Two);
+    });
+    let mut next = full * 8;
+    if total - next >= 4 {
+        let first = e.int(next as i64);
+        body(e, first, Width::One);
+        next += 4;
+    }
+    for channel in next..total {
+        let first = e.int(channel as i64);
+        body(e, first, Width::Scalar);
+    }
+}
+
+/// The vectors (or scalar) of one chunk at `addr + offset`.
+fn load_chunk(e: &mut Emit, addr: Value, offset: i64, width: Width) -> Vec<Value> {
+    match width {
+        Width::Scalar => vec![e.load(addr, offset)],
+        _ => (0..width.parts()).map(|p| e.load4(addr, offset + 4 * p as i64)).collect(),
+    }
+}
+
+fn store_chunk(e: &mut Emit, values: &[Value], addr: Value, offset: i64) {
+    for (p, v) in values.iter().enumerate() {
+        e.store(*v, addr, offset + 4 * p as i64);
+    }
+}
+
+/// A scalar from memory, broadcast when the chunk is a vector.
+fn broadcast(e: &mut Emit, addr: Value, offset: i64, width: Width) -> Value {
+    let x = e.load(addr, offset);
+    if width == Width::Scalar { x } else { e.splat(x) }
+}
+
+fn accumulators(e: &mut Emit, count: usize, width: Width) -> Vec<Variable> {
+    let zero = e.zero(width.ty());
+    (0..count).map(|_| e.var(width.ty(), zero)).collect()
+}
+
+/// Calls `body(first pixel, pixels)` for the blocks of a row of `ow` pixels.
+fn for_pixel_blocks(e: &mut Emit, ow: usize, mut body: impl FnMut(&mut Emit, Value, usize)) {
+    let blocks = ow / PIXELS;
+    e.for_n(blocks, |e, b| {
+        let first = e.mul_k(b, PIXELS as i64);
+        body(e, first, PIXELS);
+    });
+    if ow % PIXELS > 0 {
+        let first = e.int((blocks * PIXELS) as i64);
+        body(e, first, ow % PIXELS);
+    }
+}
+
+/// y[n,oh,ow,f] = b[f] + Σ x[n, oh·sh+kh, ow·sw+kw, c] · w[kh,kw,c,f], for samples start..end.
+/// Buffers: [x (padded), w (KH,KW,C,F), b (F) or unused, y].
+pub fn forward(e: &mut Emit, s: &ConvShape) {
+    let (x, w, y) = (e.buf(0), e.buf(1), e.buf(3));
+    let bias = s.bias.then(|| e.buf(2));
+    let (start, end) = (e.start, e.end);
+    e.for_range(start, end, |e, n| {
+        let xn_off = e.mul_k(n, (s.hp * s.wp * s.c) as i64);
+        let xn = e.at(x, xn_off);
+        let yn_off = e.mul_k(n, (s.oh * s.ow * s.f) as i64);
+        let yn = e.at(y, yn_off);
+        e.for_n(s.oh, |e, oh| {
+            for_pixel_blocks(e, s.ow, |e, ow0, pixels| {
+                for_chunks(e, s.f, |e, f0, width| {
+                    let parts = width.parts();
+                    let acc = accumulators(e, pixels * parts, width);
+                    if let Some(bias) = bias {
+                        let addr = e.at(bias, f0);
+                        let b = load_chunk(e, addr, 0, width);
+                        for (i, a) in acc.iter().enumerate() {
+                            e.def_var(*a, b[i % parts]);
+                        }
+                    }
+                    e.for_n(s.kh, |e, kh| {
+                        e.for_n(s.kw, |e, kw| {
+                            // x at (oh·sh + kh, ow0·sw + kw), channel 0
+                            let row = e.mul_k(oh, s.sh as i64);
+                            let row = e.add(row, kh);
+                            let row = e.mul_k(row, s.wp as i64);
+                            let col = e.mul_k(ow0, s.sw as i64);
+                            let col = e.add(col, kw);
+                            let pixel = e.add(row, col);
+                            let x_off = e.mul_k(pixel, s.c as i64);
+                            let xbase = e.at(xn, x_off);
+                            // w at (kh, kw, 0, f0)
+                            let tap = e.mul_k(kh, s.kw as i64);
+                            let tap = e.add(tap, kw);
+                            let w_off = e.mul_k(tap, (s.c * s.f) as i64);
+                            let w_off = e.add(w_off, f0);
+                            let wbase = e.at(w, w_off);
+                            e.for_n(s.c, |e, ci| {
+                                let wci_off = e.mul_k(ci, s.f as i64);
+                                let waddr = e.at(wbase, wci_off);
+                                let wv = load_chunk(e, waddr, 0, width);
+                                let xaddr = e.at(xbase, ci);
+                                for r in 0..pixels {
+                                    let xs = broadcast(e, xaddr, (r * s.sw * s.c) as i64, width);
+                                    for p in 0..parts {
+                                        let a = e.use_var(acc[r * parts + p]);
+                                        let sum = e.fma(xs, wv[p], a);
+                                        e.def_var(acc[r * parts + p], sum);
+                                    }
+                                }
+                            });
+                        });
+                    });
+                    let pixel = e.mul_k(oh, s.ow as i64);
+                    let pixel = e.add(pixel, ow0);
+                    let y_off = e.mul_k(pixel, s.f as i64);
+                    let y_off = e.add(y_off, f0);
+                    let ybase = e.at(yn, y_off);
+                    for r in 0..pixels {
+                        let values: Vec<Value> = (0..parts).map(|p| e.use_var(acc[r * parts + p])).collect();
+                        store_chunk(e, &values, ybase, (r * s.f) as i64);
+                    }
+                });
+            });
+        });
+    });
+}
+
+/// dx[n, oh·sh+kh, ow·sw+kw, c] += Σ_f dy[n,oh,ow,f] · wt[kh,kw,f,c], for samples start..end,
+/// into a zeroed, padded dx. Buffers: [dy, wt (KH,KW,F,C: the kernel transposed), dx].
+pub fn backward_input(e: &mut Emit, s: &ConvShape) {
+    let (dy, wt, dx) = (e.buf(0), e.buf(1), e.buf(2));
+    let (start, end) = (e.start, e.end);
+    e.for_range(start, end, |e, n| {
+        let dyn_off = e.mul_k(n, (s.oh * s.ow * s.f) as i64);
+        let dyn_ = e.at(dy, dyn_off);
+        let dxn_off = e.mul_k(n, (s.hp * s.wp * s.c) as i64);
+        let dxn = e.at(dx, dxn_off);
+        e.for_n(s.oh, |e, oh| {
+            for_pixel_blocks(e, s.ow, |e, ow0, pixels| {
+                let pixel = e.mul_k(oh, s.ow as i64);
+                let pixel = e.add(pixel, ow0);
+                let dy_off = e.mul_k(pixel, s.f as i64);
+                let dybase = e.at(dyn_, dy_off);
+                e.for_n(s.kh, |e, kh| {
+                    e.for_n(s.kw, |e, kw| {
+                        for_chunks(e, s.c, |e, c0, width| {
+                            let parts = width.parts();
+                            let acc = accumulators(e, pixels * parts, width);
+                            let tap = e.mul_k(kh, s.kw as i64);
+                            let tap = e.add(tap, kw);
+                            let w_off = e.mul_k(tap, (s.f * s.c) as i64);
+                            let w_off = e.add(w_off, c0);
+                            let wbase = e.at(wt, w_off);
+                            e.for_n(s.f, |e, f| {
+                                let wf_off = e.mul_k(f, s.c as i64);
+                                let waddr = e.at(wbase, wf_off);
+                                let wv = load_chunk(e, waddr, 0, width);
+                                let daddr = e.at(dybase, f);
+                                for r in 0..pixels {
+                                    let d = broadcast(e, daddr, (r * s.f) as i64, width);
+                                    for p in 0..parts {
+                                        let a = e.use_var(acc[r * parts + p]);
+                                        let sum = e.fma(d, wv[p], a);
+                                        e.def_var(acc[r * parts + p], sum);
+                                    }
+                                }
+                            });
+                            // dx at (oh·sh + kh, ow0·sw + kw, c0)
+                            let row = e.mul_k(oh, s.sh as i64);
+                            let row = e.add(row, kh);
+                            let row = e.mul_k(row, s.wp as i64);
+                            let col = e.mul_k(ow0, s.sw as i64);
+                            let col = e.add(col, kw);
+                            let at = e.add(row, col);
+                            let dx_off = e.mul_k(at, s.c as i64);
+                            let dx_off = e.add(dx_off, c0);
+                            let dxbase = e.at(dxn, dx_off);
+                            for r in 0..pixels {
+                                let offset = (r * s.sw * s.c) as i64;
+                                let old = load_chunk(e, dxbase, offset, width);
+                                let new: Vec<Value> = (0..parts)
+                                    .map(|p| {
+                                        let a = e.use_var(acc[r * parts + p]);
+                                        e.ins().fadd(old[p], a)
+                                    })
+                                    .collect();
+                                store_chunk(e, &new, dxbase, offset);
+                            }
+                        });
+                    });
+                });
+            });
+        });
+    });
+}
+
+/// dw[kh,kw,c,f] = Σ over the batch's samples and output pixels of
+/// x[n, oh·sh+kh, ow·sw+kw, c] · dy[n,oh,ow,f], for tasks start..end, a task being one kernel tap
+/// and a group of input channels: each owns its part of dw and sums in a fixed order, so the
+/// result does not depend on how tasks are spread over threads.
+/// Buffers: [x (padded), dy, dw (KH,KW,C,F)].
+pub fn backward_weights(e: &mut Emit, s: &ConvShape) {
+    let (x, dy, dw) = (e.buf(0), e.buf(1), e.buf(2));
+    let groups = s.c.div_ceil(ROWS);
+    let (start, end, batch) = (e.start, e.end, e.batch);
+    e.for_range(start, end, |e, task| {
+        let tap = e.ins().udiv_imm_u(task, groups as i64);
+        let group = e.ins().urem_imm_u(task, groups as i64);
+        let kh = e.ins().udiv_imm_u(tap, s.kw as i64);
+        let kw = e.ins().urem_imm_u(tap, s.kw as i64);
+        let c0 = e.mul_k(group, ROWS as i64);
+        let rows_last = s.c - (groups - 1) * ROWS;
+        if rows_last == ROWS {
+            weight_rows(e, s, [x, dy, dw], [kh, kw, c0], batch, ROWS);
+        } else {
+            let last = e.int(groups as i64 - 1);
+            let is_last = e.icmp(cranelift_codegen::ir::condcodes::IntCC::Equal, group, last);
+            let not_last = e.icmp(cranelift_codegen::ir::condcodes::IntCC::NotEqual, group, last);
+            e.when(not_last, |e| weight_rows(e, s, [x, dy, dw], [kh, kw, c0], batch, ROWS));
+            e.when(is_last, |e| weight_rows(e, s, [x, dy, dw], [kh, kw, c0], batch, rows_last));
+        }
+    });
+}
+
+/// The weight gradient of `rows` input channels from c0, at tap (kh, kw).
+fn weight_rows(e: &mut Emit, s: &ConvShape, [x, dy, dw]: [Value; 3], [kh, kw, c0]: [Value; 3], batch: Value, rows: usize) {
+    for_chunks(e, s.f, |e, f0, width| {
+        let parts = width.parts();
+        let acc = accumulators(e, rows * parts, width);
+        let zero = e.int(0);
+        e.for_range(zero, batch, |e, n| {
+            e.for_n(s.oh, |e, oh| {
+                // x at (n, oh·sh + kh, kw, c0); moves by sw·C per output column
+                let row = e.mul_k(n, s.hp as i64);
+                let ohs = e.mul_k(oh, s.sh as i64);
+                let row = e.add(row, ohs);
+                let row = e.add(row, kh);
+                let row = e.mul_k(row, s.wp as i64);
+                let at = e.add(row, kw);
+                let x_off = e.mul_k(at, s.c as i64);
+                let x_off = e.add(x_off, c0);
+                let xrow = e.at(x, x_off);
+                let drow = e.mul_k(n, s.oh as i64);
+                let drow = e.add(drow, oh);
+                let d_off = e.mul_k(drow, (s.ow * s.f) as i64);
+                let d_off = e.add(d_off, f0);
+                let dyrow = e.at(dy, d_off);
+                e.for_n(s.ow, |e, ow| {
+                    let xo = e.mul_k(ow, (s.sw * s.c) as i64);
+                    let xaddr = e.at(xrow, xo);
+                    let dofs = e.mul_k(ow, s.f as i64);
+                    let daddr = e.at(dyrow, dofs);
+                    let dv = load_chunk(e, daddr, 0, width);
+                    for j in 0..rows {
+                        let xs = broadcast(e, xaddr, j as i64, width);
+                        for p in 0..parts {
+                            let a = e.use_var(acc[j * parts + p]);
+                            let sum = e.fma(xs, dv[p], a);
+                            e.def_var(acc[j * parts + p], sum);
+                        }
+                    }
+                });
+            });
+        });
+        // dw at (kh, kw, c0 + j, f0)
+        let tap = e.mul_k(kh, s.kw as i64);
+        let tap = e.add(tap, kw);
+        let row = e.mul_k(tap, s.c as i64);
+        let row = e.add(row, c0);
+        let w_off = e.mul_k(row, s.f as i64);
+        let w_off = e.add(w_off, f0);
+        let base = e.at(dw, w_off);
+        for j in 0..rows {
+            let values: Vec<Value> = (0..parts).map(|p| e.use_var(acc[j * parts + p])).collect();
+            store_chunk(e, &values, base, (j * s.f) as i64);
+        }
+    });
+}

@@ -1,0 +1,271 @@
+//! The JIT's plumbing: a Cranelift module for the host CPU, and [`Emit`], a small layer over
+//! `FunctionBuilder` for the loops, addresses and f32x4 arithmetic that every kernel is made of.
+//!
+//! Every kernel has one signature, `fn(bufs: *const *mut f32, start: i64, end: i64, batch: i64)`:
+//! `bufs` holds the kernel's buffers in an order the kernel defines, `start..end` is the range of
+//! work items this call does (samples, or weight-gradient tasks), and `batch` the number of
+//! samples in the batch. Shapes are compile-time constants.
+
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, Type, Value, types};
+use cranelift_codegen::settings::{self, Configurable as _};
+use cranelift_codegen::{Context, ir};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{FuncId, Linkage, Module as _, default_libcall_names};
+
+/// A compiled kernel: see the module documentation for its arguments.
+pub type KernelFn = unsafe extern "C" fn(*const *mut f32, i64, i64, i64);
+
+/// The Cranelift module that kernels are compiled into, for the host CPU.
+pub struct Compiler {
+    pub module: JITModule,
+    ctx: Context,
+    fbc: FunctionBuilderContext,
+    /// CLIF text of each kernel, kept when asked for (`cnnc compile --emit clif`).
+    pub keep_clif: bool,
+    /// Disassembly of each kernel, kept when asked for (`cnnc compile --emit asm`).
+    pub keep_asm: bool,
+    pub listings: Vec<(String, String)>,
+}
+
+impl Compiler {
+    /// `opt_level` is Cranelift's: "none" or "speed". ISA features (AVX, FMA) come from the host;
+    /// without FMA every f32x4 `fma` would become four library calls.
+    pub fn new(opt_level: &str) -> anyhow::Result<Self> {
+        let mut flags = settings::builder();
+        flags.set("opt_level", opt_level)?;
+        flags.set("is_pic", "false")?;
+        flags.set("use_colocated_libcalls", "false")?;
+        flags.set("enable_verifier", if cfg!(debug_assertions) { "true" } else { "false" })?;
+        let isa = cranelift_native::builder()
+            .map_err(|e| anyhow::anyhow!("cannot compile for this CPU: {e}"))?
+            .finish(settings::Flags::new(flags))?;
+        let module = JITModule::new(JITBuilder::with_isa(isa, default_libcall_names()));
+        Ok(Compiler {
+            ctx: module.make_context(),
+            module,
+            fbc: FunctionBuilderContext::new(),
+            keep_clif: false,
+            keep_asm: false,
+            listings: Vec::new(),
+        })
+    }
+
+    /// Whether the host has what fast kernels need (checked by tests and reported by `bench`).
+    pub fn has_fma(&self) -> bool {
+        self.module.isa().isa_flags().iter().any(|f| f.name == "has_fma" && f.as_bool().unwrap_or(false))
+    }
+
+    /// Declares and defines one kernel, its body written by `body`.
+    pub fn kernel(&mut self, name: &str, body: impl FnOnce(&mut Emit)) -> anyhow::Result<FuncId> {
+        let ptr = self.module.target_config().pointer_type();
+        let mut sig = self.module.make_signature();
+        sig.params.push(AbiParam::new(ptr));
+        for _ in 0..3 {
+            sig.params.push(AbiParam::new(types::I64));
+        }
+        let id = self.module.declare_function(name, Linkage::Local, &sig)?;
+        self.ctx.func.signature = sig;
+        {
+            let mut b = FunctionBuilder::new(&mut self.ctx.func, &mut self.fbc);
+            let entry = b.create_block();
+            b.append_block_params_for_function_params(entry);
+            b.switch_to_block(entry);
+            b.seal_block(entry);
+            let params = b.block_params(entry).to_vec();
+            let mut e = Emit { b, ptr, bufs: params[0], start: params[1], end: params[2], batch: params[3] };
+            body(&mut e);
+            e.b.ins().return_(&[]);
+            e.b.seal_all_blocks();
+            e.b.finalize(self.module.target_config());
+        }
+        if self.keep_clif {
+            self.listings.push((name.to_string(), self.ctx.func.display().to_string()));
+        }
+        self.ctx.set_disasm(self.keep_asm);
+        self.module.define_function(id, &mut self.ctx).map_err(|e| match e {
+            cranelift_module::ModuleError::Compilation(err) => {
+                anyhow::anyhow!("{}", cranelift_codegen::print_errors::pretty_error(&self.ctx.func, err))
+            }
+            other => other.into(),
+        })?;
+        if self.keep_asm {
+            let asm = self.ctx.compiled_code().and_then(|c| c.vcode.clone()).unwrap_or_default();
+            self.listings.push((name.to_string(), asm));
+        }
+        self.module.clear_context(&mut self.ctx);
+        Ok(id)
+    }
+
+    /// Finalizes every kernel defined so far and returns their entry points.
+    pub fn finish(&mut self, ids: &[FuncId]) -> anyhow::Result<Vec<KernelFn>> {
+        self.module.finalize_definitions()?;
+        Ok(ids.iter().map(|id| code_pointer(self.module.get_finalized_function(*id))).collect())
+    }
+}
+
+/// Turns finalized code into a callable kernel.
+///
+/// # Safety
+/// The pointer comes from `JITModule::get_finalized_function` for a function declared with
+/// the kernel signature in [`Compiler::kernel`]; the module (and so the code) lives as long
+/// as the `Compiler`, which the kernels' owner keeps alive.
+fn code_pointer(code: *const u8) -> KernelFn {
+    unsafe { std::mem::transmute::<*const u8, KernelFn>(code) }
+}
+
+/// Loads and stores of f32 data: the buffers never trap and are 4-byte aligned only, so the
+/// `aligned` flag (which would let x64 fold a 16-byte-aligned memory operand) is not set.
+fn data() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
+/// Builds one kernel's body.
+pub struct Emit<'a> {
+    pub b: FunctionBuilder<'a>,
+    pub ptr: Type,
+    bufs: Value,
+    pub start: Value,
+    pub end: Value,
+    pub batch: Value,
+}
+
+impl<'a> Emit<'a> {
+    /// The base pointer of buffer `i`.
+    pub fn buf(&mut self, i: usize) -> Value {
+        let offset = (i * 8) as i32;
+        let flags = MemFlagsData::new().with_notrap().with_readonly();
+        self.b.ins().load(self.ptr, flags, self.bufs, offset)
+    }
+
+    pub fn int(&mut self, v: i64) -> Value {
+        self.b.ins().iconst(types::I64, v)
+    }
+
+    pub fn add(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().iadd(a, b)
+    }
+
+    pub fn add_k(&mut self, a: Value, k: i64) -> Value {
+        if k == 0 { a } else { self.b.ins().iadd_imm_s(a, k) }
+    }
+
+    pub fn mul_k(&mut self, a: Value, k: i64) -> Value {
+        if k == 1 { a } else { self.b.ins().imul_imm_s(a, k) }
+    }
+
+    /// `base + index` elements of f32.
+    pub fn at(&mut self, base: Value, index: Value) -> Value {
+        let bytes = self.b.ins().ishl_imm_u(index, 2);
+        self.b.ins().iadd(base, bytes)
+    }
+
+    /// `base + k` elements of f32, k a constant.
+    pub fn at_k(&mut self, base: Value, k: i64) -> Value {
+        self.add_k(base, k * 4)
+    }
+
+    pub fn load(&mut self, addr: Value, offset_elems: i64) -> Value {
+        self.b.ins().load(types::F32, data(), addr, (offset_elems * 4) as i32)
+    }
+
+    pub fn load4(&mut self, addr: Value, offset_elems: i64) -> Value {
+        self.b.ins().load(types::F32X4, data(), addr, (offset_elems * 4) as i32)
+    }
+
+    pub fn store(&mut self, value: Value, addr: Value, offset_elems: i64) {
+        self.b.ins().store(data(), value, addr, (offset_elems * 4) as i32);
+    }
+
+    pub fn splat(&mut self, scalar: Value) -> Value {
+        self.b.ins().splat(types::F32X4, scalar)
+    }
+
+    pub fn zero(&mut self, ty: Type) -> Value {
+        let z = self.b.ins().f32const(0.0f32);
+        if ty == types::F32X4 { self.splat(z) } else { z }
+    }
+
+    pub fn fma(&mut self, a: Value, b: Value, c: Value) -> Value {
+        self.b.ins().fma(a, b, c)
+    }
+
+    pub fn var(&mut self, ty: Type, init: Value) -> Variable {
+        let v = self.b.declare_var(ty);
+        self.b.def_var(v, init);
+        v
+    }
+
+    /// `for i in lo..hi { body(i) }`, lo and hi at run time.
+    pub fn for_range(&mut self, lo: Value, hi: Value, body: impl FnOnce(&mut Self, Value)) {
+        let header = self.b.create_block();
+        let inner = self.b.create_block();
+        let exit = self.b.create_block();
+        let i = self.var(types::I64, lo);
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(header);
+        let iv = self.b.use_var(i);
+        let more = self.b.ins().icmp(IntCC::SignedLessThan, iv, hi);
+        self.b.ins().brif(more, inner, &[], exit, &[]);
+        self.b.switch_to_block(inner);
+        self.b.seal_block(inner);
+        let iv = self.b.use_var(i);
+        body(self, iv);
+        let iv = self.b.use_var(i);
+        let next = self.b.ins().iadd_imm_s(iv, 1);
+        self.b.def_var(i, next);
+        self.b.ins().jump(header, &[]);
+        self.b.seal_block(header);
+        self.b.switch_to_block(exit);
+        self.b.seal_block(exit);
+    }
+
+    /// `for i in 0..n`, n a constant; no loop at all when n is 1.
+    pub fn for_n(&mut self, n: usize, body: impl FnOnce(&mut Self, Value)) {
+        match n {
+            0 => {}
+            1 => {
+                let zero = self.int(0);
+                body(self, zero);
+            }
+            _ => {
+                let (lo, hi) = (self.int(0), self.int(n as i64));
+                self.for_range(lo, hi, body);
+            }
+        }
+    }
+
+    /// Runs `then` only when `cond` (an integer) is non-zero.
+    pub fn when(&mut self, cond: Value, then: impl FnOnce(&mut Self)) {
+        let yes = self.b.create_block();
+        let done = self.b.create_block();
+        self.b.ins().brif(cond, yes, &[], done, &[]);
+        self.b.switch_to_block(yes);
+        self.b.seal_block(yes);
+        then(self);
+        self.b.ins().jump(done, &[]);
+        self.b.switch_to_block(done);
+        self.b.seal_block(done);
+    }
+
+    pub fn icmp(&mut self, cc: IntCC, a: Value, b: Value) -> Value {
+        self.b.ins().icmp(cc, a, b)
+    }
+
+    pub fn ins(&mut self) -> cranelift_frontend::FuncInstBuilder<'_, 'a> {
+        self.b.ins()
+    }
+
+    pub fn use_var(&mut self, v: Variable) -> Value {
+        self.b.use_var(v)
+    }
+
+    pub fn def_var(&mut self, v: Variable, value: Value) {
+        self.b.def_var(v, value)
+    }
+}
+
+/// The vector type kernels compute in: 128 bits, the widest Cranelift's x64 backend has.
+pub const F32X4: ir::Type = types::F32X4;
+pub const F32: ir::Type = types::F32;

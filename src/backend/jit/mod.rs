@@ -1,0 +1,309 @@
+//! The Cranelift backend: convolutions and dense layers (the model's FLOPs) compiled into
+//! machine code specialized to each layer's shapes, run in parallel over the batch; every
+//! other op runs through the reference interpreter, which this backend reuses through the
+//! [`Kernels`] seam. Checked against the reference, op by op and step by step, in tests/jit.rs.
+
+pub mod conv;
+pub mod emit;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ndarray::{Array1, Array2, Array4, ArrayView1, ArrayView2, ArrayView4, Axis, s};
+use rayon::prelude::*;
+
+use super::reference::ops::Geometry;
+use super::reference::{self, Kernels, Mode};
+use super::{Backend, StepResult};
+use crate::autodiff::Program;
+use crate::ir::train::Optimizer;
+use crate::ir::{NodeId, Op, Shape};
+use crate::train::optimizer;
+use crate::train::state::State;
+use conv::ConvShape;
+use emit::{Compiler, KernelFn};
+
+/// What to keep of the compilation, for `cnnc compile --emit`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Listing {
+    pub clif: bool,
+    pub asm: bool,
+}
+
+/// The compiled kernels of one conv2d or dense node.
+struct ConvKernels {
+    shape: ConvShape,
+    /// Padding before and after, [top, bottom, left, right].
+    pads: [usize; 4],
+    forward: KernelFn,
+    backward_input: KernelFn,
+    backward_weights: KernelFn,
+}
+
+/// The compiled kernels of a program, by node.
+pub struct JitKernels {
+    convs: HashMap<NodeId, ConvKernels>,
+    /// Owns the machine code the kernel pointers point into (in a mutex only because the
+    /// module is `Send` but not `Sync`; it is never used again).
+    _compiler: std::sync::Mutex<Compiler>,
+    /// Wall time of compiling every kernel, in milliseconds.
+    pub compile_ms: f64,
+    /// (kernel name, CLIF or assembly) when a listing was asked for.
+    pub listings: Vec<(String, String)>,
+}
+
+impl JitKernels {
+    /// Compiles the kernels of every conv2d and dense node of `program`.
+    pub fn compile(program: &Program, listing: Listing) -> anyhow::Result<Self> {
+        let started = Instant::now();
+        let mut compiler = Compiler::new("speed")?;
+        compiler.keep_clif = listing.clif;
+        compiler.keep_asm = listing.asm;
+        let mut pending = Vec::new();
+        for (id, node) in program.graph.nodes() {
+            let Some((shape, pads)) = conv_shape(program, id, &node.op) else { continue };
+            let name = program.graph.layer_of(id).name.clone();
+            let f = compiler.kernel(&format!("{name}_forward"), |e| conv::forward(e, &shape))?;
+            let bi = compiler.kernel(&format!("{name}_backward_input"), |e| conv::backward_input(e, &shape))?;
+            let bw = compiler.kernel(&format!("{name}_backward_weights"), |e| conv::backward_weights(e, &shape))?;
+            pending.push((id, shape, pads, [f, bi, bw]));
+        }
+        let ids: Vec<_> = pending.iter().flat_map(|p| p.3).collect();
+        let code = compiler.finish(&ids)?;
+        let convs = pending
+            .into_iter()
+            .zip(code.chunks(3))
+            .map(|((id, shape, pads, _), fns)| {
+                (id, ConvKernels { shape, pads, forward: fns[0], backward_input: fns[1], backward_weights: fns[2] })
+            })
+            .collect();
+        let listings = std::mem::take(&mut compiler.listings);
+        Ok(JitKernels { convs, _compiler: std::sync::Mutex::new(compiler), compile_ms: started.elapsed().as_secs_f64() * 1e3, listings })
+    }
+
+    /// How many kernels were compiled.
+    pub fn kernel_count(&self) -> usize {
+        self.convs.len() * 3
+    }
+}
+
+/// The kernel shape of a conv2d or dense node (dense: a 1x1 convolution of a 1x1 image).
+fn conv_shape(program: &Program, id: NodeId, op: &Op) -> Option<(ConvShape, [usize; 4])> {
+    if !matches!(op, Op::Conv2d(_) | Op::Dense(_)) {
+        return None;
+    }
+    let input = program.shapes.shape(program.graph.node(id).inputs[0]);
+    match (op, input, program.shapes.shape(id)) {
+        (Op::Conv2d(c), Shape::Hwc { h, w, c: cin }, Shape::Hwc { h: oh, w: ow, .. }) => {
+            let [wh, ww] = program.shapes.window(id)?;
+            let pads = [wh.pad_before, wh.pad_after, ww.pad_before, ww.pad_after];
+            let shape = ConvShape {
+                hp: h + pads[0] + pads[1],
+                wp: w + pads[2] + pads[3],
+                c: cin,
+                kh: c.kernel[0],
+                kw: c.kernel[1],
+                f: c.filters,
+                oh,
+                ow,
+                sh: c.stride[0],
+                sw: c.stride[1],
+                bias: c.bias,
+            };
+            Some((shape, pads))
+        }
+        (Op::Dense(d), Shape::Flat(n), _) => {
+            let shape =
+                ConvShape { hp: 1, wp: 1, c: n, kh: 1, kw: 1, f: d.units, oh: 1, ow: 1, sh: 1, sw: 1, bias: d.bias };
+            Some((shape, [0; 4]))
+        }
+        _ => None,
+    }
+}
+
+/// Buffer pointers handed to kernels running on several threads.
+struct Buffers(Vec<*mut f32>);
+// SAFETY: each kernel call writes only the part of its output that belongs to its own range
+// of work items (samples, or weight-gradient tasks); everything else it only reads.
+unsafe impl Sync for Buffers {}
+
+/// Runs `kernel` over `items` work items, split into one contiguous shard per thread.
+fn run(kernel: KernelFn, buffers: &Buffers, items: usize, batch: usize) {
+    let shards = rayon::current_num_threads().min(items).max(1);
+    (0..shards).into_par_iter().for_each(|shard| {
+        let (lo, hi) = (items * shard / shards, items * (shard + 1) / shards);
+        // SAFETY: the buffers have the shapes the kernel was compiled for (checked by the
+        // callers' asserts), and the items lo..hi lie within them.
+        unsafe { kernel(buffers.0.as_ptr(), lo as i64, hi as i64, batch as i64) }
+    });
+}
+
+/// `x` (N,H,W,C) copied into a zero border of `pads`; a row-major copy when there is none.
+fn padded(x: ArrayView4<f32>, pads: [usize; 4]) -> Array4<f32> {
+    let (n, h, w, c) = x.dim();
+    let mut out = Array4::zeros((n, h + pads[0] + pads[1], w + pads[2] + pads[3], c));
+    out.slice_mut(s![.., pads[0]..pads[0] + h, pads[2]..pads[2] + w, ..]).assign(&x);
+    out
+}
+
+fn ptr(a: &Array4<f32>) -> *mut f32 {
+    a.as_ptr() as *mut f32
+}
+
+impl Kernels<f32> for JitKernels {
+    fn conv2d_forward(
+        &self,
+        node: NodeId,
+        x: ArrayView4<f32>,
+        w: ArrayView4<f32>,
+        b: Option<ArrayView1<f32>>,
+        g: &Geometry,
+    ) -> Array4<f32> {
+        let Some(k) = self.convs.get(&node) else { return reference::ops::conv2d_forward(x, w, b, g) };
+        let s = &k.shape;
+        let n = x.dim().0;
+        let xp = padded(x, k.pads);
+        let w = w.as_standard_layout();
+        let b = b.map(|b| b.as_standard_layout().to_owned());
+        assert_eq!((xp.dim().1, xp.dim().2, xp.dim().3), (s.hp, s.wp, s.c));
+        assert_eq!(w.dim(), (s.kh, s.kw, s.c, s.f));
+        let y = Array4::<f32>::zeros((n, s.oh, s.ow, s.f));
+        let bias = b.as_ref().map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut f32);
+        run(k.forward, &Buffers(vec![ptr(&xp), w.as_ptr() as *mut f32, bias, ptr(&y)]), n, n);
+        y
+    }
+
+    fn conv2d_backward_input(
+        &self,
+        node: NodeId,
+        dy: ArrayView4<f32>,
+        w: ArrayView4<f32>,
+        input_hw: [usize; 2],
+        g: &Geometry,
+    ) -> Array4<f32> {
+        let Some(k) = self.convs.get(&node) else {
+            return reference::ops::conv2d_backward_input(dy, w, input_hw, g);
+        };
+        let s = &k.shape;
+        let n = dy.dim().0;
+        let dy = dy.as_standard_layout();
+        assert_eq!(dy.dim(), (n, s.oh, s.ow, s.f));
+        let wt = w.permuted_axes([0, 1, 3, 2]).as_standard_layout().to_owned();
+        let dxp = Array4::<f32>::zeros((n, s.hp, s.wp, s.c));
+        run(k.backward_input, &Buffers(vec![dy.as_ptr() as *mut f32, ptr(&wt), ptr(&dxp)]), n, n);
+        let [top, _, left, _] = k.pads;
+        if k.pads == [0; 4] {
+            dxp
+        } else {
+            dxp.slice(s![.., top..top + input_hw[0], left..left + input_hw[1], ..]).to_owned()
+        }
+    }
+
+    fn conv2d_backward_weights(
+        &self,
+        node: NodeId,
+        x: ArrayView4<f32>,
+        dy: ArrayView4<f32>,
+        kernel_shape: [usize; 4],
+        g: &Geometry,
+    ) -> (Array4<f32>, Array1<f32>) {
+        let Some(k) = self.convs.get(&node) else {
+            return reference::ops::conv2d_backward_weights(x, dy, kernel_shape, g);
+        };
+        let s = &k.shape;
+        let n = x.dim().0;
+        let xp = padded(x, k.pads);
+        let dy = dy.as_standard_layout();
+        assert_eq!(dy.dim(), (n, s.oh, s.ow, s.f));
+        let dw = Array4::<f32>::zeros((s.kh, s.kw, s.c, s.f));
+        run(k.backward_weights, &Buffers(vec![ptr(&xp), dy.as_ptr() as *mut f32, ptr(&dw)]), s.weight_tasks(), n);
+        let db = dy.view().into_shape_with_order((n * s.oh * s.ow, s.f)).expect("row-major").sum_axis(Axis(0));
+        (dw, db)
+    }
+
+    fn dense_forward(&self, node: NodeId, x: ArrayView2<f32>, w: ArrayView2<f32>, b: Option<ArrayView1<f32>>) -> Array2<f32> {
+        if !self.convs.contains_key(&node) {
+            return reference::ops::dense_forward(x, w, b);
+        }
+        let (n, inputs) = x.dim();
+        let units = w.dim().1;
+        let x4 = x.into_shape_with_order((n, 1, 1, inputs)).expect("row-major input");
+        let w4 = w.into_shape_with_order((1, 1, inputs, units)).expect("row-major kernel");
+        let g = Geometry { kernel: [1, 1], stride: [1, 1], pad_before: [0, 0], out: [1, 1] };
+        let y = self.conv2d_forward(node, x4, w4, b, &g);
+        y.into_shape_with_order((n, units)).expect("row-major output")
+    }
+
+    fn dense_backward(
+        &self,
+        node: NodeId,
+        x: ArrayView2<f32>,
+        w: ArrayView2<f32>,
+        dy: ArrayView2<f32>,
+    ) -> (Array2<f32>, Array2<f32>, Array1<f32>) {
+        if !self.convs.contains_key(&node) {
+            return reference::ops::dense_backward(x, w, dy);
+        }
+        let (n, inputs) = x.dim();
+        let units = w.dim().1;
+        let g = Geometry { kernel: [1, 1], stride: [1, 1], pad_before: [0, 0], out: [1, 1] };
+        let x = x.as_standard_layout();
+        let w = w.as_standard_layout();
+        let dy = dy.as_standard_layout();
+        let x4 = x.view().into_shape_with_order((n, 1, 1, inputs)).expect("row-major");
+        let w4 = w.view().into_shape_with_order((1, 1, inputs, units)).expect("row-major");
+        let dy4 = dy.view().into_shape_with_order((n, 1, 1, units)).expect("row-major");
+        let dx = self.conv2d_backward_input(node, dy4, w4, [1, 1], &g);
+        let (dw, db) = self.conv2d_backward_weights(node, x4, dy4, [1, 1, inputs, units], &g);
+        (
+            dx.into_shape_with_order((n, inputs)).expect("row-major"),
+            dw.into_shape_with_order((inputs, units)).expect("row-major"),
+            db,
+        )
+    }
+}
+
+/// The JIT backend: the interpreter with compiled kernels.
+pub struct Jit {
+    program: Arc<Program>,
+    optimizer: Optimizer,
+    pub kernels: JitKernels,
+}
+
+impl Jit {
+    pub fn new(program: Arc<Program>, optimizer: Optimizer) -> anyhow::Result<Self> {
+        let kernels = JitKernels::compile(&program, Listing::default())?;
+        Ok(Jit { program, optimizer, kernels })
+    }
+}
+
+impl Backend for Jit {
+    fn name(&self) -> &'static str {
+        "jit"
+    }
+
+    fn train_step(&mut self, state: &mut State, images: &[f32], labels: &[u8], step: u64) -> StepResult {
+        let program = &self.program;
+        let input = reference::batch_array(program, images);
+        let mode = Mode::Train { seed: state.seed, step };
+        let g = reference::gradients_with(&self.kernels, program, &state.params, input, labels, mode);
+        for (index, value) in g.moving {
+            state.params[index] = value;
+        }
+        state.iterations += 1;
+        for (index, grad) in g.grads.iter().enumerate() {
+            if let Some(grad) = grad {
+                optimizer::update(&self.optimizer, &mut state.params[index], grad, &mut state.slots[index], state.iterations);
+            }
+        }
+        StepResult { loss_sum: g.loss_sum, correct: g.correct }
+    }
+
+    fn predict(&mut self, state: &State, images: &[f32]) -> Vec<f32> {
+        let program = &self.program;
+        let input = reference::batch_array(program, images);
+        let tape = reference::forward_with(&self.kernels, program, &state.params, input, Mode::Infer, program.output);
+        tape.values[program.output.index()].as_ref().expect("the output was computed").iter().copied().collect()
+    }
+}
