@@ -289,13 +289,29 @@ pub fn backward_weights(e: &mut Emit, s: &ConvShape) {
     });
 }
 
-/// The weight gradient of `rows` input channels from c0, at tap (kh, kw).
+/// The weight gradient of `rows` input channels from c0, at tap (kh, kw), accumulated into dw
+/// (zeroed by the caller) one sample at a time: each sample's rows of x and dy stay in cache
+/// while every channel chunk passes over them, instead of streaming the whole batch once per
+/// chunk. Each dw element still sums over samples, then rows, then columns, in order.
 fn weight_rows(e: &mut Emit, s: &ConvShape, [x, dy, dw]: [Value; 3], [kh, kw, c0]: [Value; 3], batch: Value, rows: usize) {
-    for_chunks(e, s.f, |e, f0, width| {
-        let parts = width.parts();
-        let acc = accumulators(e, rows * parts, width);
-        let zero = e.int(0);
-        e.for_range(zero, batch, |e, n| {
+    // dw at (kh, kw, c0, 0)
+    let tap = e.mul_k(kh, s.kw as i64);
+    let tap = e.add(tap, kw);
+    let row = e.mul_k(tap, s.c as i64);
+    let row = e.add(row, c0);
+    let w_off = e.mul_k(row, s.f as i64);
+    let dwbase = e.at(dw, w_off);
+    let zero = e.int(0);
+    e.for_range(zero, batch, |e, n| {
+        for_chunks(e, s.f, |e, f0, width| {
+            let parts = width.parts();
+            let base = e.at(dwbase, f0);
+            let mut acc: Vec<Variable> = Vec::with_capacity(rows * parts);
+            for j in 0..rows {
+                for v in load_chunk(e, base, (j * s.f) as i64, width) {
+                    acc.push(e.var(width.ty(), v));
+                }
+            }
             e.for_n(s.oh, |e, oh| {
                 // x at (n, oh·sh + kh, kw, c0); moves by sw·C per output column
                 let row = e.mul_k(n, s.hp as i64);
@@ -328,18 +344,10 @@ fn weight_rows(e: &mut Emit, s: &ConvShape, [x, dy, dw]: [Value; 3], [kh, kw, c0
                     }
                 });
             });
+            for j in 0..rows {
+                let values: Vec<Value> = (0..parts).map(|p| e.use_var(acc[j * parts + p])).collect();
+                store_chunk(e, &values, base, (j * s.f) as i64);
+            }
         });
-        // dw at (kh, kw, c0 + j, f0)
-        let tap = e.mul_k(kh, s.kw as i64);
-        let tap = e.add(tap, kw);
-        let row = e.mul_k(tap, s.c as i64);
-        let row = e.add(row, c0);
-        let w_off = e.mul_k(row, s.f as i64);
-        let w_off = e.add(w_off, f0);
-        let base = e.at(dw, w_off);
-        for j in 0..rows {
-            let values: Vec<Value> = (0..parts).map(|p| e.use_var(acc[j * parts + p])).collect();
-            store_chunk(e, &values, base, (j * s.f) as i64);
-        }
     });
 }

@@ -57,7 +57,12 @@ impl JitKernels {
     /// Compiles the kernels of every conv2d and dense node of `program`.
     pub fn compile(program: &Program, listing: Listing) -> anyhow::Result<Self> {
         let started = Instant::now();
-        let mut compiler = Compiler::new("speed")?;
+        // Cranelift's "none" measured faster than "speed" on every conv kernel of mnist.cnn (forward
+        // 9.7 vs 13.3 ms, input gradient 8.0 vs 10.9, weight gradient 37.9 vs 44.7 at batch 128):
+        // "speed" sinks loop-invariant address arithmetic into the inner loops of these
+        // hand-blocked kernels. CNNC_JIT_OPT overrides it for experiments.
+        let opt_level = std::env::var("CNNC_JIT_OPT").unwrap_or_else(|_| "none".into());
+        let mut compiler = Compiler::new(&opt_level)?;
         compiler.keep_clif = listing.clif;
         compiler.keep_asm = listing.asm;
         let mut pending = Vec::new();
@@ -168,6 +173,8 @@ impl Kernels<f32> for JitKernels {
         let b = b.map(|b| b.as_standard_layout().to_owned());
         assert_eq!((xp.dim().1, xp.dim().2, xp.dim().3), (s.hp, s.wp, s.c));
         assert_eq!(w.dim(), (s.kh, s.kw, s.c, s.f));
+        assert_eq!(b.is_some(), s.bias, "the kernel was compiled for this node's bias");
+        assert!(b.as_ref().is_none_or(|b| b.len() == s.f));
         let y = Array4::<f32>::zeros((n, s.oh, s.ow, s.f));
         let bias = b.as_ref().map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut f32);
         run(k.forward, &Buffers(vec![ptr(&xp), w.as_ptr() as *mut f32, bias, ptr(&y)]), n, n);
