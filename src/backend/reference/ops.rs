@@ -174,43 +174,50 @@ pub fn dense_backward<T: Real>(
 
 // -- pooling --
 
-/// Max pooling; padding never wins (windows are guaranteed to hold a real pixel).
+/// Max pooling; padding never wins (windows are guaranteed to hold a real pixel). Loops run
+/// over whole channel rows, so the compiler vectorizes them.
 pub fn maxpool_forward<T: Real>(x: ArrayView4<T>, g: &Geometry) -> Array4<T> {
     let (n, h, w, c) = x.dim();
-    let mut out = Array4::<T>::zeros((n, g.out[0], g.out[1], c));
+    let mut out = Array4::<T>::from_elem((n, g.out[0], g.out[1], c), T::neg_infinity());
     Zip::from(out.outer_iter_mut()).and(x.outer_iter()).par_for_each(|mut out, x| {
         for oh in 0..g.out[0] {
             for ow in 0..g.out[1] {
-                for ci in 0..c {
-                    let mut best = T::neg_infinity();
-                    for_window(g, oh, ow, [h, w], |ih, iw| best = best.max(x[[ih, iw, ci]]));
-                    out[[oh, ow, ci]] = best;
-                }
+                let mut best = out.slice_mut(s![oh, ow, ..]);
+                for_window(g, oh, ow, [h, w], |ih, iw| {
+                    Zip::from(&mut best).and(x.slice(s![ih, iw, ..])).for_each(|b, &v| *b = b.max(v));
+                });
             }
         }
     });
     out
 }
 
-/// The gradient goes to the first maximum of each window.
+/// The gradient of each window goes to its first maximum: the max is recomputed, then the
+/// window is walked in order and each channel's gradient lands on the first pixel equal to it.
 pub fn maxpool_backward<T: Real>(x: ArrayView4<T>, dy: ArrayView4<T>, g: &Geometry) -> Array4<T> {
     let (_, h, w, c) = x.dim();
     let mut dx = Array4::<T>::zeros(x.dim());
     Zip::from(dx.outer_iter_mut()).and(x.outer_iter()).and(dy.outer_iter()).par_for_each(|mut dx, x, dy| {
+        let mut best = Array1::<T>::zeros(c);
+        let mut done = vec![false; c];
         for oh in 0..g.out[0] {
             for ow in 0..g.out[1] {
-                for ci in 0..c {
-                    let mut best: Option<(T, usize, usize)> = None;
-                    for_window(g, oh, ow, [h, w], |ih, iw| {
-                        let v = x[[ih, iw, ci]];
-                        if best.is_none_or(|(b, _, _)| v > b) {
-                            best = Some((v, ih, iw));
+                best.fill(T::neg_infinity());
+                for_window(g, oh, ow, [h, w], |ih, iw| {
+                    Zip::from(&mut best).and(x.slice(s![ih, iw, ..])).for_each(|b, &v| *b = b.max(v));
+                });
+                done.fill(false);
+                let grad = dy.slice(s![oh, ow, ..]);
+                for_window(g, oh, ow, [h, w], |ih, iw| {
+                    let xs = x.slice(s![ih, iw, ..]);
+                    let mut target = dx.slice_mut(s![ih, iw, ..]);
+                    for ci in 0..c {
+                        if !done[ci] && xs[ci] == best[ci] {
+                            target[ci] += grad[ci];
+                            done[ci] = true;
                         }
-                    });
-                    if let Some((_, ih, iw)) = best {
-                        dx[[ih, iw, ci]] += dy[[oh, ow, ci]];
                     }
-                }
+                });
             }
         }
     });
