@@ -46,7 +46,8 @@ fn layers(c: &mut Criterion) {
             out: [oh, ow],
         };
         let x = random(&[BATCH, h, w, cin], &mut rng).into_dimensionality::<Ix4>().unwrap();
-        let k = random(&[conv.kernel[0], conv.kernel[1], cin, f], &mut rng).into_dimensionality::<Ix4>().unwrap();
+        let k =
+            random(&[conv.kernel[0], conv.kernel[1], cin, f], &mut rng).into_dimensionality::<Ix4>().unwrap();
         let dy = random(&[BATCH, oh, ow, f], &mut rng).into_dimensionality::<Ix4>().unwrap();
         let bias = conv.bias.then(|| ndarray::Array1::<f32>::zeros(f));
         let mut group = c.benchmark_group(format!("{name} {h}x{w}x{cin} -> {oh}x{ow}x{f}"));
@@ -60,7 +61,15 @@ fn layers(c: &mut Criterion) {
                 b.iter(|| kernels.conv2d_backward_input(id, dy.view(), k.view(), [h, w], &g))
             });
             group.bench_function(format!("backward_weights/{label}"), |b| {
-                b.iter(|| kernels.conv2d_backward_weights(id, x.view(), dy.view(), [conv.kernel[0], conv.kernel[1], cin, f], &g))
+                b.iter(|| {
+                    kernels.conv2d_backward_weights(
+                        id,
+                        x.view(),
+                        dy.view(),
+                        [conv.kernel[0], conv.kernel[1], cin, f],
+                        &g,
+                    )
+                })
             });
         }
         group.finish();

@@ -188,7 +188,9 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
-        Command::Compile { file, emit, kernel } => run(&file, false, |checked, _| compile(checked, emit, kernel.as_deref())),
+        Command::Compile { file, emit, kernel } => {
+            run(&file, false, |checked, _| compile(checked, emit, kernel.as_deref()))
+        }
         Command::Train(args) => {
             let file = args.file.clone();
             run(&file, false, |checked, source| with_threads(args.threads, || train(checked, source, &args)))
@@ -384,7 +386,8 @@ fn eval(checked: &cnnc::Checked, weights: &Path, batch_size: usize) -> anyhow::R
     let data = load_dataset(dataset_of(checked)?)?;
     let optimizer = checked.model.train.as_ref().map(|t| t.optimizer).expect("checked above");
     let mut backend = driver::make_backend(driver::BackendKind::Jit, program.clone(), optimizer)?;
-    let (loss, accuracy) = driver::evaluate(backend.as_mut(), &program, &state, &data.test, batch_size.max(1));
+    let (loss, accuracy) =
+        driver::evaluate(backend.as_mut(), &program, &state, &data.test, batch_size.max(1));
     println!("Test: loss: {loss:.4} - accuracy: {accuracy:.4} ({} images)", data.test.len);
     Ok(())
 }

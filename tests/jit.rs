@@ -22,7 +22,8 @@ const TOLERANCE: f32 = 1e-4;
 fn program(model: &str) -> Program {
     let text = format!("model m {{ {model} }}\ntrain {{ loss = categorical_crossentropy }}");
     let source = SourceFile::new("case.cnn", text.as_str());
-    let checked = cnnc::check(&source).unwrap_or_else(|d| panic!("{}", cnnc::diagnostic::render_all(&d, &source)));
+    let checked =
+        cnnc::check(&source).unwrap_or_else(|d| panic!("{}", cnnc::diagnostic::render_all(&d, &source)));
     autodiff::build(&checked).unwrap()
 }
 
@@ -81,7 +82,10 @@ fn conv2d_odd_channels_and_pixels() {
 #[test]
 fn conv2d_wide_chunks_and_tails() {
     // 19 = 8 + 8 + 3 output channels; 13 = 3 groups of 4 + 1 input channels
-    differential("input 8x7x13 conv2d(19, kernel=2) conv2d(6, kernel=3, bias=false) flatten dense(3, activation=softmax)", 5);
+    differential(
+        "input 8x7x13 conv2d(19, kernel=2) conv2d(6, kernel=3, bias=false) flatten dense(3, activation=softmax)",
+        5,
+    );
 }
 
 #[test]
@@ -95,7 +99,10 @@ fn conv2d_stride_2_and_same_padding_with_even_kernels() {
 
 #[test]
 fn conv2d_explicit_padding_and_rectangular_kernels() {
-    differential("input 6x9x2 conv2d(4, kernel=3x1, padding=2x1) conv2d(12, kernel=1x3, stride=3) flatten dense(3, activation=softmax)", 3);
+    differential(
+        "input 6x9x2 conv2d(4, kernel=3x1, padding=2x1) conv2d(12, kernel=1x3, stride=3) flatten dense(3, activation=softmax)",
+        3,
+    );
 }
 
 #[test]
@@ -139,24 +146,34 @@ fn random_models_take_the_same_training_step() {
                 break;
             }
             let padding = if same { "same" } else { "valid" };
-            layers += &format!("conv2d({filters}, kernel={k}, stride={stride}, padding={padding}, activation=relu) ");
+            layers += &format!(
+                "conv2d({filters}, kernel={k}, stride={stride}, padding={padding}, activation=relu) "
+            );
             (size_h, size_w) = if same {
                 (size_h.div_ceil(stride), size_w.div_ceil(stride))
             } else {
                 ((size_h - k) / stride + 1, (size_w - k) / stride + 1)
             };
         }
-        layers += &format!("flatten dense({}, activation=tanh) dense(3, activation=softmax)", 2 + rng.below(12));
+        layers +=
+            &format!("flatten dense({}, activation=tanh) dense(3, activation=softmax)", 2 + rng.below(12));
         let program = Arc::new(program(&layers));
-        let optimizer = cnnc::ir::train::Optimizer::Adam { lr: 0.01, beta1: 0.9, beta2: 0.999, epsilon: 1e-7 };
+        let optimizer =
+            cnnc::ir::train::Optimizer::Adam { lr: 0.01, beta1: 0.9, beta2: 0.999, epsilon: 1e-7 };
         let mut reference_state = State::init(&program, &optimizer, case);
         let mut jit_state = reference_state.clone();
         let batch = 1 + rng.below(9);
         let images = random(batch * h * w * c, &mut rng);
         let labels: Vec<u8> = (0..batch).map(|_| rng.below(3) as u8).collect();
-        let a = Reference::new(program.clone(), optimizer).train_step(&mut reference_state, &images, &labels, 0);
+        let a =
+            Reference::new(program.clone(), optimizer).train_step(&mut reference_state, &images, &labels, 0);
         let b = Jit::new(program.clone(), optimizer).unwrap().train_step(&mut jit_state, &images, &labels, 0);
-        assert!((a.loss_sum - b.loss_sum).abs() < 1e-3 * a.loss_sum.max(1.0), "{layers}: loss {} vs {}", a.loss_sum, b.loss_sum);
+        assert!(
+            (a.loss_sum - b.loss_sum).abs() < 1e-3 * a.loss_sum.max(1.0),
+            "{layers}: loss {} vs {}",
+            a.loss_sum,
+            b.loss_sum
+        );
         assert_eq!(a.correct, b.correct, "{layers}");
         for (p, (x, y)) in program.params.iter().zip(reference_state.params.iter().zip(&jit_state.params)) {
             assert_close(&format!("{layers}\nupdated {}", p.name), x, y);

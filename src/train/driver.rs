@@ -36,7 +36,11 @@ pub enum BackendKind {
 }
 
 /// Builds the chosen backend for a program.
-pub fn make_backend(kind: BackendKind, program: Arc<Program>, optimizer: Optimizer) -> anyhow::Result<Box<dyn Backend>> {
+pub fn make_backend(
+    kind: BackendKind,
+    program: Arc<Program>,
+    optimizer: Optimizer,
+) -> anyhow::Result<Box<dyn Backend>> {
     Ok(match kind {
         BackendKind::Reference => Box::new(Reference::new(program, optimizer)),
         BackendKind::Jit => Box::new(crate::backend::jit::Jit::new(program, optimizer)?),

@@ -293,7 +293,14 @@ pub fn backward_weights(e: &mut Emit, s: &ConvShape) {
 /// (zeroed by the caller) one sample at a time: each sample's rows of x and dy stay in cache
 /// while every channel chunk passes over them, instead of streaming the whole batch once per
 /// chunk. Each dw element still sums over samples, then rows, then columns, in order.
-fn weight_rows(e: &mut Emit, s: &ConvShape, [x, dy, dw]: [Value; 3], [kh, kw, c0]: [Value; 3], batch: Value, rows: usize) {
+fn weight_rows(
+    e: &mut Emit,
+    s: &ConvShape,
+    [x, dy, dw]: [Value; 3],
+    [kh, kw, c0]: [Value; 3],
+    batch: Value,
+    rows: usize,
+) {
     // dw at (kh, kw, c0, 0)
     let tap = e.mul_k(kh, s.kw as i64);
     let tap = e.add(tap, kw);

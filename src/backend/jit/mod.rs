@@ -32,13 +32,17 @@ pub struct Listing {
 }
 
 /// The compiled kernels of one conv2d or dense node.
-struct ConvKernels {
-    shape: ConvShape,
+#[derive(Debug, Clone, Copy)]
+pub struct ConvKernels {
+    pub shape: ConvShape,
     /// Padding before and after, [top, bottom, left, right].
-    pads: [usize; 4],
-    forward: KernelFn,
-    backward_input: KernelFn,
-    backward_weights: KernelFn,
+    pub pads: [usize; 4],
+    /// Buffers [x padded (N,HP,WP,C), w (KH,KW,C,F), bias (F) or null, y (N,OH,OW,F)]; items: samples.
+    pub forward: KernelFn,
+    /// Buffers [dy, w transposed (KH,KW,F,C), dx padded and zeroed]; items: samples.
+    pub backward_input: KernelFn,
+    /// Buffers [x padded, dy, dw zeroed]; items: [`ConvShape::weight_tasks`]; batch: samples.
+    pub backward_weights: KernelFn,
 }
 
 /// The compiled kernels of a program, by node.
@@ -70,8 +74,10 @@ impl JitKernels {
             let Some((shape, pads)) = conv_shape(program, id, &node.op) else { continue };
             let name = program.graph.layer_of(id).name.clone();
             let f = compiler.kernel(&format!("{name}_forward"), |e| conv::forward(e, &shape))?;
-            let bi = compiler.kernel(&format!("{name}_backward_input"), |e| conv::backward_input(e, &shape))?;
-            let bw = compiler.kernel(&format!("{name}_backward_weights"), |e| conv::backward_weights(e, &shape))?;
+            let bi =
+                compiler.kernel(&format!("{name}_backward_input"), |e| conv::backward_input(e, &shape))?;
+            let bw = compiler
+                .kernel(&format!("{name}_backward_weights"), |e| conv::backward_weights(e, &shape))?;
             pending.push((id, shape, pads, [f, bi, bw]));
         }
         let ids: Vec<_> = pending.iter().flat_map(|p| p.3).collect();
@@ -80,11 +86,30 @@ impl JitKernels {
             .into_iter()
             .zip(code.chunks(3))
             .map(|((id, shape, pads, _), fns)| {
-                (id, ConvKernels { shape, pads, forward: fns[0], backward_input: fns[1], backward_weights: fns[2] })
+                (
+                    id,
+                    ConvKernels {
+                        shape,
+                        pads,
+                        forward: fns[0],
+                        backward_input: fns[1],
+                        backward_weights: fns[2],
+                    },
+                )
             })
             .collect();
         let listings = std::mem::take(&mut compiler.listings);
-        Ok(JitKernels { convs, _compiler: std::sync::Mutex::new(compiler), compile_ms: started.elapsed().as_secs_f64() * 1e3, listings })
+        Ok(JitKernels {
+            convs,
+            _compiler: std::sync::Mutex::new(compiler),
+            compile_ms: started.elapsed().as_secs_f64() * 1e3,
+            listings,
+        })
+    }
+
+    /// The kernels of a conv2d or dense node, to call directly (tests of memory safety).
+    pub fn conv(&self, node: NodeId) -> Option<ConvKernels> {
+        self.convs.get(&node).copied()
     }
 
     /// How many kernels were compiled.
@@ -119,8 +144,19 @@ fn conv_shape(program: &Program, id: NodeId, op: &Op) -> Option<(ConvShape, [usi
             Some((shape, pads))
         }
         (Op::Dense(d), Shape::Flat(n), _) => {
-            let shape =
-                ConvShape { hp: 1, wp: 1, c: n, kh: 1, kw: 1, f: d.units, oh: 1, ow: 1, sh: 1, sw: 1, bias: d.bias };
+            let shape = ConvShape {
+                hp: 1,
+                wp: 1,
+                c: n,
+                kh: 1,
+                kw: 1,
+                f: d.units,
+                oh: 1,
+                ow: 1,
+                sh: 1,
+                sw: 1,
+                bias: d.bias,
+            };
             Some((shape, [0; 4]))
         }
         _ => None,
@@ -224,12 +260,24 @@ impl Kernels<f32> for JitKernels {
         let dy = dy.as_standard_layout();
         assert_eq!(dy.dim(), (n, s.oh, s.ow, s.f));
         let dw = Array4::<f32>::zeros((s.kh, s.kw, s.c, s.f));
-        run(k.backward_weights, &Buffers(vec![ptr(&xp), dy.as_ptr() as *mut f32, ptr(&dw)]), s.weight_tasks(), n);
-        let db = dy.view().into_shape_with_order((n * s.oh * s.ow, s.f)).expect("row-major").sum_axis(Axis(0));
+        run(
+            k.backward_weights,
+            &Buffers(vec![ptr(&xp), dy.as_ptr() as *mut f32, ptr(&dw)]),
+            s.weight_tasks(),
+            n,
+        );
+        let db =
+            dy.view().into_shape_with_order((n * s.oh * s.ow, s.f)).expect("row-major").sum_axis(Axis(0));
         (dw, db)
     }
 
-    fn dense_forward(&self, node: NodeId, x: ArrayView2<f32>, w: ArrayView2<f32>, b: Option<ArrayView1<f32>>) -> Array2<f32> {
+    fn dense_forward(
+        &self,
+        node: NodeId,
+        x: ArrayView2<f32>,
+        w: ArrayView2<f32>,
+        b: Option<ArrayView1<f32>>,
+    ) -> Array2<f32> {
         if !self.convs.contains_key(&node) {
             return reference::ops::dense_forward(x, w, b);
         }
@@ -301,7 +349,13 @@ impl Backend for Jit {
         state.iterations += 1;
         for (index, grad) in g.grads.iter().enumerate() {
             if let Some(grad) = grad {
-                optimizer::update(&self.optimizer, &mut state.params[index], grad, &mut state.slots[index], state.iterations);
+                optimizer::update(
+                    &self.optimizer,
+                    &mut state.params[index],
+                    grad,
+                    &mut state.slots[index],
+                    state.iterations,
+                );
             }
         }
         StepResult { loss_sum: g.loss_sum, correct: g.correct }
@@ -310,7 +364,19 @@ impl Backend for Jit {
     fn predict(&mut self, state: &State, images: &[f32]) -> Vec<f32> {
         let program = &self.program;
         let input = reference::batch_array(program, images);
-        let tape = reference::forward_with(&self.kernels, program, &state.params, input, Mode::Infer, program.output);
-        tape.values[program.output.index()].as_ref().expect("the output was computed").iter().copied().collect()
+        let tape = reference::forward_with(
+            &self.kernels,
+            program,
+            &state.params,
+            input,
+            Mode::Infer,
+            program.output,
+        );
+        tape.values[program.output.index()]
+            .as_ref()
+            .expect("the output was computed")
+            .iter()
+            .copied()
+            .collect()
     }
 }
