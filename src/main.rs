@@ -44,6 +44,9 @@ enum Command {
         /// Print the summary as JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also compile the model's kernels and report how long that took.
+        #[arg(long)]
+        compile: bool,
         /// Treat warnings as errors (non-zero exit when there are any).
         #[arg(long)]
         deny_warnings: bool,
@@ -179,12 +182,25 @@ fn main() -> ExitCode {
             println!("ok");
             Ok(())
         }),
-        Command::Summary { file, json, deny_warnings } => run(&file, deny_warnings, |checked, _| {
+        Command::Summary { file, json, compile, deny_warnings } => run(&file, deny_warnings, |checked, _| {
+            let compiled = if compile {
+                let program = cnnc::autodiff::build(checked)?;
+                let kernels = cnnc::backend::jit::JitKernels::compile(&program, Default::default())?;
+                Some((kernels.kernel_count(), kernels.compile_ms))
+            } else {
+                None
+            };
             if json {
-                let text = serde_json::to_string_pretty(&cnnc::report::summary_json(checked))?;
-                println!("{text}");
+                let mut value = cnnc::report::summary_json(checked);
+                if let Some((count, ms)) = compiled {
+                    value["compile"] = serde_json::json!({"kernels": count, "milliseconds": ms});
+                }
+                println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 print!("{}", cnnc::report::summary_text(checked));
+                if let Some((count, ms)) = compiled {
+                    println!(" Compiled {count} kernels in {ms:.1} ms");
+                }
             }
             Ok(())
         }),

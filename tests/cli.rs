@@ -116,3 +116,29 @@ fn compile_emits_the_ir_with_shapes() {
     assert!(ir.contains("%2 = relu(%1) : 26x26x32  # conv2d\n"), "{ir}");
     assert!(ir.contains("= softmax(%"), "{ir}");
 }
+
+#[test]
+fn compile_emits_cranelift_ir_and_machine_code() {
+    let clif = cnnc(&["compile", "--emit", "clif", "--kernel", "conv2d_1_forward", "models/mnist.cnn"]);
+    assert!(clif.status.success(), "{}", text(&clif.stderr));
+    let out = text(&clif.stdout);
+    assert!(out.starts_with("; kernel conv2d_1_forward\n"), "{out}");
+    assert!(out.contains("fma"), "{out}");
+    assert!(text(&clif.stderr).contains("compiled 9 kernels in"), "{}", text(&clif.stderr));
+
+    let asm = cnnc(&["compile", "--emit", "asm", "--kernel", "dense_backward_weights", "models/mnist.cnn"]);
+    assert!(text(&asm.stdout).contains("vfmadd"), "{}", text(&asm.stdout));
+
+    let none = cnnc(&["compile", "--emit", "asm", "--kernel", "nothing_like_this", "models/mnist.cnn"]);
+    assert_eq!(none.status.code(), Some(1));
+    assert!(text(&none.stderr).contains("the kernels are: conv2d_forward"), "{}", text(&none.stderr));
+}
+
+#[test]
+fn summary_can_report_the_compile_time() {
+    let out = cnnc(&["summary", "--compile", "--json", "models/mnist.cnn"]);
+    assert!(out.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["compile"]["kernels"], 9);
+    assert!(json["compile"]["milliseconds"].as_f64().unwrap() > 0.0);
+}

@@ -22,6 +22,11 @@ pub struct StepResult {
 pub trait Backend {
     fn name(&self) -> &'static str;
 
+    /// What was compiled for this model, and how long it took, for the log.
+    fn compile_report(&self) -> Option<String> {
+        None
+    }
+
     /// Forward, loss, backward and optimizer update on one batch (images NHWC, flat).
     /// `step` is the global step number: it seeds dropout masks, so that a run is reproducible
     /// and a resumed run continues exactly.

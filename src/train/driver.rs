@@ -181,6 +181,9 @@ pub fn train(
 ) -> anyhow::Result<RunSummary> {
     let program = Arc::new(autodiff::build(checked)?);
     let mut backend = make_backend(config.backend, program.clone(), config.optimizer)?;
+    if let Some(report) = backend.compile_report() {
+        observer.message(&report);
+    }
     std::fs::create_dir_all(&files.out_dir)
         .with_context(|| format!("cannot create the output directory `{}`", files.out_dir.display()))?;
 

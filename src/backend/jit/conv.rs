@@ -115,7 +115,7 @@ fn for_pixel_blocks(e: &mut Emit, ow: usize, mut body: impl FnMut(&mut Emit, Val
         let first = e.mul_k(b, PIXELS as i64);
         body(e, first, PIXELS);
     });
-    if ow % PIXELS > 0 {
+    if !ow.is_multiple_of(PIXELS) {
         let first = e.int((blocks * PIXELS) as i64);
         body(e, first, ow % PIXELS);
     }

@@ -338,6 +338,10 @@ impl Backend for Jit {
         "jit"
     }
 
+    fn compile_report(&self) -> Option<String> {
+        Some(format!("compiled {} kernels in {:.1} ms", self.kernels.kernel_count(), self.kernels.compile_ms))
+    }
+
     fn train_step(&mut self, state: &mut State, images: &[f32], labels: &[u8], step: u64) -> StepResult {
         let program = &self.program;
         let input = reference::batch_array(program, images);
