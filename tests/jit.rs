@@ -189,3 +189,15 @@ fn kernels_are_compiled_with_fused_multiply_add() {
     assert!(asm.contains("vfmadd"), "{name} has no fused multiply-add:\n{asm}");
     assert!(!asm.contains("fmaf"), "{name} calls fmaf instead of using the instruction");
 }
+
+#[test]
+fn dense_layers_too_large_for_cache_use_the_matrix_product() {
+    // 1100 x 1000 weights: above the compiled kernel's limit of 2^20, so the layer falls back
+    // to ndarray's cache-blocked product; the small one after it is compiled.
+    let program = program("input 1100 dense(1000) dense(3, activation=softmax)");
+    let jit = JitKernels::compile(&program, Listing::default()).unwrap();
+    let dense = |i: usize| cnnc::ir::NodeId::from_index(i);
+    assert!(jit.conv(dense(1)).is_none());
+    assert!(jit.conv(dense(2)).is_some());
+    differential("input 1100 dense(1000) dense(3, activation=softmax)", 2);
+}

@@ -19,6 +19,8 @@ use super::emit::{Emit, F32, F32X4};
 
 /// Output pixels computed together by the forward and input-gradient kernels.
 const PIXELS: usize = 4;
+/// Copies of the innermost loop body per iteration.
+const UNROLL: usize = 4;
 /// Input channels computed together by the weight-gradient kernel.
 const ROWS: usize = 4;
 
@@ -161,7 +163,7 @@ pub fn forward(e: &mut Emit, s: &ConvShape) {
                             let w_off = e.mul_k(tap, (s.c * s.f) as i64);
                             let w_off = e.add(w_off, f0);
                             let wbase = e.at(w, w_off);
-                            e.for_n(s.c, |e, ci| {
+                            e.for_n_unrolled(s.c, UNROLL, |e, ci| {
                                 let wci_off = e.mul_k(ci, s.f as i64);
                                 let waddr = e.at(wbase, wci_off);
                                 let wv = load_chunk(e, waddr, 0, width);
@@ -218,7 +220,7 @@ pub fn backward_input(e: &mut Emit, s: &ConvShape) {
                             let w_off = e.mul_k(tap, (s.f * s.c) as i64);
                             let w_off = e.add(w_off, c0);
                             let wbase = e.at(wt, w_off);
-                            e.for_n(s.f, |e, f| {
+                            e.for_n_unrolled(s.f, UNROLL, |e, f| {
                                 let wf_off = e.mul_k(f, s.c as i64);
                                 let waddr = e.at(wbase, wf_off);
                                 let wv = load_chunk(e, waddr, 0, width);
@@ -335,7 +337,7 @@ fn weight_rows(
                 let d_off = e.mul_k(drow, (s.ow * s.f) as i64);
                 let d_off = e.add(d_off, f0);
                 let dyrow = e.at(dy, d_off);
-                e.for_n(s.ow, |e, ow| {
+                e.for_n_unrolled(s.ow, UNROLL, |e, ow| {
                     let xo = e.mul_k(ow, (s.sw * s.c) as i64);
                     let xaddr = e.at(xrow, xo);
                     let dofs = e.mul_k(ow, s.f as i64);

@@ -236,6 +236,23 @@ impl<'a> Emit<'a> {
         }
     }
 
+    /// `for i in 0..n`, n a constant, the body emitted `unroll` times per iteration (and once
+    /// for each of the `n % unroll` last values): fewer branches and index updates per FMA.
+    pub fn for_n_unrolled(&mut self, n: usize, unroll: usize, mut body: impl FnMut(&mut Self, Value)) {
+        let unroll = unroll.max(1);
+        self.for_n(n / unroll, |e, i| {
+            let base = e.mul_k(i, unroll as i64);
+            for j in 0..unroll {
+                let index = e.add_k(base, j as i64);
+                body(e, index);
+            }
+        });
+        for j in (n / unroll) * unroll..n {
+            let index = self.int(j as i64);
+            body(self, index);
+        }
+    }
+
     /// Runs `then` only when `cond` (an integer) is non-zero.
     pub fn when(&mut self, cond: Value, then: impl FnOnce(&mut Self)) {
         let yes = self.b.create_block();

@@ -118,6 +118,9 @@ impl JitKernels {
     }
 }
 
+/// The largest dense weight matrix (elements) compiled into a kernel: 4 MB of f32.
+const DENSE_MAX_WEIGHTS: usize = 1 << 20;
+
 /// The kernel shape of a conv2d or dense node (dense: a 1x1 convolution of a 1x1 image).
 fn conv_shape(program: &Program, id: NodeId, op: &Op) -> Option<(ConvShape, [usize; 4])> {
     if !matches!(op, Op::Conv2d(_) | Op::Dense(_)) {
@@ -143,7 +146,10 @@ fn conv_shape(program: &Program, id: NodeId, op: &Op) -> Option<(ConvShape, [usi
             };
             Some((shape, pads))
         }
-        (Op::Dense(d), Shape::Flat(n), _) => {
+        // The dense kernel is a 1x1 convolution that streams its whole weight matrix once per
+        // sample: right while the matrix stays in cache, ruinous for a 12544x7744 one (388 MB a
+        // sample). Larger layers use ndarray's cache-blocked matrix product instead.
+        (Op::Dense(d), Shape::Flat(n), _) if n.saturating_mul(d.units) <= DENSE_MAX_WEIGHTS => {
             let shape = ConvShape {
                 hp: 1,
                 wp: 1,
