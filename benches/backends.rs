@@ -30,6 +30,7 @@ fn random(shape: &[usize], rng: &mut Rng) -> ArrayD<f32> {
 }
 
 fn layers(c: &mut Criterion) {
+    cnnc::keep_freed_memory();
     let program = program("models/mnist.cnn");
     let jit = JitKernels::compile(&program, Listing::default()).unwrap();
     let mut rng = Rng::new(1, &[]);

@@ -175,7 +175,7 @@ impl From<BackendKind> for driver::BackendKind {
 }
 
 fn main() -> ExitCode {
-    keep_freed_memory();
+    cnnc::keep_freed_memory();
     let cli = Cli::parse();
     match cli.command {
         Command::Check { file, deny_warnings } => run(&file, deny_warnings, |_, _| {
@@ -218,19 +218,6 @@ fn main() -> ExitCode {
             run(&file, false, |checked, _| predict(checked, &weights, &images, &index))
         }
         Command::Data { command } => finish(data(command)),
-    }
-}
-
-/// A training step allocates and frees the same large buffers over and over. glibc returns
-/// blocks above its mmap threshold to the kernel at every free, and every step then pays for
-/// page faults and for the kernel zeroing fresh pages (a fifth of a JIT step, measured with
-/// perf). Raising the thresholds keeps freed blocks in the heap for reuse.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tunables; it is called before any thread starts.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }
 
