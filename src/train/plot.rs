@@ -213,6 +213,8 @@ fn accuracy_axis(series: &[&Option<Vec<f64>>]) -> Axis {
     let (min, max) = min_max(finite_values(series)).unwrap_or((0.0, 1.0));
     let hi = max.max(1.0);
     let lo = if min < hi { min } else { hi - 0.1 };
+    // `hi - 0.1` is `hi` itself for huge values; an empty range would put every point at NaN.
+    let lo = if lo < hi { lo } else { hi - hi.abs() * 0.5 };
     let step = nice_step(hi - lo, 5.0);
     let axis = rounded_axis(lo, hi, step);
     // Accuracies are never negative; rounding down must not invent a negative range.
@@ -468,6 +470,13 @@ mod tests {
             assert_eq!(svg.contains(">validation</text>"), series == 4, "{what}: legend");
             assert_eq!(svg.matches("stroke-dasharray").count() > 0, series == 4, "{what}: dashes");
         }
+    }
+
+    #[test]
+    fn one_huge_accuracy_still_gives_finite_coordinates() {
+        // Found by the property test below: min = max = f64::MAX left the axis empty.
+        let svg = loss_accuracy_svg("m", &[record(0, 0.0, f64::MAX, None)]);
+        assert_coordinates_finite(&svg);
     }
 
     #[test]
