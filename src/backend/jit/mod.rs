@@ -14,13 +14,10 @@ use ndarray::{Array1, Array2, Array4, ArrayView1, ArrayView2, ArrayView4, Axis, 
 use rayon::prelude::*;
 
 use super::reference::ops::Geometry;
-use super::reference::{self, Kernels, Mode};
-use super::{Backend, StepResult};
+use super::reference::{self, Interpreter, Kernels};
 use crate::autodiff::Program;
 use crate::ir::train::Optimizer;
 use crate::ir::{NodeId, Op, Shape};
-use crate::train::optimizer;
-use crate::train::state::State;
 use conv::ConvShape;
 use emit::{Compiler, KernelFn};
 
@@ -199,6 +196,10 @@ fn ptr(a: &Array4<f32>) -> *mut f32 {
 }
 
 impl Kernels<f32> for JitKernels {
+    fn compile_report(&self) -> Option<String> {
+        Some(format!("compiled {} kernels in {:.1} ms", self.kernel_count(), self.compile_ms))
+    }
+
     fn conv2d_forward(
         &self,
         node: NodeId,
@@ -326,67 +327,11 @@ impl Kernels<f32> for JitKernels {
 }
 
 /// The JIT backend: the interpreter with compiled kernels.
-pub struct Jit {
-    program: Arc<Program>,
-    optimizer: Optimizer,
-    pub kernels: JitKernels,
-}
+pub type Jit = Interpreter<JitKernels>;
 
 impl Jit {
     pub fn new(program: Arc<Program>, optimizer: Optimizer) -> anyhow::Result<Self> {
         let kernels = JitKernels::compile(&program, Listing::default())?;
-        Ok(Jit { program, optimizer, kernels })
-    }
-}
-
-impl Backend for Jit {
-    fn name(&self) -> &'static str {
-        "jit"
-    }
-
-    fn compile_report(&self) -> Option<String> {
-        Some(format!("compiled {} kernels in {:.1} ms", self.kernels.kernel_count(), self.kernels.compile_ms))
-    }
-
-    fn train_step(&mut self, state: &mut State, images: &[f32], labels: &[u8], step: u64) -> StepResult {
-        let program = &self.program;
-        let input = reference::batch_array(program, images);
-        let mode = Mode::Train { seed: state.seed, step };
-        let g = reference::gradients_with(&self.kernels, program, &state.params, input, labels, mode);
-        for (index, value) in g.moving {
-            state.params[index] = value;
-        }
-        state.iterations += 1;
-        for (index, grad) in g.grads.iter().enumerate() {
-            if let Some(grad) = grad {
-                optimizer::update(
-                    &self.optimizer,
-                    &mut state.params[index],
-                    grad,
-                    &mut state.slots[index],
-                    state.iterations,
-                );
-            }
-        }
-        StepResult { loss_sum: g.loss_sum, correct: g.correct }
-    }
-
-    fn predict(&mut self, state: &State, images: &[f32]) -> Vec<f32> {
-        let program = &self.program;
-        let input = reference::batch_array(program, images);
-        let tape = reference::forward_with(
-            &self.kernels,
-            program,
-            &state.params,
-            input,
-            Mode::Infer,
-            program.output,
-        );
-        tape.values[program.output.index()]
-            .as_ref()
-            .expect("the output was computed")
-            .iter()
-            .copied()
-            .collect()
+        Ok(Interpreter::with_kernels("jit", program, optimizer, kernels))
     }
 }

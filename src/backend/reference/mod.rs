@@ -21,6 +21,11 @@ use ops::{BatchStats, Geometry, Real};
 /// supplies its own (compiled for that node's shapes) and inherits everything else from the
 /// interpreter, so both run the same program the same way.
 pub trait Kernels<T: Real>: Sync {
+    /// What was compiled, and how long it took, for the log.
+    fn compile_report(&self) -> Option<String> {
+        None
+    }
+
     fn conv2d_forward(
         &self,
         _node: NodeId,
@@ -110,27 +115,44 @@ pub struct Gradients<T> {
     pub moving: Vec<(usize, ArrayD<T>)>,
 }
 
-/// The reference backend for training in f32.
-pub struct Reference {
+/// A backend that interprets the program, taking its compute-heavy kernels from `K`: the
+/// reference ([`Plain`]) and the JIT (compiled kernels) differ only there.
+pub struct Interpreter<K> {
     program: Arc<Program>,
     optimizer: Optimizer,
+    pub kernels: K,
+    name: &'static str,
 }
+
+/// The reference backend for training in f32.
+pub type Reference = Interpreter<Plain>;
 
 impl Reference {
     pub fn new(program: Arc<Program>, optimizer: Optimizer) -> Self {
-        Reference { program, optimizer }
+        Interpreter::with_kernels("reference", program, optimizer, Plain)
     }
 }
 
-impl Backend for Reference {
+impl<K: Kernels<f32>> Interpreter<K> {
+    pub fn with_kernels(name: &'static str, program: Arc<Program>, optimizer: Optimizer, kernels: K) -> Self {
+        Interpreter { program, optimizer, kernels, name }
+    }
+}
+
+impl<K: Kernels<f32>> Backend for Interpreter<K> {
     fn name(&self) -> &'static str {
-        "reference"
+        self.name
+    }
+
+    fn compile_report(&self) -> Option<String> {
+        self.kernels.compile_report()
     }
 
     fn train_step(&mut self, state: &mut State, images: &[f32], labels: &[u8], step: u64) -> StepResult {
         let program = &self.program;
         let input = batch_array(program, images);
-        let g = gradients(program, &state.params, input, labels, Mode::Train { seed: state.seed, step });
+        let mode = Mode::Train { seed: state.seed, step };
+        let g = gradients_with(&self.kernels, program, &state.params, input, labels, mode);
         for (index, value) in g.moving {
             state.params[index] = value;
         }
@@ -146,7 +168,8 @@ impl Backend for Reference {
 
     fn predict(&mut self, state: &State, images: &[f32]) -> Vec<f32> {
         let program = &self.program;
-        let tape = forward(program, &state.params, batch_array(program, images), Mode::Infer, program.output);
+        let input = batch_array(program, images);
+        let tape = forward_with(&self.kernels, program, &state.params, input, Mode::Infer, program.output);
         tape.values[program.output.index()]
             .as_ref()
             .expect("the output was computed")
