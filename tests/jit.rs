@@ -201,3 +201,41 @@ fn dense_layers_too_large_for_cache_use_the_matrix_product() {
     assert!(jit.conv(dense(2)).is_some());
     differential("input 1100 dense(1000) dense(3, activation=softmax)", 2);
 }
+
+#[test]
+fn max_pooling_with_padding_overlap_and_ties() {
+    // relu before the pools makes many exact zeros: ties, where the gradient must go to the
+    // first maximum of each window, as the reference sends it
+    differential(
+        "input 9x10x3 conv2d(7, kernel=2, activation=relu) maxpool(3, stride=1) \
+         maxpool(2, stride=2, padding=same) conv2d(11, kernel=1, activation=relu) maxpool(2, padding=1) \
+         flatten dense(3, activation=softmax)",
+        4,
+    );
+}
+
+/// The pooling gradient alone, on inputs full of ties (only 0 and 1): each window's gradient
+/// must reach its first maximum only, as in the reference.
+#[test]
+fn max_pooling_gradient_goes_to_the_first_of_tied_maxima() {
+    use cnnc::backend::reference::ops::Geometry;
+    use cnnc::backend::reference::{Kernels as _, Plain};
+    use ndarray::Array4;
+    let program =
+        program("input 7x8x5 maxpool(3, stride=2, padding=same) flatten dense(3, activation=softmax)");
+    let jit = JitKernels::compile(&program, Listing::default()).unwrap();
+    let pool = cnnc::ir::NodeId::from_index(1);
+    assert!(jit.pool(pool).is_some());
+    let [wh, ww] = program.shapes.window(pool).unwrap();
+    let g =
+        Geometry { kernel: [3, 3], stride: [2, 2], pad_before: [wh.pad_before, ww.pad_before], out: [4, 4] };
+    let mut rng = Rng::new(9, &[]);
+    let x = Array4::from_shape_simple_fn((3, 7, 8, 5), || if rng.next_f32() < 0.5 { 0.0f32 } else { 1.0 });
+    let dy = Array4::from_shape_simple_fn((3, 4, 4, 5), || rng.next_f32());
+    let expected = Plain.maxpool_backward(pool, x.view(), dy.view(), &g);
+    let actual = jit.maxpool_backward(pool, x.view(), dy.view(), &g);
+    assert_close("maxpool input gradient", &expected.into_dyn(), &actual.into_dyn());
+    let expected = Plain.maxpool_forward(pool, x.view(), &g);
+    let actual = jit.maxpool_forward(pool, x.view(), &g);
+    assert_close("maxpool output", &expected.into_dyn(), &actual.into_dyn());
+}

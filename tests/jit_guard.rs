@@ -1,4 +1,4 @@
-//! Memory safety of the compiled kernels: every buffer is placed flush against an inaccessible
+//! Memory safety of the compiled kernels (convolution, dense, max pooling): every buffer is placed flush against an inaccessible
 //! guard page, after its end and (in a second run) before its start, so a kernel that reads or
 //! writes one element outside its buffers crashes the test. Shapes are odd on purpose (channel
 //! tails, pixel-block tails, strides, padding). The results are compared with the ordinary,
@@ -139,6 +139,34 @@ fn check(model: &str, batch: usize) {
         }
         checked_nodes += 1;
     }
+    for (id, _) in program.graph.nodes() {
+        let Some(k) = jit.pool(id) else { continue };
+        let s = k.shape;
+        let x = random(batch * s.hp * s.wp * s.c, &mut rng);
+        let dy = random(batch * s.oh * s.ow * s.c, &mut rng);
+        let g =
+            Geometry { kernel: [s.kh, s.kw], stride: [s.sh, s.sw], pad_before: [0, 0], out: [s.oh, s.ow] };
+        let x4 = Array4::from_shape_vec((batch, s.hp, s.wp, s.c), x.clone()).unwrap();
+        let dy4 = Array4::from_shape_vec((batch, s.oh, s.ow, s.c), dy.clone()).unwrap();
+        let reference = cnnc::backend::reference::Plain;
+        let y_ref = reference.maxpool_forward(id, x4.view(), &g);
+        let dx_ref = reference.maxpool_backward(id, x4.view(), dy4.view(), &g);
+        for flush_with_end in [true, false] {
+            let gx = Guarded::new(&x, flush_with_end);
+            let gy = Guarded::new(&vec![0.0; dy.len()], flush_with_end);
+            let gdy = Guarded::new(&dy, flush_with_end);
+            let gdx = Guarded::new(&vec![0.0; x.len()], flush_with_end);
+            // SAFETY: as for the convolutions above.
+            unsafe {
+                (k.forward)([gx.ptr, gy.ptr].as_ptr(), 0, batch as i64, batch as i64);
+                (k.backward)([gx.ptr, gdy.ptr, gdx.ptr].as_ptr(), 0, batch as i64, batch as i64);
+            }
+            let name = format!("{model} / {}", program.graph.layer_of(id).name);
+            close(&format!("{name} forward"), y_ref.as_slice().unwrap(), &gy.to_vec());
+            close(&format!("{name} input gradient"), dx_ref.as_slice().unwrap(), &gdx.to_vec());
+        }
+        checked_nodes += 1;
+    }
     assert!(checked_nodes > 0);
 }
 
@@ -151,6 +179,14 @@ fn conv_kernels_stay_inside_their_buffers() {
     check(
         "input 7x6x1 conv2d(19, kernel=4, padding=same, bias=false) flatten dense(3, activation=softmax)",
         1,
+    );
+}
+
+#[test]
+fn pool_kernels_stay_inside_their_buffers() {
+    check(
+        "input 9x10x7 maxpool(3, stride=2, padding=same) maxpool(2, stride=1) flatten dense(3, activation=softmax)",
+        3,
     );
 }
 

@@ -52,7 +52,7 @@ impl ConvShape {
 
 /// A chunk of channels: two vectors, one vector, or one scalar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Width {
+pub(super) enum Width {
     Two,
     One,
     Scalar,
@@ -69,7 +69,7 @@ impl Width {
 }
 
 /// Calls `body(first channel, width)` for every chunk of `total` channels.
-fn for_chunks(e: &mut Emit, total: usize, mut body: impl FnMut(&mut Emit, Value, Width)) {
+pub(super) fn for_chunks(e: &mut Emit, total: usize, mut body: impl FnMut(&mut Emit, Value, Width)) {
     let full = total / 8;
     e.for_n(full, |e, i| {
         let first = e.mul_k(i, 8);
@@ -88,14 +88,14 @@ fn for_chunks(e: &mut Emit, total: usize, mut body: impl FnMut(&mut Emit, Value,
 }
 
 /// The vectors (or scalar) of one chunk at `addr + offset`.
-fn load_chunk(e: &mut Emit, addr: Value, offset: i64, width: Width) -> Vec<Value> {
+pub(super) fn load_chunk(e: &mut Emit, addr: Value, offset: i64, width: Width) -> Vec<Value> {
     match width {
         Width::Scalar => vec![e.load(addr, offset)],
         _ => (0..width.parts()).map(|p| e.load4(addr, offset + 4 * p as i64)).collect(),
     }
 }
 
-fn store_chunk(e: &mut Emit, values: &[Value], addr: Value, offset: i64) {
+pub(super) fn store_chunk(e: &mut Emit, values: &[Value], addr: Value, offset: i64) {
     for (p, v) in values.iter().enumerate() {
         e.store(*v, addr, offset + 4 * p as i64);
     }

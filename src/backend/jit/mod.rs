@@ -5,6 +5,7 @@
 
 pub mod conv;
 pub mod emit;
+pub mod pool;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,9 +18,10 @@ use super::reference::ops::Geometry;
 use super::reference::{self, Interpreter, Kernels};
 use crate::autodiff::Program;
 use crate::ir::train::Optimizer;
-use crate::ir::{NodeId, Op, Shape};
+use crate::ir::{NodeId, Op, PoolKind, Shape};
 use conv::ConvShape;
 use emit::{Compiler, KernelFn};
+use pool::PoolShape;
 
 /// What to keep of the compilation, for `cnnc compile --emit`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -42,9 +44,22 @@ pub struct ConvKernels {
     pub backward_weights: KernelFn,
 }
 
+/// The compiled kernels of one max-pooling node.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolKernels {
+    pub shape: PoolShape,
+    /// Padding before and after, [top, bottom, left, right].
+    pub pads: [usize; 4],
+    /// Buffers [x padded with -inf, y]; items: samples.
+    pub forward: KernelFn,
+    /// Buffers [x padded with -inf, dy, dx padded and zeroed]; items: samples.
+    pub backward: KernelFn,
+}
+
 /// The compiled kernels of a program, by node.
 pub struct JitKernels {
     convs: HashMap<NodeId, ConvKernels>,
+    pools: HashMap<NodeId, PoolKernels>,
     /// Owns the machine code the kernel pointers point into (in a mutex only because the
     /// module is `Send` but not `Sync`; it is never used again).
     _compiler: std::sync::Mutex<Compiler>,
@@ -67,7 +82,14 @@ impl JitKernels {
         compiler.keep_clif = listing.clif;
         compiler.keep_asm = listing.asm;
         let mut pending = Vec::new();
+        let mut pending_pools = Vec::new();
         for (id, node) in program.graph.nodes() {
+            if let Some((shape, pads)) = pool_shape(program, id, &node.op) {
+                let name = program.graph.layer_of(id).name.clone();
+                let f = compiler.kernel(&format!("{name}_forward"), |e| pool::forward(e, &shape))?;
+                let b = compiler.kernel(&format!("{name}_backward"), |e| pool::backward(e, &shape))?;
+                pending_pools.push((id, shape, pads, [f, b]));
+            }
             let Some((shape, pads)) = conv_shape(program, id, &node.op) else { continue };
             let name = program.graph.layer_of(id).name.clone();
             let f = compiler.kernel(&format!("{name}_forward"), |e| conv::forward(e, &shape))?;
@@ -77,11 +99,20 @@ impl JitKernels {
                 .kernel(&format!("{name}_backward_weights"), |e| conv::backward_weights(e, &shape))?;
             pending.push((id, shape, pads, [f, bi, bw]));
         }
-        let ids: Vec<_> = pending.iter().flat_map(|p| p.3).collect();
+        let mut ids: Vec<_> = pending.iter().flat_map(|p| p.3).collect();
+        ids.extend(pending_pools.iter().flat_map(|p| p.3));
         let code = compiler.finish(&ids)?;
+        let (conv_code, pool_code) = code.split_at(pending.len() * 3);
+        let pools = pending_pools
+            .into_iter()
+            .zip(pool_code.chunks(2))
+            .map(|((id, shape, pads, _), fns)| {
+                (id, PoolKernels { shape, pads, forward: fns[0], backward: fns[1] })
+            })
+            .collect();
         let convs = pending
             .into_iter()
-            .zip(code.chunks(3))
+            .zip(conv_code.chunks(3))
             .map(|((id, shape, pads, _), fns)| {
                 (
                     id,
@@ -98,6 +129,7 @@ impl JitKernels {
         let listings = std::mem::take(&mut compiler.listings);
         Ok(JitKernels {
             convs,
+            pools,
             _compiler: std::sync::Mutex::new(compiler),
             compile_ms: started.elapsed().as_secs_f64() * 1e3,
             listings,
@@ -109,9 +141,14 @@ impl JitKernels {
         self.convs.get(&node).copied()
     }
 
+    /// The kernels of a max-pooling node, to call directly.
+    pub fn pool(&self, node: NodeId) -> Option<PoolKernels> {
+        self.pools.get(&node).copied()
+    }
+
     /// How many kernels were compiled.
     pub fn kernel_count(&self) -> usize {
-        self.convs.len() * 3
+        self.convs.len() * 3 + self.pools.len() * 2
     }
 }
 
@@ -166,6 +203,32 @@ fn conv_shape(program: &Program, id: NodeId, op: &Op) -> Option<(ConvShape, [usi
     }
 }
 
+/// The kernel shape of a max-pooling node.
+fn pool_shape(program: &Program, id: NodeId, op: &Op) -> Option<(PoolShape, [usize; 4])> {
+    let Op::Pool(p) = op else { return None };
+    if p.kind != PoolKind::Max {
+        return None;
+    }
+    let input = program.shapes.shape(program.graph.node(id).inputs[0]);
+    let (Shape::Hwc { h, w, c }, Shape::Hwc { h: oh, w: ow, .. }) = (input, program.shapes.shape(id)) else {
+        return None;
+    };
+    let [wh, ww] = program.shapes.window(id)?;
+    let pads = [wh.pad_before, wh.pad_after, ww.pad_before, ww.pad_after];
+    let shape = PoolShape {
+        hp: h + pads[0] + pads[1],
+        wp: w + pads[2] + pads[3],
+        c,
+        kh: p.size[0],
+        kw: p.size[1],
+        oh,
+        ow,
+        sh: p.stride[0],
+        sw: p.stride[1],
+    };
+    Some((shape, pads))
+}
+
 /// Buffer pointers handed to kernels running on several threads.
 struct Buffers(Vec<*mut f32>);
 // SAFETY: each kernel call writes only the part of its output that belongs to its own range
@@ -185,8 +248,12 @@ fn run(kernel: KernelFn, buffers: &Buffers, items: usize, batch: usize) {
 
 /// `x` (N,H,W,C) copied into a zero border of `pads`; a row-major copy when there is none.
 fn padded(x: ArrayView4<f32>, pads: [usize; 4]) -> Array4<f32> {
+    padded_with(x, pads, 0.0)
+}
+
+fn padded_with(x: ArrayView4<f32>, pads: [usize; 4], border: f32) -> Array4<f32> {
     let (n, h, w, c) = x.dim();
-    let mut out = Array4::zeros((n, h + pads[0] + pads[1], w + pads[2] + pads[3], c));
+    let mut out = Array4::from_elem((n, h + pads[0] + pads[1], w + pads[2] + pads[3], c), border);
     out.slice_mut(s![.., pads[0]..pads[0] + h, pads[2]..pads[2] + w, ..]).assign(&x);
     out
 }
@@ -276,6 +343,36 @@ impl Kernels<f32> for JitKernels {
         let db =
             dy.view().into_shape_with_order((n * s.oh * s.ow, s.f)).expect("row-major").sum_axis(Axis(0));
         (dw, db)
+    }
+
+    fn maxpool_forward(&self, node: NodeId, x: ArrayView4<f32>, g: &Geometry) -> Array4<f32> {
+        let Some(k) = self.pools.get(&node) else { return reference::ops::maxpool_forward(x, g) };
+        let s = &k.shape;
+        let n = x.dim().0;
+        let xp = padded_with(x, k.pads, f32::NEG_INFINITY);
+        assert_eq!((xp.dim().1, xp.dim().2, xp.dim().3), (s.hp, s.wp, s.c));
+        let y = Array4::<f32>::zeros((n, s.oh, s.ow, s.c));
+        run(k.forward, &Buffers(vec![ptr(&xp), ptr(&y)]), n, n);
+        y
+    }
+
+    fn maxpool_backward(
+        &self,
+        node: NodeId,
+        x: ArrayView4<f32>,
+        dy: ArrayView4<f32>,
+        g: &Geometry,
+    ) -> Array4<f32> {
+        let Some(k) = self.pools.get(&node) else { return reference::ops::maxpool_backward(x, dy, g) };
+        let s = &k.shape;
+        let (n, h, w, _) = x.dim();
+        let xp = padded_with(x, k.pads, f32::NEG_INFINITY);
+        let dy = dy.as_standard_layout();
+        assert_eq!(dy.dim(), (n, s.oh, s.ow, s.c));
+        let dxp = Array4::<f32>::zeros((n, s.hp, s.wp, s.c));
+        run(k.backward, &Buffers(vec![ptr(&xp), dy.as_ptr() as *mut f32, ptr(&dxp)]), n, n);
+        let [top, _, left, _] = k.pads;
+        if k.pads == [0; 4] { dxp } else { dxp.slice(s![.., top..top + h, left..left + w, ..]).to_owned() }
     }
 
     fn dense_forward(

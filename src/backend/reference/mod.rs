@@ -69,6 +69,20 @@ pub trait Kernels<T: Real>: Sync {
         ops::dense_forward(x, w, b)
     }
 
+    fn maxpool_forward(&self, _node: NodeId, x: ArrayView4<T>, g: &Geometry) -> Array4<T> {
+        ops::maxpool_forward(x, g)
+    }
+
+    fn maxpool_backward(
+        &self,
+        _node: NodeId,
+        x: ArrayView4<T>,
+        dy: ArrayView4<T>,
+        g: &Geometry,
+    ) -> Array4<T> {
+        ops::maxpool_backward(x, dy, g)
+    }
+
     /// (dx, dw, db)
     fn dense_backward(
         &self,
@@ -353,7 +367,7 @@ fn forward_node<T: Real>(
             let x4 = x.into_dimensionality::<Ix4>().expect("NHWC input");
             let g = geometry(program, id);
             let y = match pool.kind {
-                PoolKind::Max => ops::maxpool_forward(x4, &g),
+                PoolKind::Max => kernels.maxpool_forward(id, x4, &g),
                 PoolKind::Avg => ops::avgpool_forward(x4, &g),
             };
             (y.into_dyn(), None, None)
@@ -472,7 +486,7 @@ fn backward_node<T: Real>(
             let dy4 = dy.view().into_dimensionality::<Ix4>().unwrap();
             let x4 = x.into_dimensionality::<Ix4>().unwrap();
             match pool.kind {
-                PoolKind::Max => ops::maxpool_backward(x4, dy4, &g).into_dyn(),
+                PoolKind::Max => kernels.maxpool_backward(id, x4, dy4, &g).into_dyn(),
                 PoolKind::Avg => ops::avgpool_backward(x4.dim().into(), dy4, &g).into_dyn(),
             }
         }),

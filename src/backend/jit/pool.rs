@@ -1,0 +1,160 @@
+//! Max-pooling kernels, forward and backward, specialized to one layer's shapes.
+//!
+//! Both work on an input padded by the caller with -inf (padding never wins a window) and on
+//! whole channel chunks (8, 4, then single channels). The backward pass gives each window's
+//! gradient to its first maximum, as the reference does: it recomputes the maximum, then walks
+//! the window in order with a per-lane "done" mask.
+
+use cranelift_codegen::ir::condcodes::FloatCC;
+use cranelift_codegen::ir::{InstBuilder as _, MemFlagsData, Value, types};
+
+use super::conv::{Width, for_chunks, load_chunk, store_chunk};
+use super::emit::Emit;
+
+/// One max-pooling layer's shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolShape {
+    /// The padded input's height and width.
+    pub hp: usize,
+    pub wp: usize,
+    pub c: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub sh: usize,
+    pub sw: usize,
+}
+
+/// `max(a, b)` that keeps `a` when `b` is NaN, as `f32::max` does for the reference.
+fn max(e: &mut Emit, a: Value, b: Value, width: Width) -> Value {
+    let greater = e.ins().fcmp(FloatCC::GreaterThan, b, a);
+    if width == Width::Scalar {
+        e.ins().select(greater, b, a)
+    } else {
+        let mask = e.ins().bitcast(types::F32X4, MemFlagsData::new(), greater);
+        e.ins().bitselect(mask, b, a)
+    }
+}
+
+/// The element offset of input pixel (oh·sh + kh, ow·sw + kw) of sample n, channel 0.
+fn input_pixel(e: &mut Emit, s: &PoolShape, n: Value, oh: Value, ow: Value, kh: usize, kw: usize) -> Value {
+    let row = e.mul_k(n, s.hp as i64);
+    let ohs = e.mul_k(oh, s.sh as i64);
+    let row = e.add(row, ohs);
+    let row = e.add_k(row, kh as i64);
+    let row = e.mul_k(row, s.wp as i64);
+    let col = e.mul_k(ow, s.sw as i64);
+    let col = e.add_k(col, kw as i64);
+    let pixel = e.add(row, col);
+    e.mul_k(pixel, s.c as i64)
+}
+
+/// y[n,oh,ow,c] = max over the window of x. Buffers: [x (padded with -inf), y]; items: samples.
+pub fn forward(e: &mut Emit, s: &PoolShape) {
+    let (x, y) = (e.buf(0), e.buf(1));
+    let (start, end) = (e.start, e.end);
+    e.for_range(start, end, |e, n| {
+        e.for_n(s.oh, |e, oh| {
+            e.for_n(s.ow, |e, ow| {
+                let out = e.mul_k(n, s.oh as i64);
+                let out = e.add(out, oh);
+                let out = e.mul_k(out, s.ow as i64);
+                let out = e.add(out, ow);
+                let out = e.mul_k(out, s.c as i64);
+                let mut offsets = Vec::new();
+                for kh in 0..s.kh {
+                    for kw in 0..s.kw {
+                        offsets.push(input_pixel(e, s, n, oh, ow, kh, kw));
+                    }
+                }
+                for_chunks(e, s.c, |e, c0, width| {
+                    let mut best: Option<Vec<Value>> = None;
+                    for offset in &offsets {
+                        let at = e.add(*offset, c0);
+                        let addr = e.at(x, at);
+                        let v = load_chunk(e, addr, 0, width);
+                        best = Some(match best {
+                            None => v,
+                            Some(b) => b.iter().zip(&v).map(|(b, v)| max(e, *b, *v, width)).collect(),
+                        });
+                    }
+                    let at = e.add(out, c0);
+                    let addr = e.at(y, at);
+                    store_chunk(e, &best.expect("a window has a pixel"), addr, 0);
+                });
+            });
+        });
+    });
+}
+
+/// dx (padded, zeroed) += dy at each window's first maximum. Buffers: [x (padded with -inf),
+/// dy, dx]; items: samples.
+pub fn backward(e: &mut Emit, s: &PoolShape) {
+    let (x, dy, dx) = (e.buf(0), e.buf(1), e.buf(2));
+    let (start, end) = (e.start, e.end);
+    e.for_range(start, end, |e, n| {
+        e.for_n(s.oh, |e, oh| {
+            e.for_n(s.ow, |e, ow| {
+                let out = e.mul_k(n, s.oh as i64);
+                let out = e.add(out, oh);
+                let out = e.mul_k(out, s.ow as i64);
+                let out = e.add(out, ow);
+                let out = e.mul_k(out, s.c as i64);
+                let mut offsets = Vec::new();
+                for kh in 0..s.kh {
+                    for kw in 0..s.kw {
+                        offsets.push(input_pixel(e, s, n, oh, ow, kh, kw));
+                    }
+                }
+                for_chunks(e, s.c, |e, c0, width| {
+                    let loads: Vec<Vec<Value>> = offsets
+                        .iter()
+                        .map(|offset| {
+                            let at = e.add(*offset, c0);
+                            let addr = e.at(x, at);
+                            load_chunk(e, addr, 0, width)
+                        })
+                        .collect();
+                    let mut best = loads[0].clone();
+                    for v in &loads[1..] {
+                        best = best.iter().zip(v).map(|(b, v)| max(e, *b, *v, width)).collect();
+                    }
+                    let at = e.add(out, c0);
+                    let addr = e.at(dy, at);
+                    let grad = load_chunk(e, addr, 0, width);
+                    let zero = e.zero(if width == Width::Scalar { types::F32 } else { types::F32X4 });
+                    // Lanes whose maximum has been found: no gradient for later equal pixels.
+                    let mut done: Option<Vec<Value>> = None;
+                    for (offset, v) in offsets.iter().zip(&loads) {
+                        let at = e.add(*offset, c0);
+                        let addr = e.at(dx, at);
+                        let old = load_chunk(e, addr, 0, width);
+                        let mut new = Vec::new();
+                        let mut now_done = Vec::new();
+                        for p in 0..v.len() {
+                            let equal = e.ins().fcmp(FloatCC::Equal, v[p], best[p]);
+                            let take = match &done {
+                                None => equal,
+                                Some(d) => e.ins().band_not(equal, d[p]),
+                            };
+                            let add = if width == Width::Scalar {
+                                e.ins().select(take, grad[p], zero)
+                            } else {
+                                let mask = e.ins().bitcast(types::F32X4, MemFlagsData::new(), take);
+                                e.ins().bitselect(mask, grad[p], zero)
+                            };
+                            new.push(e.ins().fadd(old[p], add));
+                            now_done.push(match &done {
+                                None => equal,
+                                Some(d) => e.ins().bor(d[p], equal),
+                            });
+                        }
+                        store_chunk(e, &new, addr, 0);
+                        done = Some(now_done);
+                    }
+                });
+            });
+        });
+    });
+}
