@@ -44,6 +44,15 @@ pub struct ConvShape {
 }
 
 impl ConvShape {
+    /// [HP, WP, C] of the padded input.
+    pub fn input(&self) -> [usize; 3] {
+        [self.hp, self.wp, self.c]
+    }
+
+    pub fn stride(&self) -> [usize; 2] {
+        [self.sh, self.sw]
+    }
+
     /// Work items of the weight-gradient kernel: one per kernel tap and group of input channels.
     pub fn weight_tasks(&self) -> usize {
         self.kh * self.kw * self.c.div_ceil(ROWS)
@@ -112,6 +121,31 @@ fn accumulators(e: &mut Emit, count: usize, width: Width) -> Vec<Variable> {
     (0..count).map(|_| e.var(width.ty(), zero)).collect()
 }
 
+/// The element offset, in an (N, HP, WP, C) padded input, of the pixel that output (oh, ow)
+/// reads at kernel tap (kh, kw): ((n·HP + oh·sh + kh)·WP + ow·sw + kw)·C. `n` is `None` when
+/// the base pointer already points at the sample.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn input_offset(
+    e: &mut Emit,
+    [hp, wp, c]: [usize; 3],
+    [sh, sw]: [usize; 2],
+    n: Option<Value>,
+    [oh, ow]: [Value; 2],
+    [kh, kw]: [Value; 2],
+) -> Value {
+    let mut row = e.mul_k(oh, sh as i64);
+    if let Some(n) = n {
+        let sample = e.mul_k(n, hp as i64);
+        row = e.add(row, sample);
+    }
+    let row = e.add(row, kh);
+    let row = e.mul_k(row, wp as i64);
+    let col = e.mul_k(ow, sw as i64);
+    let col = e.add(col, kw);
+    let pixel = e.add(row, col);
+    e.mul_k(pixel, c as i64)
+}
+
 /// Calls `body(first pixel, pixels)` for the blocks of a row of `ow` pixels.
 fn for_pixel_blocks(e: &mut Emit, ow: usize, mut body: impl FnMut(&mut Emit, Value, usize)) {
     let blocks = ow / PIXELS;
@@ -150,14 +184,7 @@ pub fn forward(e: &mut Emit, s: &ConvShape) {
                     }
                     e.for_n(s.kh, |e, kh| {
                         e.for_n(s.kw, |e, kw| {
-                            // x at (oh·sh + kh, ow0·sw + kw), channel 0
-                            let row = e.mul_k(oh, s.sh as i64);
-                            let row = e.add(row, kh);
-                            let row = e.mul_k(row, s.wp as i64);
-                            let col = e.mul_k(ow0, s.sw as i64);
-                            let col = e.add(col, kw);
-                            let pixel = e.add(row, col);
-                            let x_off = e.mul_k(pixel, s.c as i64);
+                            let x_off = input_offset(e, s.input(), s.stride(), None, [oh, ow0], [kh, kw]);
                             let xbase = e.at(xn, x_off);
                             // w at (kh, kw, 0, f0)
                             let tap = e.mul_k(kh, s.kw as i64);
@@ -236,14 +263,7 @@ pub fn backward_input(e: &mut Emit, s: &ConvShape) {
                                     }
                                 }
                             });
-                            // dx at (oh·sh + kh, ow0·sw + kw, c0)
-                            let row = e.mul_k(oh, s.sh as i64);
-                            let row = e.add(row, kh);
-                            let row = e.mul_k(row, s.wp as i64);
-                            let col = e.mul_k(ow0, s.sw as i64);
-                            let col = e.add(col, kw);
-                            let at = e.add(row, col);
-                            let dx_off = e.mul_k(at, s.c as i64);
+                            let dx_off = input_offset(e, s.input(), s.stride(), None, [oh, ow0], [kh, kw]);
                             let dx_off = e.add(dx_off, c0);
                             let dxbase = e.at(dxn, dx_off);
                             for r in 0..pixels {
@@ -325,13 +345,8 @@ fn weight_rows(
             }
             e.for_n(s.oh, |e, oh| {
                 // x at (n, oh·sh + kh, kw, c0); moves by sw·C per output column
-                let row = e.mul_k(n, s.hp as i64);
-                let ohs = e.mul_k(oh, s.sh as i64);
-                let row = e.add(row, ohs);
-                let row = e.add(row, kh);
-                let row = e.mul_k(row, s.wp as i64);
-                let at = e.add(row, kw);
-                let x_off = e.mul_k(at, s.c as i64);
+                let zero = e.int(0);
+                let x_off = input_offset(e, s.input(), s.stride(), Some(n), [oh, zero], [kh, kw]);
                 let x_off = e.add(x_off, c0);
                 let xrow = e.at(x, x_off);
                 let drow = e.mul_k(n, s.oh as i64);

@@ -8,7 +8,7 @@
 use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::{InstBuilder as _, MemFlagsData, Value, types};
 
-use super::conv::{Width, for_chunks, load_chunk, store_chunk};
+use super::conv::{Width, for_chunks, input_offset, load_chunk, store_chunk};
 use super::emit::Emit;
 
 /// One max-pooling layer's shapes.
@@ -37,17 +37,22 @@ fn max(e: &mut Emit, a: Value, b: Value, width: Width) -> Value {
     }
 }
 
-/// The element offset of input pixel (oh·sh + kh, ow·sw + kw) of sample n, channel 0.
-fn input_pixel(e: &mut Emit, s: &PoolShape, n: Value, oh: Value, ow: Value, kh: usize, kw: usize) -> Value {
-    let row = e.mul_k(n, s.hp as i64);
-    let ohs = e.mul_k(oh, s.sh as i64);
-    let row = e.add(row, ohs);
-    let row = e.add_k(row, kh as i64);
-    let row = e.mul_k(row, s.wp as i64);
-    let col = e.mul_k(ow, s.sw as i64);
-    let col = e.add_k(col, kw as i64);
-    let pixel = e.add(row, col);
-    e.mul_k(pixel, s.c as i64)
+/// The element offsets, for output (n, oh, ow): of the output pixel, and of each input pixel
+/// of its window, in window order.
+fn window(e: &mut Emit, s: &PoolShape, n: Value, oh: Value, ow: Value) -> (Value, Vec<Value>) {
+    let out = e.mul_k(n, s.oh as i64);
+    let out = e.add(out, oh);
+    let out = e.mul_k(out, s.ow as i64);
+    let out = e.add(out, ow);
+    let out = e.mul_k(out, s.c as i64);
+    let mut inputs = Vec::new();
+    for kh in 0..s.kh {
+        for kw in 0..s.kw {
+            let tap = [e.int(kh as i64), e.int(kw as i64)];
+            inputs.push(input_offset(e, [s.hp, s.wp, s.c], [s.sh, s.sw], Some(n), [oh, ow], tap));
+        }
+    }
+    (out, inputs)
 }
 
 /// y[n,oh,ow,c] = max over the window of x. Buffers: [x (padded with -inf), y]; items: samples.
@@ -57,17 +62,7 @@ pub fn forward(e: &mut Emit, s: &PoolShape) {
     e.for_range(start, end, |e, n| {
         e.for_n(s.oh, |e, oh| {
             e.for_n(s.ow, |e, ow| {
-                let out = e.mul_k(n, s.oh as i64);
-                let out = e.add(out, oh);
-                let out = e.mul_k(out, s.ow as i64);
-                let out = e.add(out, ow);
-                let out = e.mul_k(out, s.c as i64);
-                let mut offsets = Vec::new();
-                for kh in 0..s.kh {
-                    for kw in 0..s.kw {
-                        offsets.push(input_pixel(e, s, n, oh, ow, kh, kw));
-                    }
-                }
+                let (out, offsets) = window(e, s, n, oh, ow);
                 for_chunks(e, s.c, |e, c0, width| {
                     let mut best: Option<Vec<Value>> = None;
                     for offset in &offsets {
@@ -96,17 +91,7 @@ pub fn backward(e: &mut Emit, s: &PoolShape) {
     e.for_range(start, end, |e, n| {
         e.for_n(s.oh, |e, oh| {
             e.for_n(s.ow, |e, ow| {
-                let out = e.mul_k(n, s.oh as i64);
-                let out = e.add(out, oh);
-                let out = e.mul_k(out, s.ow as i64);
-                let out = e.add(out, ow);
-                let out = e.mul_k(out, s.c as i64);
-                let mut offsets = Vec::new();
-                for kh in 0..s.kh {
-                    for kw in 0..s.kw {
-                        offsets.push(input_pixel(e, s, n, oh, ow, kh, kw));
-                    }
-                }
+                let (out, offsets) = window(e, s, n, oh, ow);
                 for_chunks(e, s.c, |e, c0, width| {
                     let loads: Vec<Vec<Value>> = offsets
                         .iter()
