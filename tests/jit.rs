@@ -239,3 +239,13 @@ fn max_pooling_gradient_goes_to_the_first_of_tied_maxima() {
     let actual = jit.maxpool_forward(pool, x.view(), &g);
     assert_close("maxpool output", &expected.into_dyn(), &actual.into_dyn());
 }
+
+#[test]
+fn relu_and_leaky_relu_of_odd_sizes() {
+    // 5x5x3 = 75 elements a sample: 18 vectors and 3 single elements
+    differential(
+        "input 7x7x2 conv2d(3, kernel=3, activation=relu) leaky_relu(alpha=0.1) conv2d(5, kernel=2, activation=leaky_relu) \
+         flatten dense(9) relu dense(3, activation=softmax)",
+        3,
+    );
+}

@@ -1,4 +1,4 @@
-//! Memory safety of the compiled kernels (convolution, dense, max pooling): every buffer is placed flush against an inaccessible
+//! Memory safety of the compiled kernels (convolution, dense, max pooling, rectifiers): every buffer is placed flush against an inaccessible
 //! guard page, after its end and (in a second run) before its start, so a kernel that reads or
 //! writes one element outside its buffers crashes the test. Shapes are odd on purpose (channel
 //! tails, pixel-block tails, strides, padding). The results are compared with the ordinary,
@@ -167,6 +167,32 @@ fn check(model: &str, batch: usize) {
         }
         checked_nodes += 1;
     }
+    for (id, node) in program.graph.nodes() {
+        let Some(k) = jit.rectifier(id) else { continue };
+        let cnnc::ir::Op::Activation(act) = node.op else { unreachable!("rectifiers are activations") };
+        let x = random(batch * k.len, &mut rng);
+        let dy = random(batch * k.len, &mut rng);
+        let xd = ndarray::ArrayD::from_shape_vec(vec![batch, k.len], x.clone()).unwrap();
+        let dyd = ndarray::ArrayD::from_shape_vec(vec![batch, k.len], dy.clone()).unwrap();
+        let reference = cnnc::backend::reference::Plain;
+        let y_ref = reference.activation_forward(id, act, xd.view());
+        let dx_ref = reference.activation_backward(id, act, xd.view(), y_ref.view(), dyd.view());
+        for flush_with_end in [true, false] {
+            let (gx, gdy) = (Guarded::new(&x, flush_with_end), Guarded::new(&dy, flush_with_end));
+            let (gy, gdx) = (
+                Guarded::new(&vec![0.0; x.len()], flush_with_end),
+                Guarded::new(&vec![0.0; x.len()], flush_with_end),
+            );
+            // SAFETY: as for the convolutions above.
+            unsafe {
+                (k.forward)([gx.ptr, gy.ptr].as_ptr(), 0, batch as i64, batch as i64);
+                (k.backward)([gx.ptr, gdy.ptr, gdx.ptr].as_ptr(), 0, batch as i64, batch as i64);
+            }
+            close("rectifier forward", y_ref.as_slice().unwrap(), &gy.to_vec());
+            close("rectifier gradient", dx_ref.as_slice().unwrap(), &gdx.to_vec());
+        }
+        checked_nodes += 1;
+    }
     assert!(checked_nodes > 0);
 }
 
@@ -183,7 +209,7 @@ fn conv_kernels_stay_inside_their_buffers() {
 }
 
 #[test]
-fn pool_kernels_stay_inside_their_buffers() {
+fn pool_and_rectifier_kernels_stay_inside_their_buffers() {
     check(
         "input 9x10x7 maxpool(3, stride=2, padding=same) maxpool(2, stride=1) flatten dense(3, activation=softmax)",
         3,

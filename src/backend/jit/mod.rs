@@ -4,6 +4,7 @@
 //! [`Kernels`] seam. Checked against the reference, op by op and step by step, in tests/jit.rs.
 
 pub mod conv;
+pub mod eltwise;
 pub mod emit;
 pub mod pool;
 
@@ -11,14 +12,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ndarray::{Array1, Array2, Array4, ArrayView1, ArrayView2, ArrayView4, Axis, s};
+use ndarray::{Array1, Array2, Array4, ArrayD, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, Axis, s};
 use rayon::prelude::*;
 
 use super::reference::ops::Geometry;
 use super::reference::{self, Interpreter, Kernels};
 use crate::autodiff::Program;
 use crate::ir::train::Optimizer;
-use crate::ir::{NodeId, Op, PoolKind, Shape};
+use crate::ir::{Activation, NodeId, Op, PoolKind, Shape};
 use conv::ConvShape;
 use emit::{Compiler, KernelFn};
 use pool::PoolShape;
@@ -56,10 +57,22 @@ pub struct PoolKernels {
     pub backward: KernelFn,
 }
 
+/// The compiled kernels of one relu or leaky relu node.
+#[derive(Debug, Clone, Copy)]
+pub struct RectifierKernels {
+    /// Elements per sample.
+    pub len: usize,
+    /// Buffers [x, y]; items: samples.
+    pub forward: KernelFn,
+    /// Buffers [x, dy, dx]; items: samples.
+    pub backward: KernelFn,
+}
+
 /// The compiled kernels of a program, by node.
 pub struct JitKernels {
     convs: HashMap<NodeId, ConvKernels>,
     pools: HashMap<NodeId, PoolKernels>,
+    rectifiers: HashMap<NodeId, RectifierKernels>,
     /// Owns the machine code the kernel pointers point into (in a mutex only because the
     /// module is `Send` but not `Sync`; it is never used again).
     _compiler: std::sync::Mutex<Compiler>,
@@ -83,7 +96,20 @@ impl JitKernels {
         compiler.keep_asm = listing.asm;
         let mut pending = Vec::new();
         let mut pending_pools = Vec::new();
+        let mut pending_rectifiers = Vec::new();
         for (id, node) in program.graph.nodes() {
+            let alpha = match node.op {
+                Op::Activation(Activation::Relu) => Some(0.0),
+                Op::Activation(Activation::LeakyRelu { alpha }) => Some(alpha),
+                _ => None,
+            };
+            if let Some(alpha) = alpha {
+                let len = program.shapes.shape(id).numel();
+                let name = format!("{}_{}", program.graph.layer_of(id).name, node.op.name());
+                let f = compiler.kernel(&format!("{name}_forward"), |e| eltwise::forward(e, len, alpha))?;
+                let b = compiler.kernel(&format!("{name}_backward"), |e| eltwise::backward(e, len, alpha))?;
+                pending_rectifiers.push((id, len, [f, b]));
+            }
             if let Some((shape, pads)) = pool_shape(program, id, &node.op) {
                 let name = program.graph.layer_of(id).name.clone();
                 let f = compiler.kernel(&format!("{name}_forward"), |e| pool::forward(e, &shape))?;
@@ -101,8 +127,15 @@ impl JitKernels {
         }
         let mut ids: Vec<_> = pending.iter().flat_map(|p| p.3).collect();
         ids.extend(pending_pools.iter().flat_map(|p| p.3));
+        ids.extend(pending_rectifiers.iter().flat_map(|p| p.2));
         let code = compiler.finish(&ids)?;
-        let (conv_code, pool_code) = code.split_at(pending.len() * 3);
+        let (conv_code, rest) = code.split_at(pending.len() * 3);
+        let (pool_code, rectifier_code) = rest.split_at(pending_pools.len() * 2);
+        let rectifiers = pending_rectifiers
+            .into_iter()
+            .zip(rectifier_code.chunks(2))
+            .map(|((id, len, _), fns)| (id, RectifierKernels { len, forward: fns[0], backward: fns[1] }))
+            .collect();
         let pools = pending_pools
             .into_iter()
             .zip(pool_code.chunks(2))
@@ -130,6 +163,7 @@ impl JitKernels {
         Ok(JitKernels {
             convs,
             pools,
+            rectifiers,
             _compiler: std::sync::Mutex::new(compiler),
             compile_ms: started.elapsed().as_secs_f64() * 1e3,
             listings,
@@ -148,7 +182,12 @@ impl JitKernels {
 
     /// How many kernels were compiled.
     pub fn kernel_count(&self) -> usize {
-        self.convs.len() * 3 + self.pools.len() * 2
+        self.convs.len() * 3 + (self.pools.len() + self.rectifiers.len()) * 2
+    }
+
+    /// The kernels of a relu or leaky relu node, to call directly.
+    pub fn rectifier(&self, node: NodeId) -> Option<RectifierKernels> {
+        self.rectifiers.get(&node).copied()
     }
 }
 
@@ -343,6 +382,37 @@ impl Kernels<f32> for JitKernels {
         let db =
             dy.view().into_shape_with_order((n * s.oh * s.ow, s.f)).expect("row-major").sum_axis(Axis(0));
         (dw, db)
+    }
+
+    fn activation_forward(&self, node: NodeId, act: Activation, x: ArrayViewD<f32>) -> ArrayD<f32> {
+        let Some(k) = self.rectifiers.get(&node) else { return x.mapv(|v| reference::activate(act, v)) };
+        let x = x.as_standard_layout();
+        let n = x.shape()[0];
+        assert_eq!(x.len(), n * k.len);
+        let y = ArrayD::<f32>::zeros(x.raw_dim());
+        run(k.forward, &Buffers(vec![x.as_ptr() as *mut f32, y.as_ptr() as *mut f32]), n, n);
+        y
+    }
+
+    fn activation_backward(
+        &self,
+        node: NodeId,
+        act: Activation,
+        x: ArrayViewD<f32>,
+        y: ArrayViewD<f32>,
+        dy: ArrayViewD<f32>,
+    ) -> ArrayD<f32> {
+        let Some(k) = self.rectifiers.get(&node) else {
+            return reference::activation_gradient(act, x, y, dy);
+        };
+        let x = x.as_standard_layout();
+        let dy = dy.as_standard_layout();
+        let n = x.shape()[0];
+        assert_eq!((x.len(), dy.len()), (n * k.len, n * k.len));
+        let dx = ArrayD::<f32>::zeros(x.raw_dim());
+        let buffers = Buffers(vec![x.as_ptr() as *mut f32, dy.as_ptr() as *mut f32, dx.as_ptr() as *mut f32]);
+        run(k.backward, &buffers, n, n);
+        dx
     }
 
     fn maxpool_forward(&self, node: NodeId, x: ArrayView4<f32>, g: &Geometry) -> Array4<f32> {

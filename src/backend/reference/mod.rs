@@ -6,7 +6,9 @@ pub mod ops;
 
 use std::sync::Arc;
 
-use ndarray::{Array1, Array2, Array4, ArrayD, ArrayView1, ArrayView2, ArrayView4, Ix1, Ix2, Ix4, IxDyn};
+use ndarray::{
+    Array1, Array2, Array4, ArrayD, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, Ix1, Ix2, Ix4, IxDyn,
+};
 
 use super::{Backend, StepResult};
 use crate::autodiff::{Program, Step};
@@ -81,6 +83,23 @@ pub trait Kernels<T: Real>: Sync {
         g: &Geometry,
     ) -> Array4<T> {
         ops::maxpool_backward(x, dy, g)
+    }
+
+    /// An element-wise activation (not softmax).
+    fn activation_forward(&self, _node: NodeId, act: Activation, x: ArrayViewD<T>) -> ArrayD<T> {
+        x.mapv(|v| activate(act, v))
+    }
+
+    /// The gradient of an element-wise activation (not softmax), from its input x and output y.
+    fn activation_backward(
+        &self,
+        _node: NodeId,
+        act: Activation,
+        x: ArrayViewD<T>,
+        y: ArrayViewD<T>,
+        dy: ArrayViewD<T>,
+    ) -> ArrayD<T> {
+        activation_gradient(act, x, y, dy)
     }
 
     /// (dx, dw, db)
@@ -375,10 +394,7 @@ fn forward_node<T: Real>(
         Op::Activation(Activation::Softmax) => {
             (reshape(ops::softmax_forward(rows(x)).into_dyn(), &output_dims), None, None)
         }
-        Op::Activation(act) => {
-            let act = *act;
-            (x.mapv(|v| activate(act, v)), None, None)
-        }
+        Op::Activation(act) => (kernels.activation_forward(id, *act, x), None, None),
         Op::Dropout { rate } => match mode {
             Mode::Infer => (x.to_owned(), None, None),
             Mode::Train { seed, step } => {
@@ -390,7 +406,29 @@ fn forward_node<T: Real>(
     }
 }
 
-fn activate<T: Real>(act: Activation, v: T) -> T {
+/// The reference's gradient of an element-wise activation.
+pub fn activation_gradient<T: Real>(
+    act: Activation,
+    x: ArrayViewD<T>,
+    y: ArrayViewD<T>,
+    dy: ArrayViewD<T>,
+) -> ArrayD<T> {
+    match act {
+        Activation::Relu => {
+            ndarray::Zip::from(&dy).and(&x).map_collect(|&d, &x| if x > T::zero() { d } else { T::zero() })
+        }
+        Activation::LeakyRelu { alpha } => {
+            let alpha = T::of(f64::from(alpha));
+            ndarray::Zip::from(&dy).and(&x).map_collect(|&d, &x| if x > T::zero() { d } else { alpha * d })
+        }
+        Activation::Sigmoid => ndarray::Zip::from(&dy).and(&y).map_collect(|&d, &y| d * y * (T::one() - y)),
+        Activation::Tanh => ndarray::Zip::from(&dy).and(&y).map_collect(|&d, &y| d * (T::one() - y * y)),
+        Activation::Softmax => unreachable!("softmax is not element-wise"),
+    }
+}
+
+/// The reference's element-wise activation.
+pub fn activate<T: Real>(act: Activation, v: T) -> T {
     match act {
         Activation::Relu => ops::relu(v),
         Activation::LeakyRelu { alpha } => ops::leaky_relu(v, T::of(f64::from(alpha))),
@@ -496,21 +534,7 @@ fn backward_node<T: Real>(
                 Activation::Softmax => {
                     reshape(ops::softmax_backward(rows(y), rows(dy.view())).into_dyn(), &input_dims)
                 }
-                Activation::Relu => ndarray::Zip::from(&dy)
-                    .and(&x)
-                    .map_collect(|&d, &x| if x > T::zero() { d } else { T::zero() }),
-                Activation::LeakyRelu { alpha } => {
-                    let alpha = T::of(f64::from(*alpha));
-                    ndarray::Zip::from(&dy)
-                        .and(&x)
-                        .map_collect(|&d, &x| if x > T::zero() { d } else { alpha * d })
-                }
-                Activation::Sigmoid => {
-                    ndarray::Zip::from(&dy).and(&y).map_collect(|&d, &y| d * y * (T::one() - y))
-                }
-                Activation::Tanh => {
-                    ndarray::Zip::from(&dy).and(&y).map_collect(|&d, &y| d * (T::one() - y * y))
-                }
+                _ => kernels.activation_backward(id, *act, x, y, dy.view()),
             }
         }),
         Op::Dropout { .. } => need_dx.then(|| {

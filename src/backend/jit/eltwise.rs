@@ -1,0 +1,87 @@
+//! Element-wise kernels: relu and leaky relu, forward and backward, over whole samples in
+//! f32x4 with a scalar tail. `alpha` (0 for relu) and the sample size are baked in.
+//!
+//! relu(x) = x > 0 ? x : α·x, which for α = 0 is 0 for NaN too, as `f32::max(x, 0)` gives.
+
+use cranelift_codegen::ir::condcodes::FloatCC;
+use cranelift_codegen::ir::{InstBuilder as _, MemFlagsData, Value, types};
+
+use super::emit::Emit;
+
+/// Calls `body(offset, vector?)` over `len` elements: f32x4 steps, then single elements.
+fn for_elements(e: &mut Emit, len: usize, mut body: impl FnMut(&mut Emit, Value, bool)) {
+    e.for_n(len / 4, |e, i| {
+        let offset = e.mul_k(i, 4);
+        body(e, offset, true);
+    });
+    for k in (len / 4) * 4..len {
+        let offset = e.int(k as i64);
+        body(e, offset, false);
+    }
+}
+
+fn load(e: &mut Emit, addr: Value, vector: bool) -> Value {
+    if vector { e.load4(addr, 0) } else { e.load(addr, 0) }
+}
+
+/// `x > 0 ? a : b`, lane by lane.
+fn where_positive(e: &mut Emit, x: Value, a: Value, b: Value, vector: bool) -> Value {
+    let ty = if vector { types::F32X4 } else { types::F32 };
+    let zero = e.zero(ty);
+    let positive = e.ins().fcmp(FloatCC::GreaterThan, x, zero);
+    if vector {
+        let mask = e.ins().bitcast(types::F32X4, MemFlagsData::new(), positive);
+        e.ins().bitselect(mask, a, b)
+    } else {
+        e.ins().select(positive, a, b)
+    }
+}
+
+fn scaled(e: &mut Emit, v: Value, alpha: f32, vector: bool) -> Value {
+    let k = e.ins().f32const(alpha);
+    let k = if vector { e.splat(k) } else { k };
+    e.ins().fmul(v, k)
+}
+
+/// y = x > 0 ? x : α·x. Buffers: [x, y]; items: samples of `len` elements.
+pub fn forward(e: &mut Emit, len: usize, alpha: f32) {
+    let (x, y) = (e.buf(0), e.buf(1));
+    let (start, end) = (e.start, e.end);
+    e.for_range(start, end, |e, n| {
+        let base = e.mul_k(n, len as i64);
+        for_elements(e, len, |e, offset, vector| {
+            let at = e.add(base, offset);
+            let (xa, ya) = (e.at(x, at), e.at(y, at));
+            let v = load(e, xa, vector);
+            let negative = if alpha == 0.0 {
+                e.zero(if vector { types::F32X4 } else { types::F32 })
+            } else {
+                scaled(e, v, alpha, vector)
+            };
+            let out = where_positive(e, v, v, negative, vector);
+            e.store(out, ya, 0);
+        });
+    });
+}
+
+/// dx = x > 0 ? dy : α·dy. Buffers: [x, dy, dx]; items: samples of `len` elements.
+pub fn backward(e: &mut Emit, len: usize, alpha: f32) {
+    let (x, dy, dx) = (e.buf(0), e.buf(1), e.buf(2));
+    let (start, end) = (e.start, e.end);
+    e.for_range(start, end, |e, n| {
+        let base = e.mul_k(n, len as i64);
+        for_elements(e, len, |e, offset, vector| {
+            let at = e.add(base, offset);
+            let (xa, da, dxa) = (e.at(x, at), e.at(dy, at), e.at(dx, at));
+            let v = load(e, xa, vector);
+            let d = load(e, da, vector);
+            let negative = if alpha == 0.0 {
+                e.zero(if vector { types::F32X4 } else { types::F32 })
+            } else {
+                scaled(e, d, alpha, vector)
+            };
+            let out = where_positive(e, v, d, negative, vector);
+            e.store(out, dxa, 0);
+        });
+    });
+}
