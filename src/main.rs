@@ -294,6 +294,9 @@ fn train(checked: &cnnc::Checked, source: &SourceFile, args: &TrainArgs) -> anyh
     let train_block = checked.model.train.as_ref().context("the file has no train block")?;
     let mut config = RunConfig::from_train(train_block)?;
     if let Some(e) = args.epochs {
+        if e == 0 {
+            bail!("--epochs must be at least 1");
+        }
         config.epochs = e;
     }
     if let Some(b) = args.batch_size {

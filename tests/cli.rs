@@ -142,3 +142,18 @@ fn summary_can_report_the_compile_time() {
     assert_eq!(json["compile"]["kernels"], 17);
     assert!(json["compile"]["milliseconds"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn bad_training_flags_are_refused_before_any_work() {
+    // Each is refused before the dataset is looked at, so no test data is needed.
+    for (flag, message) in [
+        ("--epochs=0", "--epochs must be at least 1"),
+        ("--batch-size=0", "--batch-size must be at least 1"),
+        ("--lr=-1", "--lr must be a positive number"),
+        ("--threads=0", "--threads must be at least 1"),
+    ] {
+        let out = cnnc(&["train", "models/mnist.cnn", flag]);
+        assert_eq!(out.status.code(), Some(1), "{flag}");
+        assert!(text(&out.stderr).contains(message), "{flag}: {}", text(&out.stderr));
+    }
+}
