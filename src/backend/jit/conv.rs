@@ -116,6 +116,20 @@ fn broadcast(e: &mut Emit, addr: Value, offset: i64, width: Width) -> Value {
     if width == Width::Scalar { x } else { e.splat(x) }
 }
 
+/// The register block's inner step: for each of its rows r, acc[r] += broadcast(scalars at
+/// `addr + r·stride`) · `vectors` (one chunk of weights or gradients).
+fn accumulate(e: &mut Emit, acc: &[Variable], vectors: &[Value], addr: Value, stride: usize, width: Width) {
+    let parts = vectors.len();
+    for (r, row) in acc.chunks(parts).enumerate() {
+        let scalar = broadcast(e, addr, (r * stride) as i64, width);
+        for (a, v) in row.iter().zip(vectors) {
+            let current = e.use_var(*a);
+            let sum = e.fma(scalar, *v, current);
+            e.def_var(*a, sum);
+        }
+    }
+}
+
 fn accumulators(e: &mut Emit, count: usize, width: Width) -> Vec<Variable> {
     let zero = e.zero(width.ty());
     (0..count).map(|_| e.var(width.ty(), zero)).collect()
@@ -197,14 +211,7 @@ pub fn forward(e: &mut Emit, s: &ConvShape) {
                                 let waddr = e.at(wbase, wci_off);
                                 let wv = load_chunk(e, waddr, 0, width);
                                 let xaddr = e.at(xbase, ci);
-                                for r in 0..pixels {
-                                    let xs = broadcast(e, xaddr, (r * s.sw * s.c) as i64, width);
-                                    for p in 0..parts {
-                                        let a = e.use_var(acc[r * parts + p]);
-                                        let sum = e.fma(xs, wv[p], a);
-                                        e.def_var(acc[r * parts + p], sum);
-                                    }
-                                }
+                                accumulate(e, &acc, &wv, xaddr, s.sw * s.c, width);
                             });
                         });
                     });
@@ -254,14 +261,7 @@ pub fn backward_input(e: &mut Emit, s: &ConvShape) {
                                 let waddr = e.at(wbase, wf_off);
                                 let wv = load_chunk(e, waddr, 0, width);
                                 let daddr = e.at(dybase, f);
-                                for r in 0..pixels {
-                                    let d = broadcast(e, daddr, (r * s.f) as i64, width);
-                                    for p in 0..parts {
-                                        let a = e.use_var(acc[r * parts + p]);
-                                        let sum = e.fma(d, wv[p], a);
-                                        e.def_var(acc[r * parts + p], sum);
-                                    }
-                                }
+                                accumulate(e, &acc, &wv, daddr, s.f, width);
                             });
                             let dx_off = input_offset(e, s.input(), s.stride(), None, [oh, ow0], [kh, kw]);
                             let dx_off = e.add(dx_off, c0);
@@ -360,14 +360,7 @@ fn weight_rows(
                     let dofs = e.mul_k(ow, s.f as i64);
                     let daddr = e.at(dyrow, dofs);
                     let dv = load_chunk(e, daddr, 0, width);
-                    for j in 0..rows {
-                        let xs = broadcast(e, xaddr, j as i64, width);
-                        for p in 0..parts {
-                            let a = e.use_var(acc[j * parts + p]);
-                            let sum = e.fma(xs, dv[p], a);
-                            e.def_var(acc[j * parts + p], sum);
-                        }
-                    }
+                    accumulate(e, &acc, &dv, xaddr, 1, width);
                 });
             });
             for j in 0..rows {

@@ -55,31 +55,41 @@ fn window(e: &mut Emit, s: &PoolShape, n: Value, oh: Value, ow: Value) -> (Value
     (out, inputs)
 }
 
-/// y[n,oh,ow,c] = max over the window of x. Buffers: [x (padded with -inf), y]; items: samples.
-pub fn forward(e: &mut Emit, s: &PoolShape) {
-    let (x, y) = (e.buf(0), e.buf(1));
+/// Calls `body(output offset, window offsets, first channel, width)` for every channel chunk
+/// of every output pixel of the samples `start..end`.
+fn for_each_window(
+    e: &mut Emit,
+    s: &PoolShape,
+    mut body: impl FnMut(&mut Emit, Value, &[Value], Value, Width),
+) {
     let (start, end) = (e.start, e.end);
     e.for_range(start, end, |e, n| {
         e.for_n(s.oh, |e, oh| {
             e.for_n(s.ow, |e, ow| {
                 let (out, offsets) = window(e, s, n, oh, ow);
-                for_chunks(e, s.c, |e, c0, width| {
-                    let mut best: Option<Vec<Value>> = None;
-                    for offset in &offsets {
-                        let at = e.add(*offset, c0);
-                        let addr = e.at(x, at);
-                        let v = load_chunk(e, addr, 0, width);
-                        best = Some(match best {
-                            None => v,
-                            Some(b) => b.iter().zip(&v).map(|(b, v)| max(e, *b, *v, width)).collect(),
-                        });
-                    }
-                    let at = e.add(out, c0);
-                    let addr = e.at(y, at);
-                    store_chunk(e, &best.expect("a window has a pixel"), addr, 0);
-                });
+                for_chunks(e, s.c, |e, c0, width| body(e, out, &offsets, c0, width));
             });
         });
+    });
+}
+
+/// y[n,oh,ow,c] = max over the window of x. Buffers: [x (padded with -inf), y]; items: samples.
+pub fn forward(e: &mut Emit, s: &PoolShape) {
+    let (x, y) = (e.buf(0), e.buf(1));
+    for_each_window(e, s, |e, out, offsets, c0, width| {
+        let mut best: Option<Vec<Value>> = None;
+        for offset in offsets {
+            let at = e.add(*offset, c0);
+            let addr = e.at(x, at);
+            let v = load_chunk(e, addr, 0, width);
+            best = Some(match best {
+                None => v,
+                Some(b) => b.iter().zip(&v).map(|(b, v)| max(e, *b, *v, width)).collect(),
+            });
+        }
+        let at = e.add(out, c0);
+        let addr = e.at(y, at);
+        store_chunk(e, &best.expect("a window has a pixel"), addr, 0);
     });
 }
 
@@ -87,59 +97,51 @@ pub fn forward(e: &mut Emit, s: &PoolShape) {
 /// dy, dx]; items: samples.
 pub fn backward(e: &mut Emit, s: &PoolShape) {
     let (x, dy, dx) = (e.buf(0), e.buf(1), e.buf(2));
-    let (start, end) = (e.start, e.end);
-    e.for_range(start, end, |e, n| {
-        e.for_n(s.oh, |e, oh| {
-            e.for_n(s.ow, |e, ow| {
-                let (out, offsets) = window(e, s, n, oh, ow);
-                for_chunks(e, s.c, |e, c0, width| {
-                    let loads: Vec<Vec<Value>> = offsets
-                        .iter()
-                        .map(|offset| {
-                            let at = e.add(*offset, c0);
-                            let addr = e.at(x, at);
-                            load_chunk(e, addr, 0, width)
-                        })
-                        .collect();
-                    let mut best = loads[0].clone();
-                    for v in &loads[1..] {
-                        best = best.iter().zip(v).map(|(b, v)| max(e, *b, *v, width)).collect();
-                    }
-                    let at = e.add(out, c0);
-                    let addr = e.at(dy, at);
-                    let grad = load_chunk(e, addr, 0, width);
-                    let zero = e.zero(if width == Width::Scalar { types::F32 } else { types::F32X4 });
-                    // Lanes whose maximum has been found: no gradient for later equal pixels.
-                    let mut done: Option<Vec<Value>> = None;
-                    for (offset, v) in offsets.iter().zip(&loads) {
-                        let at = e.add(*offset, c0);
-                        let addr = e.at(dx, at);
-                        let old = load_chunk(e, addr, 0, width);
-                        let mut new = Vec::new();
-                        let mut now_done = Vec::new();
-                        for p in 0..v.len() {
-                            let equal = e.ins().fcmp(FloatCC::Equal, v[p], best[p]);
-                            let take = match &done {
-                                None => equal,
-                                Some(d) => e.ins().band_not(equal, d[p]),
-                            };
-                            let add = if width == Width::Scalar {
-                                e.ins().select(take, grad[p], zero)
-                            } else {
-                                let mask = e.ins().bitcast(types::F32X4, MemFlagsData::new(), take);
-                                e.ins().bitselect(mask, grad[p], zero)
-                            };
-                            new.push(e.ins().fadd(old[p], add));
-                            now_done.push(match &done {
-                                None => equal,
-                                Some(d) => e.ins().bor(d[p], equal),
-                            });
-                        }
-                        store_chunk(e, &new, addr, 0);
-                        done = Some(now_done);
-                    }
+    for_each_window(e, s, |e, out, offsets, c0, width| {
+        let loads: Vec<Vec<Value>> = offsets
+            .iter()
+            .map(|offset| {
+                let at = e.add(*offset, c0);
+                let addr = e.at(x, at);
+                load_chunk(e, addr, 0, width)
+            })
+            .collect();
+        let mut best = loads[0].clone();
+        for v in &loads[1..] {
+            best = best.iter().zip(v).map(|(b, v)| max(e, *b, *v, width)).collect();
+        }
+        let at = e.add(out, c0);
+        let addr = e.at(dy, at);
+        let grad = load_chunk(e, addr, 0, width);
+        let zero = e.zero(if width == Width::Scalar { types::F32 } else { types::F32X4 });
+        // Lanes whose maximum has been found: no gradient for later equal pixels.
+        let mut done: Option<Vec<Value>> = None;
+        for (offset, v) in offsets.iter().zip(&loads) {
+            let at = e.add(*offset, c0);
+            let addr = e.at(dx, at);
+            let old = load_chunk(e, addr, 0, width);
+            let mut new = Vec::new();
+            let mut now_done = Vec::new();
+            for p in 0..v.len() {
+                let equal = e.ins().fcmp(FloatCC::Equal, v[p], best[p]);
+                let take = match &done {
+                    None => equal,
+                    Some(d) => e.ins().band_not(equal, d[p]),
+                };
+                let add = if width == Width::Scalar {
+                    e.ins().select(take, grad[p], zero)
+                } else {
+                    let mask = e.ins().bitcast(types::F32X4, MemFlagsData::new(), take);
+                    e.ins().bitselect(mask, grad[p], zero)
+                };
+                new.push(e.ins().fadd(old[p], add));
+                now_done.push(match &done {
+                    None => equal,
+                    Some(d) => e.ins().bor(d[p], equal),
                 });
-            });
-        });
+            }
+            store_chunk(e, &new, addr, 0);
+            done = Some(now_done);
+        }
     });
 }
