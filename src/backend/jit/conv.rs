@@ -160,6 +160,15 @@ pub(super) fn input_offset(
     e.mul_k(pixel, c as i64)
 }
 
+/// The element offset of `first` in kernel tap (kh, kw) of a weight tensor laid out
+/// (KH, KW, …) with `per_tap` elements a tap: (kh·KW + kw)·per_tap + first.
+fn tap_offset(e: &mut Emit, kw_taps: usize, [kh, kw]: [Value; 2], per_tap: usize, first: Value) -> Value {
+    let tap = e.mul_k(kh, kw_taps as i64);
+    let tap = e.add(tap, kw);
+    let offset = e.mul_k(tap, per_tap as i64);
+    e.add(offset, first)
+}
+
 /// Calls `body(first pixel, pixels)` for the blocks of a row of `ow` pixels.
 fn for_pixel_blocks(e: &mut Emit, ow: usize, mut body: impl FnMut(&mut Emit, Value, usize)) {
     let blocks = ow / PIXELS;
@@ -201,10 +210,7 @@ pub fn forward(e: &mut Emit, s: &ConvShape) {
                             let x_off = input_offset(e, s.input(), s.stride(), None, [oh, ow0], [kh, kw]);
                             let xbase = e.at(xn, x_off);
                             // w at (kh, kw, 0, f0)
-                            let tap = e.mul_k(kh, s.kw as i64);
-                            let tap = e.add(tap, kw);
-                            let w_off = e.mul_k(tap, (s.c * s.f) as i64);
-                            let w_off = e.add(w_off, f0);
+                            let w_off = tap_offset(e, s.kw, [kh, kw], s.c * s.f, f0);
                             let wbase = e.at(w, w_off);
                             e.for_n_unrolled(s.c, UNROLL, |e, ci| {
                                 let wci_off = e.mul_k(ci, s.f as i64);
@@ -251,10 +257,7 @@ pub fn backward_input(e: &mut Emit, s: &ConvShape) {
                         for_chunks(e, s.c, |e, c0, width| {
                             let parts = width.parts();
                             let acc = accumulators(e, pixels * parts, width);
-                            let tap = e.mul_k(kh, s.kw as i64);
-                            let tap = e.add(tap, kw);
-                            let w_off = e.mul_k(tap, (s.f * s.c) as i64);
-                            let w_off = e.add(w_off, c0);
+                            let w_off = tap_offset(e, s.kw, [kh, kw], s.f * s.c, c0);
                             let wbase = e.at(wt, w_off);
                             e.for_n_unrolled(s.f, UNROLL, |e, f| {
                                 let wf_off = e.mul_k(f, s.c as i64);
@@ -326,10 +329,7 @@ fn weight_rows(
     rows: usize,
 ) {
     // dw at (kh, kw, c0, 0)
-    let tap = e.mul_k(kh, s.kw as i64);
-    let tap = e.add(tap, kw);
-    let row = e.mul_k(tap, s.c as i64);
-    let row = e.add(row, c0);
+    let row = tap_offset(e, s.kw, [kh, kw], s.c, c0);
     let w_off = e.mul_k(row, s.f as i64);
     let dwbase = e.at(dw, w_off);
     let zero = e.int(0);

@@ -37,7 +37,11 @@ fn where_positive(e: &mut Emit, x: Value, a: Value, b: Value, vector: bool) -> V
     }
 }
 
-fn scaled(e: &mut Emit, v: Value, alpha: f32, vector: bool) -> Value {
+/// α·v, the branch for x ≤ 0; a constant zero for relu (which also maps NaN to 0).
+fn times_alpha(e: &mut Emit, v: Value, alpha: f32, vector: bool) -> Value {
+    if alpha == 0.0 {
+        return e.zero(if vector { types::F32X4 } else { types::F32 });
+    }
     let k = e.ins().f32const(alpha);
     let k = if vector { e.splat(k) } else { k };
     e.ins().fmul(v, k)
@@ -53,11 +57,7 @@ pub fn forward(e: &mut Emit, len: usize, alpha: f32) {
             let at = e.add(base, offset);
             let (xa, ya) = (e.at(x, at), e.at(y, at));
             let v = load(e, xa, vector);
-            let negative = if alpha == 0.0 {
-                e.zero(if vector { types::F32X4 } else { types::F32 })
-            } else {
-                scaled(e, v, alpha, vector)
-            };
+            let negative = times_alpha(e, v, alpha, vector);
             let out = where_positive(e, v, v, negative, vector);
             e.store(out, ya, 0);
         });
@@ -75,11 +75,7 @@ pub fn backward(e: &mut Emit, len: usize, alpha: f32) {
             let (xa, da, dxa) = (e.at(x, at), e.at(dy, at), e.at(dx, at));
             let v = load(e, xa, vector);
             let d = load(e, da, vector);
-            let negative = if alpha == 0.0 {
-                e.zero(if vector { types::F32X4 } else { types::F32 })
-            } else {
-                scaled(e, d, alpha, vector)
-            };
+            let negative = times_alpha(e, d, alpha, vector);
             let out = where_positive(e, v, d, negative, vector);
             e.store(out, dxa, 0);
         });
