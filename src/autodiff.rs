@@ -18,6 +18,7 @@ use anyhow::{Context as _, bail};
 
 use crate::Checked;
 use crate::ir::cost::ParamSpec;
+use crate::ir::fuse::{self, Block};
 use crate::ir::train::Loss;
 use crate::ir::{Activation, Graph, NodeId, Op, ShapeInfo};
 
@@ -64,6 +65,9 @@ pub struct Program {
     pub logits: NodeId,
     /// The model's output (probabilities at inference).
     pub output: NodeId,
+    /// Chains that backends may run as one block (empty unless [`Program::fused`]). `steps`
+    /// and `inference` then name only each block's output node, where the block runs.
+    pub blocks: Vec<Block>,
 }
 
 impl Program {
@@ -75,6 +79,38 @@ impl Program {
     pub fn output_width(&self) -> usize {
         self.shapes.shape(self.output).numel()
     }
+
+    /// The program with the fusion pass applied: every chain [`fuse::find_blocks`] finds becomes
+    /// one block, run (forward and backward) where its output node was. Parameters, their
+    /// names and order stay as they were, so checkpoints move freely between the two.
+    pub fn fused(mut self) -> Program {
+        self.blocks = fuse::find_blocks(&self.graph, &[self.logits, self.output]);
+        let inner: Vec<NodeId> =
+            self.blocks.iter().flat_map(|b| b.nodes().filter(move |id| *id != b.output())).collect();
+        self.inference.retain(|id| !inner.contains(id));
+        self.steps.retain(|step| match step {
+            Step::Forward(id) | Step::Backward(id) => !inner.contains(id),
+            Step::Loss | Step::Update => true,
+        });
+        // Each block keeps its output's backward step: the linear node's kernel is trainable,
+        // so every node after it in the block has a gradient to pass back.
+        debug_assert!(self.blocks.iter().all(|b| {
+            let out = b.output();
+            !self.steps.contains(&Step::Forward(out)) || self.steps.contains(&Step::Backward(out))
+        }));
+        self
+    }
+
+    /// The block whose output is `id`, in a fused program.
+    pub fn block_ending_at(&self, id: NodeId) -> Option<&Block> {
+        self.blocks.iter().find(|b| b.output() == id)
+    }
+}
+
+/// Builds the program of a checked model and, when `fuse`, applies the fusion pass.
+pub fn build_with(checked: &Checked, fuse: bool) -> anyhow::Result<Program> {
+    let program = build(checked)?;
+    Ok(if fuse { program.fused() } else { program })
 }
 
 /// Builds the program of a checked model; `loss` is the train block's, if any.
@@ -119,7 +155,19 @@ pub fn build(checked: &Checked) -> anyhow::Result<Program> {
             (logits, steps)
         }
     };
-    Ok(Program { graph, shapes, params, node_params, needs_grad, inference, steps, loss, logits, output })
+    Ok(Program {
+        graph,
+        shapes,
+        params,
+        node_params,
+        needs_grad,
+        inference,
+        steps,
+        loss,
+        logits,
+        output,
+        blocks: Vec::new(),
+    })
 }
 
 /// The node whose value the loss reads: the input of the output activation it fuses with.

@@ -24,6 +24,10 @@ use cnnc::train::metrics::EpochRecord;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Turn the fusion pass off: run conv/dense, batchnorm and relu as separate kernels
+    /// (for comparisons; results agree within float rounding).
+    #[arg(long, global = true)]
+    no_fuse: bool,
 }
 
 #[derive(Subcommand)]
@@ -177,6 +181,7 @@ impl From<BackendKind> for driver::BackendKind {
 fn main() -> ExitCode {
     cnnc::keep_freed_memory();
     let cli = Cli::parse();
+    let fuse = !cli.no_fuse;
     match cli.command {
         Command::Check { file, deny_warnings } => run(&file, deny_warnings, |_, _| {
             println!("ok");
@@ -184,7 +189,7 @@ fn main() -> ExitCode {
         }),
         Command::Summary { file, json, compile, deny_warnings } => run(&file, deny_warnings, |checked, _| {
             let compiled = if compile {
-                let program = cnnc::autodiff::build(checked)?;
+                let program = cnnc::autodiff::build_with(checked, fuse)?;
                 let kernels = cnnc::backend::jit::JitKernels::compile(&program, Default::default())?;
                 Some((kernels.kernel_count(), kernels.compile_ms))
             } else {
@@ -205,17 +210,19 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Command::Compile { file, emit, kernel } => {
-            run(&file, false, |checked, _| compile(checked, emit, kernel.as_deref()))
+            run(&file, false, |checked, _| compile(checked, emit, kernel.as_deref(), fuse))
         }
         Command::Train(args) => {
             let file = args.file.clone();
-            run(&file, false, |checked, source| with_threads(args.threads, || train(checked, source, &args)))
+            run(&file, false, |checked, source| {
+                with_threads(args.threads, || train(checked, source, &args, fuse))
+            })
         }
-        Command::Eval { file, weights, batch_size, threads } => {
-            run(&file, false, |checked, _| with_threads(threads, || eval(checked, &weights, batch_size)))
-        }
+        Command::Eval { file, weights, batch_size, threads } => run(&file, false, |checked, _| {
+            with_threads(threads, || eval(checked, &weights, batch_size, fuse))
+        }),
         Command::Predict { file, weights, images, index } => {
-            run(&file, false, |checked, _| predict(checked, &weights, &images, &index))
+            run(&file, false, |checked, _| predict(checked, &weights, &images, &index, fuse))
         }
         Command::Data { command } => finish(data(command)),
     }
@@ -290,7 +297,7 @@ fn load_dataset(info: &'static cnnc::data::DatasetInfo) -> anyhow::Result<cnnc::
     cnnc::data::load(info, &files)
 }
 
-fn train(checked: &cnnc::Checked, source: &SourceFile, args: &TrainArgs) -> anyhow::Result<()> {
+fn train(checked: &cnnc::Checked, source: &SourceFile, args: &TrainArgs, fuse: bool) -> anyhow::Result<()> {
     let train_block = checked.model.train.as_ref().context("the file has no train block")?;
     let mut config = RunConfig::from_train(train_block)?;
     if let Some(e) = args.epochs {
@@ -324,6 +331,7 @@ fn train(checked: &cnnc::Checked, source: &SourceFile, args: &TrainArgs) -> anyh
     let out_dir = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&checked.model.graph.name));
     let files = RunFiles { out_dir, resume: args.resume.clone() };
     config.backend = args.backend.into();
+    config.fuse = fuse;
     let backend_name = match config.backend {
         driver::BackendKind::Reference => "reference",
         driver::BackendKind::Jit => "jit",
@@ -362,12 +370,13 @@ fn train(checked: &cnnc::Checked, source: &SourceFile, args: &TrainArgs) -> anyh
     Ok(())
 }
 
-fn compile(checked: &cnnc::Checked, emit: Emit, kernel: Option<&str>) -> anyhow::Result<()> {
+fn compile(checked: &cnnc::Checked, emit: Emit, kernel: Option<&str>, fuse: bool) -> anyhow::Result<()> {
     if emit == Emit::Ir {
-        print!("{}", cnnc::ir::dump(&checked.model.graph, Some(&checked.shapes)));
+        let program = cnnc::autodiff::build_with(checked, fuse)?;
+        print!("{}", cnnc::ir::dump(&program.graph, Some(&program.shapes), &program.blocks));
         return Ok(());
     }
-    let program = cnnc::autodiff::build(checked)?;
+    let program = cnnc::autodiff::build_with(checked, fuse)?;
     let listing = cnnc::backend::jit::Listing { clif: emit == Emit::Clif, asm: emit == Emit::Asm };
     let kernels = cnnc::backend::jit::JitKernels::compile(&program, listing)?;
     let mut shown = 0;
@@ -383,11 +392,11 @@ fn compile(checked: &cnnc::Checked, emit: Emit, kernel: Option<&str>) -> anyhow:
     Ok(())
 }
 
-fn eval(checked: &cnnc::Checked, weights: &Path, batch_size: usize) -> anyhow::Result<()> {
+fn eval(checked: &cnnc::Checked, weights: &Path, batch_size: usize, fuse: bool) -> anyhow::Result<()> {
     if checked.model.train.as_ref().and_then(|t| t.loss).is_none() {
         bail!("the file's train block names no loss, so there is nothing to evaluate against");
     }
-    let program = std::sync::Arc::new(cnnc::autodiff::build(checked)?);
+    let program = std::sync::Arc::new(cnnc::autodiff::build_with(checked, fuse)?);
     let state = driver::load_weights(&program, weights)?;
     let data = load_dataset(dataset_of(checked)?)?;
     let optimizer = checked.model.train.as_ref().map(|t| t.optimizer).expect("checked above");
@@ -403,8 +412,9 @@ fn predict(
     weights: &Path,
     paths: &[PathBuf],
     indices: &[usize],
+    fuse: bool,
 ) -> anyhow::Result<()> {
-    let program = std::sync::Arc::new(cnnc::autodiff::build(checked)?);
+    let program = std::sync::Arc::new(cnnc::autodiff::build_with(checked, fuse)?);
     let state = driver::load_weights(&program, weights)?;
     let input = program.shapes.shape(program.graph.input());
     let optimizer = checked

@@ -9,6 +9,7 @@
 //! mutate the graph.
 
 pub mod cost;
+pub mod fuse;
 pub mod lower;
 pub mod shape;
 pub mod train;
@@ -272,49 +273,65 @@ impl Graph {
 }
 
 /// The IR as text, one node a line: `%3 = maxpool(%2) size=2x2 stride=2x2 padding=valid  # max_pooling2d`.
-pub fn dump(graph: &Graph, shapes: Option<&ShapeInfo>) -> String {
+/// A fused block (see [`fuse`]) is one line at its output node, its ops joined by `+`:
+/// `%3 = conv2d+batchnorm+relu(%0) filters=32 … momentum=0.99 epsilon=0.001 : (26,26,32)  # conv2d, …`.
+pub fn dump(graph: &Graph, shapes: Option<&ShapeInfo>, blocks: &[fuse::Block]) -> String {
     use std::fmt::Write as _;
     let mut out = format!("graph {} {{\n", graph.name);
-    for (id, node) in graph.nodes() {
-        let inputs: Vec<String> = node.inputs.iter().map(|i| format!("%{}", i.index())).collect();
-        let attrs = match &node.op {
-            Op::Input(shape) => format!(" {shape}"),
-            Op::Conv2d(c) => format!(
-                " filters={} kernel={}x{} stride={}x{} padding={} bias={}",
-                c.filters,
-                c.kernel[0],
-                c.kernel[1],
-                c.stride[0],
-                c.stride[1],
-                padding_text(c.padding),
-                c.bias
-            ),
-            Op::Dense(d) => format!(" units={} bias={}", d.units, d.bias),
-            Op::BatchNorm(b) => format!(" momentum={} epsilon={}", b.momentum, b.epsilon),
-            Op::Pool(p) => format!(
-                " size={}x{} stride={}x{} padding={}",
-                p.size[0],
-                p.size[1],
-                p.stride[0],
-                p.stride[1],
-                padding_text(p.padding)
-            ),
-            Op::Activation(Activation::LeakyRelu { alpha }) => format!(" alpha={alpha}"),
-            Op::Dropout { rate } => format!(" rate={rate}"),
-            Op::Activation(_) | Op::Flatten => String::new(),
+    for (id, _) in graph.nodes() {
+        let members: Vec<NodeId> = match blocks.iter().find(|b| b.nodes().any(|n| n == id)) {
+            Some(block) if block.output() != id => continue,
+            Some(block) => block.nodes().collect(),
+            None => vec![id],
         };
+        let first = graph.node(members[0]);
+        let inputs: Vec<String> = first.inputs.iter().map(|i| format!("%{}", i.index())).collect();
+        let names: Vec<&str> = members.iter().map(|m| graph.node(*m).op.name()).collect();
+        let attrs: String = members.iter().map(|m| op_attributes(&graph.node(*m).op)).collect();
+        let mut layers: Vec<&str> = members.iter().map(|m| graph.layer_of(*m).name.as_str()).collect();
+        layers.dedup();
         let shape = shapes.map_or(String::new(), |s| format!(" : {}", s.shape(id)));
         let _ = writeln!(
             out,
             "  %{} = {}({}){attrs}{shape}  # {}",
             id.index(),
-            node.op.name(),
+            names.join("+"),
             inputs.join(", "),
-            graph.layer_of(id).name
+            layers.join(", ")
         );
     }
     out.push_str("}\n");
     out
+}
+
+/// An op's attributes as the IR dump shows them, each with a leading space.
+fn op_attributes(op: &Op) -> String {
+    match op {
+        Op::Input(shape) => format!(" {shape}"),
+        Op::Conv2d(c) => format!(
+            " filters={} kernel={}x{} stride={}x{} padding={} bias={}",
+            c.filters,
+            c.kernel[0],
+            c.kernel[1],
+            c.stride[0],
+            c.stride[1],
+            padding_text(c.padding),
+            c.bias
+        ),
+        Op::Dense(d) => format!(" units={} bias={}", d.units, d.bias),
+        Op::BatchNorm(b) => format!(" momentum={} epsilon={}", b.momentum, b.epsilon),
+        Op::Pool(p) => format!(
+            " size={}x{} stride={}x{} padding={}",
+            p.size[0],
+            p.size[1],
+            p.stride[0],
+            p.stride[1],
+            padding_text(p.padding)
+        ),
+        Op::Activation(Activation::LeakyRelu { alpha }) => format!(" alpha={alpha}"),
+        Op::Dropout { rate } => format!(" rate={rate}"),
+        Op::Activation(_) | Op::Flatten => String::new(),
+    }
 }
 
 fn padding_text(padding: Padding) -> String {

@@ -57,6 +57,8 @@ pub struct RunConfig {
     pub validation_split: f32,
     pub loss: Loss,
     pub backend: BackendKind,
+    /// Run the fusion pass (conv/dense + batchnorm + relu as one block).
+    pub fuse: bool,
 }
 
 impl RunConfig {
@@ -70,6 +72,7 @@ impl RunConfig {
             validation_split: train.validation_split,
             loss,
             backend: BackendKind::default(),
+            fuse: true,
         })
     }
 
@@ -179,7 +182,7 @@ pub fn train(
     files: &RunFiles,
     observer: &mut dyn Observer,
 ) -> anyhow::Result<RunSummary> {
-    let program = Arc::new(autodiff::build(checked)?);
+    let program = Arc::new(autodiff::build_with(checked, config.fuse)?);
     let mut backend = make_backend(config.backend, program.clone(), config.optimizer)?;
     if let Some(report) = backend.compile_report() {
         observer.message(&report);

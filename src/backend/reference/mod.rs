@@ -12,6 +12,7 @@ use ndarray::{
 
 use super::{Backend, StepResult};
 use crate::autodiff::{Program, Step};
+use crate::ir::fuse::Block;
 use crate::ir::train::{Loss, Optimizer};
 use crate::ir::{Activation, NodeId, Op, PoolKind, Shape};
 use crate::rng::Rng;
@@ -102,6 +103,35 @@ pub trait Kernels<T: Real>: Sync {
         activation_gradient(act, x, y, dy)
     }
 
+    /// Runs a fused block's forward pass as one unit; `None` when this backend has no fused
+    /// kernels for it, and the interpreter runs the block's nodes one by one.
+    fn block_forward(
+        &self,
+        _program: &Program,
+        _block: &Block,
+        _params: &[ArrayD<T>],
+        _x: ArrayViewD<T>,
+        _mode: Mode,
+    ) -> Option<BlockForward<T>> {
+        None
+    }
+
+    /// A fused block's backward pass from d(block value); called only for blocks whose forward
+    /// pass [`Kernels::block_forward`] ran, with that pass's tape.
+    #[allow(clippy::too_many_arguments)]
+    fn block_backward(
+        &self,
+        _program: &Program,
+        _block: &Block,
+        _params: &[ArrayD<T>],
+        _x: ArrayViewD<T>,
+        _tape: &Tape<T>,
+        _dz: ArrayViewD<T>,
+        _need_dx: bool,
+    ) -> Option<BlockBackward<T>> {
+        None
+    }
+
     /// (dx, dw, db)
     fn dense_backward(
         &self,
@@ -112,6 +142,26 @@ pub trait Kernels<T: Real>: Sync {
     ) -> (Array2<T>, Array2<T>, Array1<T>) {
         ops::dense_backward(x, w, dy)
     }
+}
+
+/// What a fused block's forward pass leaves on the tape.
+#[derive(Debug, Clone)]
+pub struct BlockForward<T> {
+    /// The block's value (its output node's).
+    pub value: ArrayD<T>,
+    /// The linear node's output, when the backward pass needs it (a block that normalizes).
+    pub linear: Option<ArrayD<T>>,
+    /// The batch statistics of the block's batchnorm, in training.
+    pub stats: Option<BatchStats<T>>,
+}
+
+/// A fused block's gradients.
+#[derive(Debug, Clone)]
+pub struct BlockBackward<T> {
+    /// d(block input), when asked for.
+    pub dx: Option<ArrayD<T>>,
+    /// (parameter index, gradient) for each trainable parameter of the block.
+    pub grads: Vec<(usize, ArrayD<T>)>,
 }
 
 /// The reference's own kernels: [`ops`], as they are.
@@ -133,7 +183,7 @@ pub enum Mode {
 #[derive(Debug, Clone)]
 pub struct Tape<T> {
     pub values: Vec<Option<ArrayD<T>>>,
-    stats: Vec<Option<BatchStats<T>>>,
+    pub stats: Vec<Option<BatchStats<T>>>,
     masks: Vec<Option<ArrayD<T>>>,
 }
 
@@ -257,10 +307,26 @@ pub fn forward_with<T: Real>(
     let mut tape = Tape { values: vec![None; len], stats: vec![None; len], masks: vec![None; len] };
     tape.values[0] = Some(input);
     for &id in program.inference.iter().filter(|id| **id <= last) {
-        let (value, stats, mask) = forward_node(kernels, program, params, &tape, id, mode);
-        tape.values[id.index()] = Some(row_major(value));
-        tape.stats[id.index()] = stats;
-        tape.masks[id.index()] = mask;
+        let block = program.block_ending_at(id);
+        let fused = block.and_then(|b| {
+            let x = value(&tape, program.graph.node(b.linear).inputs[0]);
+            kernels.block_forward(program, b, params, x, mode).map(|out| (b, out))
+        });
+        if let Some((block, out)) = fused {
+            tape.values[id.index()] = Some(row_major(out.value));
+            tape.values[block.linear.index()] = out.linear.map(row_major);
+            if let Some(norm) = block.norm {
+                tape.stats[norm.index()] = out.stats;
+            }
+            continue;
+        }
+        let nodes: Vec<NodeId> = block.map_or(vec![id], |b| b.nodes().collect());
+        for id in nodes {
+            let (value, stats, mask) = forward_node(kernels, program, params, &tape, id, mode);
+            tape.values[id.index()] = Some(row_major(value));
+            tape.stats[id.index()] = stats;
+            tape.masks[id.index()] = mask;
+        }
     }
     tape
 }
@@ -297,7 +363,40 @@ pub fn gradients_with<T: Real>(
             Step::Backward(id) => {
                 let dy =
                     dvalues[id.index()].take().expect("the gradient of a node is ready before its rule runs");
-                backward_node(kernels, program, params, &tape, id, dy, &mut dvalues, &mut result.grads);
+                let Some(block) = program.block_ending_at(id) else {
+                    backward_node(kernels, program, params, &tape, id, dy, &mut dvalues, &mut result.grads);
+                    continue;
+                };
+                let input = program.graph.node(block.linear).inputs[0];
+                let need_dx = program.needs_grad[input.index()];
+                let x = value(&tape, input);
+                match kernels.block_backward(program, block, params, x, &tape, dy.view(), need_dx) {
+                    Some(out) => {
+                        for (index, grad) in out.grads {
+                            result.grads[index] = Some(grad);
+                        }
+                        if let Some(dx) = out.dx {
+                            add_gradient(&mut dvalues, input, dx);
+                        }
+                    }
+                    None => {
+                        dvalues[id.index()] = Some(dy);
+                        for id in block.nodes().collect::<Vec<_>>().into_iter().rev() {
+                            let dy =
+                                dvalues[id.index()].take().expect("the block's next node passed it back");
+                            backward_node(
+                                kernels,
+                                program,
+                                params,
+                                &tape,
+                                id,
+                                dy,
+                                &mut dvalues,
+                                &mut result.grads,
+                            );
+                        }
+                    }
+                }
             }
         }
     }
@@ -543,11 +642,17 @@ fn backward_node<T: Real>(
         }),
         Op::Flatten => need_dx.then(|| reshape(dy, &input_dims)),
     };
-    if let Some(dx) = dx.map(row_major) {
-        match &mut dvalues[input.index()] {
-            Some(acc) => *acc += &dx,
-            slot => *slot = Some(dx),
-        }
+    if let Some(dx) = dx {
+        add_gradient(dvalues, input, dx);
+    }
+}
+
+/// Adds `dx` into the gradient of `input` gathered so far (a value read twice gets both).
+fn add_gradient<T: Real>(dvalues: &mut [Option<ArrayD<T>>], input: NodeId, dx: ArrayD<T>) {
+    let dx = row_major(dx);
+    match &mut dvalues[input.index()] {
+        Some(acc) => *acc += &dx,
+        slot => *slot = Some(dx),
     }
 }
 
