@@ -182,17 +182,33 @@ fn for_pixel_blocks(e: &mut Emit, ow: usize, mut body: impl FnMut(&mut Emit, Val
     }
 }
 
-/// y[n,oh,ow,f] = b[f] + Σ x[n, oh·sh+kh, ow·sw+kw, c] · w[kh,kw,c,f], for samples start..end.
-/// Buffers: [x (padded), w (KH,KW,C,F), b (F) or unused, y].
-pub fn forward(e: &mut Emit, s: &ConvShape) {
+/// What the forward kernel does with its accumulators besides storing them, while they are
+/// still in registers (the fusion pass's epilogues).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Epilogue {
+    /// Rectify with this α (0: relu) before storing.
+    pub rectify: Option<f32>,
+    /// Add each sample's per-channel Σy and Σy² (of the stored values) into buffer 4,
+    /// laid out (N, 2, F) and zeroed by the caller: what batchnorm's statistics need.
+    pub stats: bool,
+}
+
+/// y[n,oh,ow,f] = b[f] + Σ x[n, oh·sh+kh, ow·sw+kw, c] · w[kh,kw,c,f], for samples start..end,
+/// then `epilogue`. Buffers: [x (padded), w (KH,KW,C,F), b (F) or unused, y, sums (N,2,F)].
+pub fn forward(e: &mut Emit, s: &ConvShape, epilogue: Epilogue) {
     let (x, w, y) = (e.buf(0), e.buf(1), e.buf(3));
     let bias = s.bias.then(|| e.buf(2));
+    let sums = epilogue.stats.then(|| e.buf(4));
     let (start, end) = (e.start, e.end);
     e.for_range(start, end, |e, n| {
         let xn_off = e.mul_k(n, (s.hp * s.wp * s.c) as i64);
         let xn = e.at(x, xn_off);
         let yn_off = e.mul_k(n, (s.oh * s.ow * s.f) as i64);
         let yn = e.at(y, yn_off);
+        let sums_n = sums.map(|sums| {
+            let off = e.mul_k(n, 2 * s.f as i64);
+            e.at(sums, off)
+        });
         e.for_n(s.oh, |e, oh| {
             for_pixel_blocks(e, s.ow, |e, ow0, pixels| {
                 for_chunks(e, s.f, |e, f0, width| {
@@ -226,14 +242,45 @@ pub fn forward(e: &mut Emit, s: &ConvShape) {
                     let y_off = e.mul_k(pixel, s.f as i64);
                     let y_off = e.add(y_off, f0);
                     let ybase = e.at(yn, y_off);
+                    let mut rows = Vec::with_capacity(pixels);
                     for r in 0..pixels {
-                        let values: Vec<Value> = (0..parts).map(|p| e.use_var(acc[r * parts + p])).collect();
+                        let mut values: Vec<Value> =
+                            (0..parts).map(|p| e.use_var(acc[r * parts + p])).collect();
+                        if let Some(alpha) = epilogue.rectify {
+                            let vector = width != Width::Scalar;
+                            values = values
+                                .iter()
+                                .map(|v| super::eltwise::rectify(e, *v, alpha, vector))
+                                .collect();
+                        }
                         store_chunk(e, &values, ybase, (r * s.f) as i64);
+                        rows.push(values);
+                    }
+                    if let Some(sums_n) = sums_n {
+                        let base = e.at(sums_n, f0);
+                        add_sums(e, &rows, base, s.f, width);
                     }
                 });
             });
         });
     });
+}
+
+/// Adds Σ_r rows[r] and Σ_r rows[r]² (one chunk of channels) into the sums at `base` and
+/// `base + f`.
+fn add_sums(e: &mut Emit, rows: &[Vec<Value>], base: Value, f: usize, width: Width) {
+    let old_sum = load_chunk(e, base, 0, width);
+    let old_sq = load_chunk(e, base, f as i64, width);
+    let mut sum = old_sum;
+    let mut sq = old_sq;
+    for row in rows {
+        for (p, v) in row.iter().enumerate() {
+            sum[p] = e.ins().fadd(sum[p], *v);
+            sq[p] = e.fma(*v, *v, sq[p]);
+        }
+    }
+    store_chunk(e, &sum, base, 0);
+    store_chunk(e, &sq, base, f as i64);
 }
 
 /// dx[n, oh·sh+kh, ow·sw+kw, c] += Σ_f dy[n,oh,ow,f] · wt[kh,kw,f,c], for samples start..end,

@@ -47,6 +47,19 @@ fn times_alpha(e: &mut Emit, v: Value, alpha: f32, vector: bool) -> Value {
     e.ins().fmul(v, k)
 }
 
+/// x > 0 ? x : α·x, for a value (vector or scalar) already in a register.
+pub(super) fn rectify(e: &mut Emit, x: Value, alpha: f32, vector: bool) -> Value {
+    let negative = times_alpha(e, x, alpha, vector);
+    where_positive(e, x, x, negative, vector)
+}
+
+/// x > 0 ? d : α·d: the rectifier's gradient d passed back through it, x its input or output
+/// (the same sign for α ≥ 0).
+pub(super) fn rectify_gradient(e: &mut Emit, x: Value, d: Value, alpha: f32, vector: bool) -> Value {
+    let negative = times_alpha(e, d, alpha, vector);
+    where_positive(e, x, d, negative, vector)
+}
+
 /// y = x > 0 ? x : α·x. Buffers: [x, y]; items: samples of `len` elements.
 pub fn forward(e: &mut Emit, len: usize, alpha: f32) {
     let (x, y) = (e.buf(0), e.buf(1));
@@ -57,8 +70,7 @@ pub fn forward(e: &mut Emit, len: usize, alpha: f32) {
             let at = e.add(base, offset);
             let (xa, ya) = (e.at(x, at), e.at(y, at));
             let v = load(e, xa, vector);
-            let negative = times_alpha(e, v, alpha, vector);
-            let out = where_positive(e, v, v, negative, vector);
+            let out = rectify(e, v, alpha, vector);
             e.store(out, ya, 0);
         });
     });
@@ -75,8 +87,7 @@ pub fn backward(e: &mut Emit, len: usize, alpha: f32) {
             let (xa, da, dxa) = (e.at(x, at), e.at(dy, at), e.at(dx, at));
             let v = load(e, xa, vector);
             let d = load(e, da, vector);
-            let negative = times_alpha(e, d, alpha, vector);
-            let out = where_positive(e, v, d, negative, vector);
+            let out = rectify_gradient(e, v, d, alpha, vector);
             e.store(out, dxa, 0);
         });
     });

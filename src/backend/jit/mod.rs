@@ -6,22 +6,28 @@
 pub mod conv;
 pub mod eltwise;
 pub mod emit;
+pub mod norm;
 pub mod pool;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ndarray::{Array1, Array2, Array4, ArrayD, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, Axis, s};
+use ndarray::{
+    Array1, Array2, Array3, Array4, ArrayD, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, Axis, Ix1, IxDyn,
+    s,
+};
 use rayon::prelude::*;
 
-use super::reference::ops::Geometry;
-use super::reference::{self, Interpreter, Kernels};
+use super::reference::ops::{BatchStats, Geometry};
+use super::reference::{self, BlockBackward, BlockForward, Interpreter, Kernels, Mode, Tape};
 use crate::autodiff::Program;
+use crate::ir::fuse::{self, Block};
 use crate::ir::train::Optimizer;
 use crate::ir::{Activation, NodeId, Op, PoolKind, Shape};
 use conv::ConvShape;
 use emit::{Compiler, KernelFn};
+use norm::NormShape;
 use pool::PoolShape;
 
 /// What to keep of the compilation, for `cnnc compile --emit`.
@@ -68,9 +74,40 @@ pub struct RectifierKernels {
     pub backward: KernelFn,
 }
 
+/// The compiled kernels of one batchnorm node that is not part of a fused block.
+#[derive(Debug, Clone, Copy)]
+pub struct NormKernels {
+    pub shape: NormShape,
+    /// See [`norm::stats`], [`norm::affine`], [`norm::grad_reduce`] and [`norm::grad_apply`],
+    /// all without a rectifier.
+    pub stats: KernelFn,
+    pub affine: KernelFn,
+    pub grad_reduce: KernelFn,
+    pub grad_apply: KernelFn,
+}
+
+/// The kernels of a fused block, besides its linear node's [`ConvKernels`] (which its backward
+/// pass uses) and its rectifier's (the backward of a block without batchnorm).
+#[derive(Debug, Clone, Copy)]
+pub struct BlockKernels {
+    /// The block's linear node output per sample: pixels and channels.
+    pub shape: NormShape,
+    /// The rectifier's α, when the block ends in one.
+    pub rectify: Option<f32>,
+    /// Training forward: the convolution with the rectifier in its epilogue, or, with batchnorm,
+    /// with the batch sums gathered in it ([`conv::Epilogue`]).
+    pub forward: KernelFn,
+    /// With batchnorm: inference with the normalization folded into the weights and bias, the
+    /// rectifier in the epilogue; then normalize + rectify, and the backward's two passes.
+    pub norm: Option<[KernelFn; 4]>,
+}
+
 /// The compiled kernels of a program, by node.
 pub struct JitKernels {
     convs: HashMap<NodeId, ConvKernels>,
+    norms: HashMap<NodeId, NormKernels>,
+    /// By the block's output node.
+    blocks: HashMap<NodeId, BlockKernels>,
     pools: HashMap<NodeId, PoolKernels>,
     rectifiers: HashMap<NodeId, RectifierKernels>,
     /// Owns the machine code the kernel pointers point into (in a mutex only because the
@@ -118,17 +155,92 @@ impl JitKernels {
             }
             let Some((shape, pads)) = conv_shape(program, id, &node.op) else { continue };
             let name = program.graph.layer_of(id).name.clone();
-            let f = compiler.kernel(&format!("{name}_forward"), |e| conv::forward(e, &shape))?;
+            let f = compiler.kernel(&format!("{name}_forward"), |e| {
+                conv::forward(e, &shape, conv::Epilogue::default())
+            })?;
             let bi =
                 compiler.kernel(&format!("{name}_backward_input"), |e| conv::backward_input(e, &shape))?;
             let bw = compiler
                 .kernel(&format!("{name}_backward_weights"), |e| conv::backward_weights(e, &shape))?;
             pending.push((id, shape, pads, [f, bi, bw]));
         }
+        let mut pending_norms = Vec::new();
+        for (id, node) in program.graph.nodes() {
+            if !matches!(node.op, Op::BatchNorm(_)) || program.blocks.iter().any(|b| b.norm == Some(id)) {
+                continue;
+            }
+            let shape = norm_shape(program, id);
+            let name = program.graph.layer_of(id).name.clone();
+            let ids = [
+                compiler.kernel(&format!("{name}_stats"), |e| norm::stats(e, &shape))?,
+                compiler.kernel(&format!("{name}_forward"), |e| norm::affine(e, &shape, None))?,
+                compiler
+                    .kernel(&format!("{name}_backward_reduce"), |e| norm::grad_reduce(e, &shape, None))?,
+                compiler.kernel(&format!("{name}_backward"), |e| norm::grad_apply(e, &shape, None))?,
+            ];
+            pending_norms.push((id, shape, ids));
+        }
+        let mut pending_blocks = Vec::new();
+        for block in &program.blocks {
+            let Some((conv_shape, _)) =
+                conv_shape(program, block.linear, &program.graph.node(block.linear).op)
+            else {
+                continue;
+            };
+            let rectify = block.act.and_then(|a| fuse::fusable_rectifier(&program.graph.node(a).op));
+            let shape = norm_shape(program, block.linear);
+            let ops: Vec<&str> = block.nodes().map(|id| program.graph.node(id).op.name()).collect();
+            let name = format!("{}_{}", program.graph.layer_of(block.linear).name, ops.join("_"));
+            let epilogue = conv::Epilogue {
+                rectify: rectify.filter(|_| block.norm.is_none()),
+                stats: block.norm.is_some(),
+            };
+            let forward =
+                compiler.kernel(&format!("{name}_forward"), |e| conv::forward(e, &conv_shape, epilogue))?;
+            let mut ids = vec![forward];
+            if block.norm.is_some() {
+                let folded = ConvShape { bias: true, ..conv_shape };
+                let epilogue = conv::Epilogue { rectify, stats: false };
+                ids.push(compiler.kernel(&format!("{name}_infer"), |e| conv::forward(e, &folded, epilogue))?);
+                ids.push(
+                    compiler.kernel(&format!("{name}_normalize"), |e| norm::affine(e, &shape, rectify))?,
+                );
+                ids.push(
+                    compiler.kernel(&format!("{name}_backward_reduce"), |e| {
+                        norm::grad_reduce(e, &shape, rectify)
+                    })?,
+                );
+                ids.push(
+                    compiler.kernel(&format!("{name}_backward"), |e| norm::grad_apply(e, &shape, rectify))?,
+                );
+            }
+            pending_blocks.push((block.output(), shape, rectify, ids));
+        }
         let mut ids: Vec<_> = pending.iter().flat_map(|p| p.3).collect();
         ids.extend(pending_pools.iter().flat_map(|p| p.3));
         ids.extend(pending_rectifiers.iter().flat_map(|p| p.2));
+        ids.extend(pending_norms.iter().flat_map(|p| p.2));
+        ids.extend(pending_blocks.iter().flat_map(|p| p.3.iter().copied()));
         let code = compiler.finish(&ids)?;
+        let (code, mut rest) = code.split_at(
+            ids.len() - pending_norms.len() * 4 - pending_blocks.iter().map(|p| p.3.len()).sum::<usize>(),
+        );
+        let mut norms = HashMap::new();
+        for (id, shape, _) in pending_norms {
+            let (fns, tail) = rest.split_at(4);
+            rest = tail;
+            norms.insert(
+                id,
+                NormKernels { shape, stats: fns[0], affine: fns[1], grad_reduce: fns[2], grad_apply: fns[3] },
+            );
+        }
+        let mut blocks = HashMap::new();
+        for (output, shape, rectify, ids) in pending_blocks {
+            let (fns, tail) = rest.split_at(ids.len());
+            rest = tail;
+            let norm = (fns.len() == 5).then(|| [fns[1], fns[2], fns[3], fns[4]]);
+            blocks.insert(output, BlockKernels { shape, rectify, forward: fns[0], norm });
+        }
         let (conv_code, rest) = code.split_at(pending.len() * 3);
         let (pool_code, rectifier_code) = rest.split_at(pending_pools.len() * 2);
         let rectifiers = pending_rectifiers
@@ -162,6 +274,8 @@ impl JitKernels {
         let listings = std::mem::take(&mut compiler.listings);
         Ok(JitKernels {
             convs,
+            norms,
+            blocks,
             pools,
             rectifiers,
             _compiler: std::sync::Mutex::new(compiler),
@@ -182,7 +296,18 @@ impl JitKernels {
 
     /// How many kernels were compiled.
     pub fn kernel_count(&self) -> usize {
-        self.convs.len() * 3 + (self.pools.len() + self.rectifiers.len()) * 2
+        let blocks: usize = self.blocks.values().map(|b| 1 + if b.norm.is_some() { 4 } else { 0 }).sum();
+        self.convs.len() * 3 + (self.pools.len() + self.rectifiers.len()) * 2 + self.norms.len() * 4 + blocks
+    }
+
+    /// The kernels of a batchnorm node outside any block, to call directly.
+    pub fn norm(&self, node: NodeId) -> Option<NormKernels> {
+        self.norms.get(&node).copied()
+    }
+
+    /// The fused kernels of the block whose output is `node`.
+    pub fn block(&self, node: NodeId) -> Option<BlockKernels> {
+        self.blocks.get(&node).copied()
     }
 
     /// The kernels of a relu or leaky relu node, to call directly.
@@ -240,6 +365,13 @@ fn conv_shape(program: &Program, id: NodeId, op: &Op) -> Option<(ConvShape, [usi
         }
         _ => None,
     }
+}
+
+/// A node's value per sample as (pixels, channels).
+fn norm_shape(program: &Program, id: NodeId) -> NormShape {
+    let shape = program.shapes.shape(id);
+    let channels = shape.channels();
+    NormShape { pixels: shape.numel() / channels.max(1), channels }
 }
 
 /// The kernel shape of a max-pooling node.
@@ -490,6 +622,344 @@ impl Kernels<f32> for JitKernels {
             dw.into_shape_with_order((inputs, units)).expect("row-major"),
             db,
         )
+    }
+
+    fn batchnorm_forward_train(
+        &self,
+        node: NodeId,
+        x: ArrayView2<f32>,
+        gamma: ArrayView1<f32>,
+        beta: ArrayView1<f32>,
+        epsilon: f32,
+    ) -> (Array2<f32>, BatchStats<f32>) {
+        let Some(k) = self.norms.get(&node) else {
+            return reference::ops::batchnorm_forward_train(x, gamma, beta, epsilon);
+        };
+        let dim = x.dim();
+        let x = x.as_standard_layout().into_owned().into_dyn();
+        let (y, stats) = self.normalize([k.stats, k.affine], k.shape, &x, [gamma, beta], epsilon);
+        (y.into_shape_with_order(dim).expect("row-major"), stats)
+    }
+
+    fn batchnorm_forward_infer(
+        &self,
+        node: NodeId,
+        x: ArrayView2<f32>,
+        [gamma, beta]: [ArrayView1<f32>; 2],
+        [mean, var]: [ArrayView1<f32>; 2],
+        epsilon: f32,
+    ) -> Array2<f32> {
+        let Some(k) = self.norms.get(&node) else {
+            return reference::ops::batchnorm_forward_infer(x, gamma, beta, mean, var, epsilon);
+        };
+        let dim = x.dim();
+        let x = x.as_standard_layout().into_owned().into_dyn();
+        let stats = BatchStats { mean: mean.to_owned(), var: var.to_owned() };
+        let y = self.affine(k.affine, k.shape, &x, &stats, [gamma, beta], epsilon);
+        y.into_shape_with_order(dim).expect("row-major")
+    }
+
+    fn batchnorm_backward(
+        &self,
+        node: NodeId,
+        x: ArrayView2<f32>,
+        dy: ArrayView2<f32>,
+        gamma: ArrayView1<f32>,
+        stats: &BatchStats<f32>,
+        epsilon: f32,
+    ) -> (Array2<f32>, Array1<f32>, Array1<f32>) {
+        let Some(k) = self.norms.get(&node) else {
+            return reference::ops::batchnorm_backward(x, dy, gamma, stats, epsilon);
+        };
+        let dim = x.dim();
+        let x = x.as_standard_layout().into_owned().into_dyn();
+        let dy = dy.as_standard_layout().into_owned().into_dyn();
+        let kernels = [k.grad_reduce, k.grad_apply];
+        let (dx, dgamma, dbeta) =
+            self.normalize_backward(kernels, k.shape, &x, None, &dy, gamma, stats, epsilon);
+        (dx.into_shape_with_order(dim).expect("row-major"), dgamma, dbeta)
+    }
+
+    fn block_forward(
+        &self,
+        program: &Program,
+        block: &Block,
+        params: &[ArrayD<f32>],
+        x: ArrayViewD<f32>,
+        mode: Mode,
+    ) -> Option<BlockForward<f32>> {
+        let k = self.blocks.get(&block.output())?;
+        let conv = self.convs.get(&block.linear)?;
+        let s = &conv.shape;
+        let n = x.shape()[0];
+        let x4 = x.as_standard_layout();
+        let x4 = x4
+            .view()
+            .into_shape_with_order((
+                n,
+                s.hp - conv.pads[0] - conv.pads[1],
+                s.wp - conv.pads[2] - conv.pads[3],
+                s.c,
+            ))
+            .expect("the block's input");
+        let xp = padded(x4, conv.pads);
+        let indices = &program.node_params[block.linear.index()];
+        let w = params[indices[0]].as_standard_layout();
+        assert_eq!(w.len(), s.kh * s.kw * s.c * s.f, "the kernel was compiled for this weight");
+        let b = s.bias.then(|| params[indices[1]].as_standard_layout());
+        let mut dims = vec![n];
+        dims.extend(program.shapes.shape(block.output()).dims());
+        let y = ArrayD::<f32>::zeros(IxDyn(&dims));
+        assert_eq!(y.len(), n * s.oh * s.ow * s.f);
+        let bias_ptr = b.as_ref().map_or(std::ptr::null_mut(), |b| raw(b));
+        let (Some(norm), Some(fns)) = (block.norm, k.norm) else {
+            run(k.forward, &Buffers(vec![ptr(&xp), raw(&w), bias_ptr, raw(&y)]), n, n);
+            return Some(BlockForward { value: y, linear: None, stats: None });
+        };
+        let Op::BatchNorm(bn) = program.graph.node(norm).op else {
+            unreachable!("a block's norm is a batchnorm")
+        };
+        let p = |i: usize| {
+            params[program.node_params[norm.index()][i]]
+                .view()
+                .into_dimensionality::<Ix1>()
+                .expect("per channel")
+        };
+        let [infer, normalize, ..] = fns;
+        match mode {
+            Mode::Infer => {
+                // Batchnorm folded into the convolution: w·s and (b − mean)·s + β, s = γ/σ.
+                let stats = BatchStats { mean: p(2).to_owned(), var: p(3).to_owned() };
+                let inv = inverse_std(&stats, bn.epsilon);
+                let (gamma, beta) = (p(0), p(1));
+                let scale: Vec<f32> = (0..s.f).map(|f| (f64::from(gamma[f]) * inv[f]) as f32).collect();
+                let mut folded = w.iter().copied().collect::<Vec<f32>>();
+                for (i, v) in folded.iter_mut().enumerate() {
+                    *v *= scale[i % s.f];
+                }
+                let bias: Vec<f32> = (0..s.f)
+                    .map(|f| {
+                        let b0 = b.as_ref().map_or(0.0, |b| f64::from(b.as_slice().expect("standard")[f]));
+                        ((b0 - f64::from(stats.mean[f])) * f64::from(scale[f]) + f64::from(beta[f])) as f32
+                    })
+                    .collect();
+                run(
+                    infer,
+                    &Buffers(vec![ptr(&xp), folded.as_ptr() as *mut f32, bias.as_ptr() as *mut f32, raw(&y)]),
+                    n,
+                    n,
+                );
+                Some(BlockForward { value: y, linear: None, stats: None })
+            }
+            Mode::Train { .. } => {
+                let sums = Array3::<f32>::zeros((n, 2, s.f));
+                run(k.forward, &Buffers(vec![ptr(&xp), raw(&w), bias_ptr, raw(&y), raw(&sums)]), n, n);
+                let stats = statistics(&sums, n * k.shape.pixels);
+                let z = self.affine(normalize, k.shape, &y, &stats, [p(0), p(1)], bn.epsilon);
+                Some(BlockForward { value: z, linear: Some(y), stats: Some(stats) })
+            }
+        }
+    }
+
+    fn block_backward(
+        &self,
+        program: &Program,
+        block: &Block,
+        params: &[ArrayD<f32>],
+        x: ArrayViewD<f32>,
+        tape: &Tape<f32>,
+        dz: ArrayViewD<f32>,
+        need_dx: bool,
+    ) -> Option<BlockBackward<f32>> {
+        let k = self.blocks.get(&block.output())?;
+        let conv = self.convs.get(&block.linear)?;
+        let s = conv.shape;
+        let n = x.shape()[0];
+        let taped = |id: NodeId| tape.values[id.index()].as_ref().expect("the block's forward pass kept it");
+        let z = taped(block.output());
+        let dz = dz.as_standard_layout().into_owned();
+        let mut grads = Vec::new();
+        let dc = match (block.norm, k.norm) {
+            (Some(norm), Some([_, _, reduce, apply])) => {
+                let Op::BatchNorm(bn) = program.graph.node(norm).op else { unreachable!("a batchnorm") };
+                let indices = &program.node_params[norm.index()];
+                let gamma = params[indices[0]].view().into_dimensionality::<Ix1>().expect("per channel");
+                let stats =
+                    tape.stats[norm.index()].as_ref().expect("training forward keeps batch statistics");
+                let rectified = k.rectify.map(|_| z);
+                let (dc, dgamma, dbeta) = self.normalize_backward(
+                    [reduce, apply],
+                    k.shape,
+                    taped(block.linear),
+                    rectified,
+                    &dz,
+                    gamma,
+                    stats,
+                    bn.epsilon,
+                );
+                grads.push((indices[0], dgamma.into_dyn()));
+                grads.push((indices[1], dbeta.into_dyn()));
+                dc
+            }
+            _ => {
+                let act = block.act.expect("a block without batchnorm ends in a rectifier");
+                let r = self.rectifiers.get(&act)?;
+                assert_eq!(z.len(), n * r.len);
+                let dc = ArrayD::<f32>::zeros(z.raw_dim());
+                run(r.backward, &Buffers(vec![raw(z), raw(&dz), raw(&dc)]), n, n);
+                dc
+            }
+        };
+        let dc4 = dc.view().into_shape_with_order((n, s.oh, s.ow, s.f)).expect("row-major");
+        let (h, w) = (s.hp - conv.pads[0] - conv.pads[1], s.wp - conv.pads[2] - conv.pads[3]);
+        let x = x.as_standard_layout();
+        let x4 = x.view().into_shape_with_order((n, h, w, s.c)).expect("the block's input");
+        let g = match program.graph.node(block.linear).op {
+            Op::Conv2d(_) => reference::geometry(program, block.linear),
+            _ => Geometry { kernel: [1, 1], stride: [1, 1], pad_before: [0, 0], out: [1, 1] },
+        };
+        let indices = &program.node_params[block.linear.index()];
+        let weights = &params[indices[0]];
+        let (dw, db) = self.conv2d_backward_weights(block.linear, x4, dc4, [s.kh, s.kw, s.c, s.f], &g);
+        grads.push((indices[0], dw.into_shape_with_order(weights.raw_dim()).expect("same size").into_dyn()));
+        if s.bias {
+            grads.push((indices[1], db.into_dyn()));
+        }
+        let dx = need_dx.then(|| {
+            let w4 = weights.view().into_shape_with_order((s.kh, s.kw, s.c, s.f)).expect("row-major kernel");
+            let dx = self.conv2d_backward_input(block.linear, dc4, w4, [h, w], &g);
+            dx.into_shape_with_order(x.raw_dim()).expect("same size").into_dyn()
+        });
+        Some(BlockBackward { dx, grads })
+    }
+}
+
+/// Per-channel sums gathered per sample, (N, 2, C), reduced over samples in order, in f64:
+/// the two sums of every channel.
+fn reduce_sums(sums: &Array3<f32>) -> [Vec<f64>; 2] {
+    let c = sums.dim().2;
+    let mut out = [vec![0.0; c], vec![0.0; c]];
+    for sample in sums.outer_iter() {
+        for (k, row) in sample.outer_iter().enumerate() {
+            for (acc, v) in out[k].iter_mut().zip(row) {
+                *acc += f64::from(*v);
+            }
+        }
+    }
+    out
+}
+
+/// The batch statistics from the (Σx, Σx²) sums of `m` values per channel: biased variance.
+fn statistics(sums: &Array3<f32>, m: usize) -> BatchStats<f32> {
+    let [sum, sq] = reduce_sums(sums);
+    let m = m as f64;
+    let mean: Vec<f64> = sum.iter().map(|s| s / m).collect();
+    // E[x²] − E[x]², never below zero (rounding can take it there for a constant channel).
+    let var = sq.iter().zip(&mean).map(|(q, mu)| (q / m - mu * mu).max(0.0) as f32).collect();
+    BatchStats { mean: mean.into_iter().map(|v| v as f32).collect(), var }
+}
+
+/// 1/√(var + ε) per channel, in f64.
+fn inverse_std(stats: &BatchStats<f32>, epsilon: f32) -> Vec<f64> {
+    stats.var.iter().map(|v| 1.0 / (f64::from(*v) + f64::from(epsilon)).sqrt()).collect()
+}
+
+/// The batchnorm backward: from the (Σg, Σg·x) sums, (dgamma, dbeta) and the coefficients
+/// (a, b, d) of dx = a·g + b·x + d, which is γ/(M·σ)·(M·g − dbeta − x̂·dgamma) expanded.
+fn norm_gradient(
+    sums: &Array3<f32>,
+    m: usize,
+    gamma: ArrayView1<f32>,
+    stats: &BatchStats<f32>,
+    epsilon: f32,
+) -> (Array1<f32>, Array1<f32>, Array2<f32>) {
+    let [sum_g, sum_gx] = reduce_sums(sums);
+    let inv = inverse_std(stats, epsilon);
+    let m = m as f64;
+    let c = gamma.len();
+    let (mut dgamma, mut dbeta, mut coef) = (Array1::zeros(c), Array1::zeros(c), Array2::zeros((3, c)));
+    for k in 0..c {
+        let (g, mean, inv) = (f64::from(gamma[k]), f64::from(stats.mean[k]), inv[k]);
+        let db = sum_g[k];
+        let dg = inv * (sum_gx[k] - mean * db);
+        dgamma[k] = dg as f32;
+        dbeta[k] = db as f32;
+        coef[[0, k]] = (g * inv) as f32;
+        coef[[1, k]] = (-g * inv * inv * dg / m) as f32;
+        coef[[2, k]] = (-g * inv * db / m + g * inv * inv * mean * dg / m) as f32;
+    }
+    (dgamma, dbeta, coef)
+}
+
+/// A raw pointer for a kernel's buffer list; the kernels never write through inputs.
+fn raw<D: ndarray::Dimension>(a: &ndarray::ArrayRef<f32, D>) -> *mut f32 {
+    a.as_ptr() as *mut f32
+}
+
+impl JitKernels {
+    /// Batchnorm training forward over `x` (M·…, C) with the stats/affine kernels `k` (or a
+    /// block's): returns y and the batch statistics. `x` holds `n` samples.
+    fn normalize(
+        &self,
+        [stats_fn, affine]: [KernelFn; 2],
+        shape: NormShape,
+        x: &ArrayD<f32>,
+        [gamma, beta]: [ArrayView1<f32>; 2],
+        epsilon: f32,
+    ) -> (ArrayD<f32>, BatchStats<f32>) {
+        let n = x.len() / (shape.pixels * shape.channels);
+        assert_eq!(x.len(), n * shape.pixels * shape.channels);
+        let sums = Array3::<f32>::zeros((n, 2, shape.channels));
+        run(stats_fn, &Buffers(vec![raw(x), raw(&sums)]), n, n);
+        let stats = statistics(&sums, n * shape.pixels);
+        let y = self.affine(affine, shape, x, &stats, [gamma, beta], epsilon);
+        (y, stats)
+    }
+
+    /// y = act((x − mean)·γ/σ + β) with the affine kernel.
+    fn affine(
+        &self,
+        kernel: KernelFn,
+        shape: NormShape,
+        x: &ArrayD<f32>,
+        stats: &BatchStats<f32>,
+        [gamma, beta]: [ArrayView1<f32>; 2],
+        epsilon: f32,
+    ) -> ArrayD<f32> {
+        let n = x.len() / (shape.pixels * shape.channels);
+        let inv = inverse_std(stats, epsilon);
+        let scale: Array1<f32> = (0..shape.channels).map(|k| (f64::from(gamma[k]) * inv[k]) as f32).collect();
+        let shift: Array1<f32> = (0..shape.channels)
+            .map(|k| (f64::from(beta[k]) - f64::from(stats.mean[k]) * f64::from(gamma[k]) * inv[k]) as f32)
+            .collect();
+        let y = ArrayD::<f32>::zeros(x.raw_dim());
+        run(kernel, &Buffers(vec![raw(x), raw(&scale), raw(&shift), raw(&y)]), n, n);
+        y
+    }
+
+    /// The batchnorm backward with the reduce/apply kernels: (dx, dgamma, dbeta). `z` is the
+    /// rectifier's output when the kernels pass the gradient back through one.
+    #[allow(clippy::too_many_arguments)]
+    fn normalize_backward(
+        &self,
+        [reduce, apply]: [KernelFn; 2],
+        shape: NormShape,
+        x: &ArrayD<f32>,
+        z: Option<&ArrayD<f32>>,
+        dz: &ArrayD<f32>,
+        gamma: ArrayView1<f32>,
+        stats: &BatchStats<f32>,
+        epsilon: f32,
+    ) -> (ArrayD<f32>, Array1<f32>, Array1<f32>) {
+        let n = x.len() / (shape.pixels * shape.channels);
+        assert_eq!((dz.len(), z.map_or(x.len(), |z| z.len())), (x.len(), x.len()));
+        let z = z.map_or(std::ptr::null_mut(), |z| raw(z));
+        let sums = Array3::<f32>::zeros((n, 2, shape.channels));
+        run(reduce, &Buffers(vec![raw(dz), z, raw(x), raw(&sums)]), n, n);
+        let (dgamma, dbeta, coef) = norm_gradient(&sums, n * shape.pixels, gamma, stats, epsilon);
+        let dx = ArrayD::<f32>::zeros(x.raw_dim());
+        run(apply, &Buffers(vec![raw(dz), z, raw(x), raw(&coef), raw(&dx)]), n, n);
+        (dx, dgamma, dbeta)
     }
 }
 

@@ -103,6 +103,43 @@ pub trait Kernels<T: Real>: Sync {
         activation_gradient(act, x, y, dy)
     }
 
+    /// Batchnorm in training over (rows, channels): the output and the batch statistics.
+    fn batchnorm_forward_train(
+        &self,
+        _node: NodeId,
+        x: ArrayView2<T>,
+        gamma: ArrayView1<T>,
+        beta: ArrayView1<T>,
+        epsilon: T,
+    ) -> (Array2<T>, BatchStats<T>) {
+        ops::batchnorm_forward_train(x, gamma, beta, epsilon)
+    }
+
+    /// Batchnorm at inference, with the moving statistics `[mean, variance]`.
+    fn batchnorm_forward_infer(
+        &self,
+        _node: NodeId,
+        x: ArrayView2<T>,
+        [gamma, beta]: [ArrayView1<T>; 2],
+        [mean, var]: [ArrayView1<T>; 2],
+        epsilon: T,
+    ) -> Array2<T> {
+        ops::batchnorm_forward_infer(x, gamma, beta, mean, var, epsilon)
+    }
+
+    /// (dx, dgamma, dbeta)
+    fn batchnorm_backward(
+        &self,
+        _node: NodeId,
+        x: ArrayView2<T>,
+        dy: ArrayView2<T>,
+        gamma: ArrayView1<T>,
+        stats: &BatchStats<T>,
+        epsilon: T,
+    ) -> (Array2<T>, Array1<T>, Array1<T>) {
+        ops::batchnorm_backward(x, dy, gamma, stats, epsilon)
+    }
+
     /// Runs a fused block's forward pass as one unit; `None` when this backend has no fused
     /// kernels for it, and the interpreter runs the block's nodes one by one.
     fn block_forward(
@@ -410,7 +447,8 @@ fn value<T: Real>(tape: &Tape<T>, id: NodeId) -> ndarray::ArrayViewD<'_, T> {
     tape.values[id.index()].as_ref().expect("inputs are computed before their consumers").view()
 }
 
-fn geometry(program: &Program, id: NodeId) -> Geometry {
+/// The window of a conv or pooling node as the ops take it.
+pub fn geometry(program: &Program, id: NodeId) -> Geometry {
     let [h, w] = program.shapes.window(id).expect("a window op has a window");
     let Shape::Hwc { h: oh, w: ow, .. } = program.shapes.shape(id) else {
         unreachable!("window ops output HWC")
@@ -468,7 +506,7 @@ fn forward_node<T: Real>(
             let eps = T::of(f64::from(bn.epsilon));
             match mode {
                 Mode::Train { .. } => {
-                    let (y, stats) = ops::batchnorm_forward_train(rows(x), gamma, beta, eps);
+                    let (y, stats) = kernels.batchnorm_forward_train(id, rows(x), gamma, beta, eps);
                     (reshape(y.into_dyn(), &output_dims), Some(stats), None)
                 }
                 Mode::Infer => {
@@ -476,7 +514,7 @@ fn forward_node<T: Real>(
                         p(2).into_dimensionality::<Ix1>().unwrap(),
                         p(3).into_dimensionality::<Ix1>().unwrap(),
                     );
-                    let y = ops::batchnorm_forward_infer(rows(x), gamma, beta, mean, var, eps);
+                    let y = kernels.batchnorm_forward_infer(id, rows(x), [gamma, beta], [mean, var], eps);
                     (reshape(y.into_dyn(), &output_dims), None, None)
                 }
             }
@@ -612,8 +650,9 @@ fn backward_node<T: Real>(
         Op::BatchNorm(bn) => {
             let stats = tape.stats[id.index()].as_ref().expect("training forward keeps batch statistics");
             let gamma = p(0).into_dimensionality::<Ix1>().unwrap();
+            let eps = T::of(f64::from(bn.epsilon));
             let (dx, dgamma, dbeta) =
-                ops::batchnorm_backward(rows(x), rows(dy.view()), gamma, stats, T::of(f64::from(bn.epsilon)));
+                kernels.batchnorm_backward(id, rows(x), rows(dy.view()), gamma, stats, eps);
             grads[indices[0]] = Some(dgamma.into_dyn());
             grads[indices[1]] = Some(dbeta.into_dyn());
             need_dx.then(|| reshape(dx.into_dyn(), &input_dims))
