@@ -1,0 +1,201 @@
+//! The fusion pass: fused blocks (conv/dense + batchnorm + relu run by the JIT's fused kernels)
+//! against the same model unfused, run by the reference and by the JIT's separate kernels —
+//! training (values, loss, every gradient, the moving statistics) and inference (batchnorm
+//! folded into the weights), on channel counts that are not multiples of 4.
+//!
+//! Tolerance: |a − b| ≤ 1e-3·max(1, |a|). The fused batchnorm takes its variance as
+//! E[x²] − E[x]² from per-sample f32 sums (the reference: two passes), and its inference
+//! folds the normalization into the weights, so results differ by rounding that the division
+//! by σ can magnify: about 1e-6·(1 + mean²/var) relative in the variance, for the values
+//! here (|x| ≲ 5, mean²/var ≲ 10) far below 1e-3. Everything without batchnorm agrees to 1e-4
+//! (tests/jit.rs).
+
+use cnnc::autodiff::{self, Program};
+use cnnc::backend::jit::{JitKernels, Listing};
+use cnnc::backend::reference::{self, Gradients, Mode};
+use cnnc::diagnostic::SourceFile;
+use cnnc::ir::NodeId;
+use cnnc::rng::Rng;
+use ndarray::ArrayD;
+
+const TOLERANCE: f32 = 1e-3;
+
+fn program(model: &str) -> Program {
+    let text = format!("model m {{ {model} }}\ntrain {{ loss = categorical_crossentropy }}");
+    let source = SourceFile::new("case.cnn", text.as_str());
+    let checked =
+        cnnc::check(&source).unwrap_or_else(|d| panic!("{}", cnnc::diagnostic::render_all(&d, &source)));
+    autodiff::build(&checked).unwrap()
+}
+
+fn random(len: usize, rng: &mut Rng) -> Vec<f32> {
+    (0..len).map(|_| rng.next_f32() * 2.0 - 1.0).collect()
+}
+
+fn assert_close(what: &str, a: &ArrayD<f32>, b: &ArrayD<f32>) {
+    assert_eq!(a.shape(), b.shape(), "{what}");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= TOLERANCE * x.abs().max(1.0), "{what}[{i}]: expected {x}, got {y}");
+    }
+}
+
+/// Random parameters; variances (moving_variance) positive, as training keeps them.
+fn parameters(program: &Program, rng: &mut Rng) -> Vec<ArrayD<f32>> {
+    program
+        .params
+        .iter()
+        .map(|p| {
+            let mut values = random(p.spec.numel(), rng);
+            if p.name.ends_with("moving_variance") {
+                values.iter_mut().for_each(|v| *v = v.abs() + 0.5);
+            }
+            ArrayD::from_shape_vec(p.spec.shape.clone(), values).unwrap()
+        })
+        .collect()
+}
+
+fn assert_same_gradients(what: &str, program: &Program, a: &Gradients<f32>, b: &Gradients<f32>) {
+    let tolerance = 1e-3 * a.loss_sum.abs().max(1.0);
+    assert!((a.loss_sum - b.loss_sum).abs() < tolerance, "{what}: loss {} vs {}", a.loss_sum, b.loss_sum);
+    for (p, (x, y)) in program.params.iter().zip(a.grads.iter().zip(&b.grads)) {
+        match (x, y) {
+            (Some(x), Some(y)) => assert_close(&format!("{what}\ngradient of {}", p.name), x, y),
+            (None, None) => {}
+            _ => panic!("{what}: {}: one has a gradient, the other not", p.name),
+        }
+    }
+    assert_eq!(a.moving.len(), b.moving.len(), "{what}: moving statistics");
+    for ((i, x), (j, y)) in a.moving.iter().zip(&b.moving) {
+        assert_eq!(i, j);
+        assert_close(&format!("{what}\nnew {}", program.params[*i].name), x, y);
+    }
+}
+
+/// The fused program on the JIT against the unfused one on the reference and on the JIT.
+fn fused_matches_unfused(model: &str, batch: usize, blocks: usize) {
+    let unfused = program(model);
+    let fused = program(model).fused();
+    assert_eq!(fused.blocks.len(), blocks, "{model}: blocks {:?}", fused.blocks);
+    let jit_fused = JitKernels::compile(&fused, Listing::default()).unwrap();
+    let jit_unfused = JitKernels::compile(&unfused, Listing::default()).unwrap();
+    for block in &fused.blocks {
+        assert!(jit_fused.block(block.output()).is_some(), "{model}: block {block:?} has no fused kernels");
+    }
+    let mut rng = Rng::new(5, &[batch as u64]);
+    let params = parameters(&unfused, &mut rng);
+    let sample = unfused.shapes.shape(unfused.graph.input()).numel();
+    let input = reference::batch_array(&unfused, &random(batch * sample, &mut rng));
+    let labels: Vec<u8> = (0..batch).map(|i| (i % 3) as u8).collect();
+
+    let train = Mode::Train { seed: 3, step: 7 };
+    let expected = reference::gradients(&unfused, &params, input.clone(), &labels, train);
+    let actual = reference::gradients_with(&jit_fused, &fused, &params, input.clone(), &labels, train);
+    assert_same_gradients(&format!("{model} (fused vs reference)"), &unfused, &expected, &actual);
+    let separate = reference::gradients_with(&jit_unfused, &unfused, &params, input.clone(), &labels, train);
+    assert_same_gradients(&format!("{model} (fused vs unfused JIT)"), &unfused, &separate, &actual);
+
+    for mode in [train, Mode::Infer] {
+        let last = if mode == Mode::Infer { unfused.output } else { unfused.logits };
+        let expected = reference::forward(&unfused, &params, input.clone(), mode, last);
+        let actual = reference::forward_with(&jit_fused, &fused, &params, input.clone(), mode, last);
+        let mut compared = 0;
+        for (id, _) in unfused.graph.nodes() {
+            if let (Some(a), Some(b)) = (&expected.values[id.index()], &actual.values[id.index()]) {
+                assert_close(&format!("{model} ({mode:?})\nvalue of %{}", id.index()), a, b);
+                compared += 1;
+            }
+        }
+        assert!(compared >= unfused.graph.len() - 2 * blocks, "{model}: only {compared} values compared");
+    }
+}
+
+#[test]
+fn conv_batchnorm_relu_blocks_with_odd_channels() {
+    // 7 = 4 + 3 and 19 = 8 + 8 + 3 channels: every chunk width of the kernels; the first block's
+    // input needs no gradient, the second's does.
+    let model = "input 9x8x3 conv2d(7, kernel=3, bias=false) batchnorm relu \
+                 conv2d(19, kernel=2, stride=2, padding=same) batchnorm relu flatten dense(3, activation=softmax)";
+    fused_matches_unfused(model, 1, 2);
+    fused_matches_unfused(model, 5, 2);
+    fused_matches_unfused(model, 13, 2);
+}
+
+#[test]
+fn blocks_without_batchnorm_and_with_leaky_relu_or_bias() {
+    let model = "input 7x7x2 conv2d(5, kernel=3, activation=relu) conv2d(6, kernel=2) batchnorm leaky_relu(alpha=0.2) \
+                 conv2d(9, kernel=1) batchnorm flatten dense(11, activation=relu) dense(3, activation=softmax)";
+    fused_matches_unfused(model, 6, 4);
+}
+
+#[test]
+fn dense_batchnorm_blocks() {
+    let model =
+        "input 23 dense(13, bias=false) batchnorm relu dense(6) batchnorm dense(3, activation=softmax)";
+    fused_matches_unfused(model, 7, 2);
+}
+
+#[test]
+fn a_block_after_pooling_and_before_dropout() {
+    let model = "input 12x11x1 maxpool(2) conv2d(10, kernel=3, padding=same, bias=false) batchnorm relu \
+                 maxpool(2) flatten dropout(0.4) dense(3, activation=softmax)";
+    fused_matches_unfused(model, 4, 1);
+}
+
+/// The JIT's separate batchnorm kernels (outside any block), against the reference op by op.
+#[test]
+fn unfused_batchnorm_kernels_match_the_reference() {
+    use cnnc::backend::reference::{Kernels as _, Plain};
+    use ndarray::{Array1, Array2};
+    let program = program("input 5x3x13 batchnorm flatten dense(3, activation=softmax)");
+    let jit = JitKernels::compile(&program, Listing::default()).unwrap();
+    let node = NodeId::from_index(1);
+    assert!(jit.norm(node).is_some(), "the batchnorm was compiled");
+    let mut rng = Rng::new(8, &[]);
+    let rows = 3 * 15;
+    // channels offset by up to 3 from zero, so that the variance is not E[x²]
+    let x = Array2::from_shape_fn((rows, 13), |(_, c)| rng.next_f32() * 2.0 + c as f32 / 4.0);
+    let dy = Array2::from_shape_fn((rows, 13), |_| rng.next_f32() - 0.5);
+    let gamma = Array1::from_shape_fn(13, |_| rng.next_f32() + 0.5);
+    let beta = Array1::from_shape_fn(13, |_| rng.next_f32());
+    let eps = 1e-3;
+    let (ey, es) = Plain.batchnorm_forward_train(node, x.view(), gamma.view(), beta.view(), eps);
+    let (ay, stats) = jit.batchnorm_forward_train(node, x.view(), gamma.view(), beta.view(), eps);
+    assert_close("batchnorm output", &ey.into_dyn(), &ay.into_dyn());
+    assert_close("batch mean", &es.mean.clone().into_dyn(), &stats.mean.clone().into_dyn());
+    assert_close("batch variance", &es.var.clone().into_dyn(), &stats.var.clone().into_dyn());
+    let (edx, edg, edb) = Plain.batchnorm_backward(node, x.view(), dy.view(), gamma.view(), &es, eps);
+    let (adx, adg, adb) = jit.batchnorm_backward(node, x.view(), dy.view(), gamma.view(), &es, eps);
+    assert_close("batchnorm input gradient", &edx.into_dyn(), &adx.into_dyn());
+    assert_close("dgamma", &edg.into_dyn(), &adg.into_dyn());
+    assert_close("dbeta", &edb.into_dyn(), &adb.into_dyn());
+    let moving = [es.mean.view(), es.var.view()];
+    let e = Plain.batchnorm_forward_infer(node, x.view(), [gamma.view(), beta.view()], moving, eps);
+    let a = jit.batchnorm_forward_infer(node, x.view(), [gamma.view(), beta.view()], moving, eps);
+    assert_close("batchnorm at inference", &e.into_dyn(), &a.into_dyn());
+}
+
+/// Batch statistics are reduced in sample order: the same bits on 1 thread and on 3.
+#[test]
+fn fused_training_does_not_depend_on_the_thread_count() {
+    let model =
+        "input 8x8x2 conv2d(6, kernel=3, bias=false) batchnorm relu flatten dense(3, activation=softmax)";
+    let fused = program(model).fused();
+    let jit = JitKernels::compile(&fused, Listing::default()).unwrap();
+    let mut rng = Rng::new(11, &[]);
+    let params = parameters(&fused, &mut rng);
+    let input = reference::batch_array(&fused, &random(7 * 128, &mut rng));
+    let labels = [0, 1, 2, 0, 1, 2, 0];
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let mode = Mode::Train { seed: 1, step: 0 };
+        pool.install(|| reference::gradients_with(&jit, &fused, &params, input.clone(), &labels, mode))
+    };
+    let (one, three) = (run(1), run(3));
+    assert_eq!(one.loss_sum.to_bits(), three.loss_sum.to_bits());
+    for (a, b) in one.grads.iter().zip(&three.grads) {
+        assert_eq!(a, b);
+    }
+    for ((_, a), (_, b)) in one.moving.iter().zip(&three.moving) {
+        assert_eq!(a, b);
+    }
+}
