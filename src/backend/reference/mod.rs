@@ -242,6 +242,25 @@ pub struct Interpreter<K> {
     optimizer: Optimizer,
     pub kernels: K,
     name: &'static str,
+    /// Wall time of each step, gathered while `Some` (`cnnc bench`).
+    pub profile: Option<Profile>,
+}
+
+/// Seconds spent in each step of the program, in the order they ran ([`Step::Forward`] also
+/// times inference; a fused block is timed at its output node).
+#[derive(Debug, Clone, Default)]
+pub struct Profile {
+    pub entries: Vec<(Step, f64)>,
+}
+
+impl Profile {
+    fn time<R>(profile: &mut Option<&mut Profile>, step: Step, f: impl FnOnce() -> R) -> R {
+        let Some(profile) = profile else { return f() };
+        let started = std::time::Instant::now();
+        let result = f();
+        profile.entries.push((step, started.elapsed().as_secs_f64()));
+        result
+    }
 }
 
 /// The reference backend for training in f32.
@@ -255,7 +274,7 @@ impl Reference {
 
 impl<K: Kernels<f32>> Interpreter<K> {
     pub fn with_kernels(name: &'static str, program: Arc<Program>, optimizer: Optimizer, kernels: K) -> Self {
-        Interpreter { program, optimizer, kernels, name }
+        Interpreter { program, optimizer, kernels, name, profile: None }
     }
 }
 
@@ -272,24 +291,36 @@ impl<K: Kernels<f32>> Backend for Interpreter<K> {
         let program = &self.program;
         let input = batch_array(program, images);
         let mode = Mode::Train { seed: state.seed, step };
-        let g = gradients_with(&self.kernels, program, &state.params, input, labels, mode);
+        let mut profile = self.profile.as_mut();
+        let g = gradients_profiled(&self.kernels, program, &state.params, input, labels, mode, &mut profile);
         for (index, value) in g.moving {
             state.params[index] = value;
         }
         state.iterations += 1;
-        for (index, grad) in g.grads.iter().enumerate() {
-            if let Some(grad) = grad {
-                let slots = &mut state.slots[index];
-                optimizer::update(&self.optimizer, &mut state.params[index], grad, slots, state.iterations);
+        Profile::time(&mut profile, Step::Update, || {
+            for (index, grad) in g.grads.iter().enumerate() {
+                if let Some(grad) = grad {
+                    let slots = &mut state.slots[index];
+                    optimizer::update(
+                        &self.optimizer,
+                        &mut state.params[index],
+                        grad,
+                        slots,
+                        state.iterations,
+                    );
+                }
             }
-        }
+        });
         StepResult { loss_sum: g.loss_sum, correct: g.correct }
     }
 
     fn predict(&mut self, state: &State, images: &[f32]) -> Vec<f32> {
         let program = &self.program;
         let input = batch_array(program, images);
-        let tape = forward_with(&self.kernels, program, &state.params, input, Mode::Infer, program.output);
+        let mut profile = self.profile.as_mut();
+        let (kernels, params) = (&self.kernels, &state.params);
+        let tape =
+            forward_profiled(kernels, program, params, input, Mode::Infer, program.output, &mut profile);
         tape.values[program.output.index()]
             .as_ref()
             .expect("the output was computed")
@@ -340,32 +371,58 @@ pub fn forward_with<T: Real>(
     mode: Mode,
     last: NodeId,
 ) -> Tape<T> {
+    forward_profiled(kernels, program, params, input, mode, last, &mut None)
+}
+
+fn forward_profiled<T: Real>(
+    kernels: &impl Kernels<T>,
+    program: &Program,
+    params: &[ArrayD<T>],
+    input: ArrayD<T>,
+    mode: Mode,
+    last: NodeId,
+    profile: &mut Option<&mut Profile>,
+) -> Tape<T> {
     let len = program.graph.len();
     let mut tape = Tape { values: vec![None; len], stats: vec![None; len], masks: vec![None; len] };
     tape.values[0] = Some(input);
     for &id in program.inference.iter().filter(|id| **id <= last) {
-        let block = program.block_ending_at(id);
-        let fused = block.and_then(|b| {
-            let x = value(&tape, program.graph.node(b.linear).inputs[0]);
-            kernels.block_forward(program, b, params, x, mode).map(|out| (b, out))
+        Profile::time(profile, Step::Forward(id), || {
+            forward_step(kernels, program, params, &mut tape, id, mode)
         });
-        if let Some((block, out)) = fused {
-            tape.values[id.index()] = Some(row_major(out.value));
-            tape.values[block.linear.index()] = out.linear.map(row_major);
-            if let Some(norm) = block.norm {
-                tape.stats[norm.index()] = out.stats;
-            }
-            continue;
-        }
-        let nodes: Vec<NodeId> = block.map_or(vec![id], |b| b.nodes().collect());
-        for id in nodes {
-            let (value, stats, mask) = forward_node(kernels, program, params, &tape, id, mode);
-            tape.values[id.index()] = Some(row_major(value));
-            tape.stats[id.index()] = stats;
-            tape.masks[id.index()] = mask;
-        }
     }
     tape
+}
+
+/// Computes node `id`'s value (or, at a block's output, the whole block's) onto the tape.
+fn forward_step<T: Real>(
+    kernels: &impl Kernels<T>,
+    program: &Program,
+    params: &[ArrayD<T>],
+    tape: &mut Tape<T>,
+    id: NodeId,
+    mode: Mode,
+) {
+    let block = program.block_ending_at(id);
+    let fused = block.and_then(|b| {
+        let x = value(tape, program.graph.node(b.linear).inputs[0]);
+        kernels.block_forward(program, b, params, x, mode).map(|out| (b, out))
+    });
+    if let Some((block, out)) = fused {
+        tape.values[id.index()] = Some(row_major(out.value));
+        tape.values[block.linear.index()] = out.linear.map(row_major);
+        if let Some(norm) = block.norm {
+            tape.stats[norm.index()] = out.stats;
+        }
+        return;
+    }
+    let nodes: Vec<NodeId> = block.map_or(vec![id], |b| b.nodes().collect());
+    for id in nodes {
+        let (value, stats, mask) = forward_node(kernels, program, params, tape, id, mode);
+        tape.values[id.index()] = Some(row_major(value));
+        tape.stats[id.index()] = stats;
+        tape.masks[id.index()] = mask;
+    }
 }
 
 /// Forward, fused loss and backward on one batch; returns the gradients without applying them.
@@ -377,8 +434,20 @@ pub fn gradients_with<T: Real>(
     labels: &[u8],
     mode: Mode,
 ) -> Gradients<T> {
+    gradients_profiled(kernels, program, params, input, labels, mode, &mut None)
+}
+
+fn gradients_profiled<T: Real>(
+    kernels: &impl Kernels<T>,
+    program: &Program,
+    params: &[ArrayD<T>],
+    input: ArrayD<T>,
+    labels: &[u8],
+    mode: Mode,
+    profile: &mut Option<&mut Profile>,
+) -> Gradients<T> {
     let loss = program.loss.expect("a program with training steps has a loss");
-    let tape = forward_with(kernels, program, params, input, mode, program.logits);
+    let tape = forward_profiled(kernels, program, params, input, mode, program.logits, profile);
     let mut dvalues: Vec<Option<ArrayD<T>>> = vec![None; program.graph.len()];
     let mut result =
         Gradients { loss_sum: 0.0, correct: 0, grads: vec![None; params.len()], moving: Vec::new() };
@@ -387,12 +456,12 @@ pub fn gradients_with<T: Real>(
             Step::Forward(_) | Step::Update => {}
             Step::Loss => {
                 let z = value(&tape, program.logits).into_dimensionality::<Ix2>().expect("logits are flat");
-                let (loss_sum, correct, dz) = match loss {
+                let (loss_sum, correct, dz) = Profile::time(profile, Step::Loss, || match loss {
                     Loss::CategoricalCrossentropy | Loss::SparseCategoricalCrossentropy => {
                         ops::softmax_cross_entropy(z, labels)
                     }
                     Loss::BinaryCrossentropy => ops::sigmoid_binary_cross_entropy(z, labels),
-                };
+                });
                 result.loss_sum = loss_sum;
                 result.correct = correct;
                 dvalues[program.logits.index()] = Some(dz.into_dyn());
@@ -400,40 +469,9 @@ pub fn gradients_with<T: Real>(
             Step::Backward(id) => {
                 let dy =
                     dvalues[id.index()].take().expect("the gradient of a node is ready before its rule runs");
-                let Some(block) = program.block_ending_at(id) else {
-                    backward_node(kernels, program, params, &tape, id, dy, &mut dvalues, &mut result.grads);
-                    continue;
-                };
-                let input = program.graph.node(block.linear).inputs[0];
-                let need_dx = program.needs_grad[input.index()];
-                let x = value(&tape, input);
-                match kernels.block_backward(program, block, params, x, &tape, dy.view(), need_dx) {
-                    Some(out) => {
-                        for (index, grad) in out.grads {
-                            result.grads[index] = Some(grad);
-                        }
-                        if let Some(dx) = out.dx {
-                            add_gradient(&mut dvalues, input, dx);
-                        }
-                    }
-                    None => {
-                        dvalues[id.index()] = Some(dy);
-                        for id in block.nodes().collect::<Vec<_>>().into_iter().rev() {
-                            let dy =
-                                dvalues[id.index()].take().expect("the block's next node passed it back");
-                            backward_node(
-                                kernels,
-                                program,
-                                params,
-                                &tape,
-                                id,
-                                dy,
-                                &mut dvalues,
-                                &mut result.grads,
-                            );
-                        }
-                    }
-                }
+                Profile::time(profile, *step, || {
+                    backward_step(kernels, program, params, &tape, id, dy, &mut dvalues, &mut result.grads)
+                });
             }
         }
     }
@@ -441,6 +479,44 @@ pub fn gradients_with<T: Real>(
         result.moving = moving_updates(program, params, &tape);
     }
     result
+}
+
+/// Node `id`'s gradient rule (or, at a block's output, the whole block's), from d(`id`).
+#[allow(clippy::too_many_arguments)]
+fn backward_step<T: Real>(
+    kernels: &impl Kernels<T>,
+    program: &Program,
+    params: &[ArrayD<T>],
+    tape: &Tape<T>,
+    id: NodeId,
+    dy: ArrayD<T>,
+    dvalues: &mut [Option<ArrayD<T>>],
+    grads: &mut [Option<ArrayD<T>>],
+) {
+    let Some(block) = program.block_ending_at(id) else {
+        backward_node(kernels, program, params, tape, id, dy, dvalues, grads);
+        return;
+    };
+    let input = program.graph.node(block.linear).inputs[0];
+    let need_dx = program.needs_grad[input.index()];
+    let x = value(tape, input);
+    match kernels.block_backward(program, block, params, x, tape, dy.view(), need_dx) {
+        Some(out) => {
+            for (index, grad) in out.grads {
+                grads[index] = Some(grad);
+            }
+            if let Some(dx) = out.dx {
+                add_gradient(dvalues, input, dx);
+            }
+        }
+        None => {
+            dvalues[id.index()] = Some(dy);
+            for id in block.nodes().collect::<Vec<_>>().into_iter().rev() {
+                let dy = dvalues[id.index()].take().expect("the block's next node passed it back");
+                backward_node(kernels, program, params, tape, id, dy, dvalues, grads);
+            }
+        }
+    }
 }
 
 fn value<T: Real>(tape: &Tape<T>, id: NodeId) -> ndarray::ArrayViewD<'_, T> {
