@@ -101,6 +101,31 @@ enum Command {
         index: Vec<usize>,
     },
     /// Datasets: fetch and locate them.
+    /// Time training steps and inference of the model compiled with and without fusion, side
+    /// by side (A/B interleaved after warm-up), on random data: a table per layer group and
+    /// phase with median times, GFLOP/s and the fused/unfused speedup.
+    Bench {
+        /// The .cnn file.
+        file: PathBuf,
+        /// Training batch size [default: the train block's, else 128].
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// Inference batch size.
+        #[arg(long, default_value_t = 1000)]
+        inference_batch_size: usize,
+        /// Worker threads [default: one per core].
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Untimed steps of each program before timing.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Timed rounds (each: one training step and one inference batch of each program).
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     Data {
         #[command(subcommand)]
         command: DataCommand,
@@ -223,6 +248,21 @@ fn main() -> ExitCode {
         }),
         Command::Predict { file, weights, images, index } => {
             run(&file, false, |checked, _| predict(checked, &weights, &images, &index, fuse))
+        }
+        Command::Bench { file, batch_size, inference_batch_size, threads, warmup, rounds, json } => {
+            run(&file, false, |checked, _| {
+                with_threads(threads, || {
+                    let batch_size = batch_size.unwrap_or_else(|| cnnc::bench::default_batch_size(checked));
+                    let options = cnnc::bench::Options { batch_size, inference_batch_size, warmup, rounds };
+                    let report = cnnc::bench::run(checked, options)?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&report.json())?);
+                    } else {
+                        print!("{}", report.text());
+                    }
+                    Ok(())
+                })
+            })
         }
         Command::Data { command } => finish(data(command)),
     }

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ndarray::{
-    Array1, Array2, Array3, Array4, ArrayD, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, Axis, Ix1, IxDyn,
-    s,
+    Array, Array1, Array2, Array3, Array4, ArrayD, ArrayRef, ArrayView1, ArrayView2, ArrayView4, ArrayViewD,
+    Axis, CowArray, Ix1, Ix4, IxDyn, s,
 };
 use rayon::prelude::*;
 
@@ -417,20 +417,35 @@ fn run(kernel: KernelFn, buffers: &Buffers, items: usize, batch: usize) {
     });
 }
 
-/// `x` (N,H,W,C) copied into a zero border of `pads`; a row-major copy when there is none.
-fn padded(x: ArrayView4<f32>, pads: [usize; 4]) -> Array4<f32> {
+/// `x` (N,H,W,C) inside a zero border of `pads`.
+fn padded(x: ArrayView4<'_, f32>, pads: [usize; 4]) -> CowArray<'_, f32, Ix4> {
     padded_with(x, pads, 0.0)
 }
 
-fn padded_with(x: ArrayView4<f32>, pads: [usize; 4], border: f32) -> Array4<f32> {
+/// `x` inside a border of `pads` filled with `border`: `x` itself when there is no border and
+/// it is row-major already (no copy: a full pass over memory saved), else a copy.
+fn padded_with(x: ArrayView4<'_, f32>, pads: [usize; 4], border: f32) -> CowArray<'_, f32, Ix4> {
+    if pads == [0; 4] && x.is_standard_layout() {
+        return CowArray::from(x);
+    }
     let (n, h, w, c) = x.dim();
     let mut out = Array4::from_elem((n, h + pads[0] + pads[1], w + pads[2] + pads[3], c), border);
     out.slice_mut(s![.., pads[0]..pads[0] + h, pads[2]..pads[2] + w, ..]).assign(&x);
-    out
+    CowArray::from(out)
 }
 
-fn ptr(a: &Array4<f32>) -> *mut f32 {
+fn ptr<D: ndarray::Dimension>(a: &ndarray::ArrayRef<f32, D>) -> *mut f32 {
     a.as_ptr() as *mut f32
+}
+
+/// An output that `fill` has a kernel write in full: allocated but not zeroed (zeroing would
+/// be one more pass over memory). `fill` gets the buffer's pointer.
+fn written<D: ndarray::Dimension>(dim: D, fill: impl FnOnce(*mut f32)) -> Array<f32, D> {
+    let mut y = Array::<f32, D>::uninit(dim);
+    fill(y.as_mut_ptr() as *mut f32);
+    // SAFETY: every caller's kernel writes each element of its output (the forward kernels
+    // store every output pixel and channel; the element-wise kernels every element).
+    unsafe { y.assume_init() }
 }
 
 impl Kernels<f32> for JitKernels {
@@ -456,10 +471,10 @@ impl Kernels<f32> for JitKernels {
         assert_eq!(w.dim(), (s.kh, s.kw, s.c, s.f));
         assert_eq!(b.is_some(), s.bias, "the kernel was compiled for this node's bias");
         assert!(b.as_ref().is_none_or(|b| b.len() == s.f));
-        let y = Array4::<f32>::zeros((n, s.oh, s.ow, s.f));
         let bias = b.as_ref().map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut f32);
-        run(k.forward, &Buffers(vec![ptr(&xp), w.as_ptr() as *mut f32, bias, ptr(&y)]), n, n);
-        y
+        written(Ix4(n, s.oh, s.ow, s.f), |y| {
+            run(k.forward, &Buffers(vec![ptr(&xp), w.as_ptr() as *mut f32, bias, y]), n, n)
+        })
     }
 
     fn conv2d_backward_input(
@@ -521,9 +536,7 @@ impl Kernels<f32> for JitKernels {
         let x = x.as_standard_layout();
         let n = x.shape()[0];
         assert_eq!(x.len(), n * k.len);
-        let y = ArrayD::<f32>::zeros(x.raw_dim());
-        run(k.forward, &Buffers(vec![x.as_ptr() as *mut f32, y.as_ptr() as *mut f32]), n, n);
-        y
+        written(x.raw_dim(), |y| run(k.forward, &Buffers(vec![x.as_ptr() as *mut f32, y]), n, n))
     }
 
     fn activation_backward(
@@ -541,10 +554,9 @@ impl Kernels<f32> for JitKernels {
         let dy = dy.as_standard_layout();
         let n = x.shape()[0];
         assert_eq!((x.len(), dy.len()), (n * k.len, n * k.len));
-        let dx = ArrayD::<f32>::zeros(x.raw_dim());
-        let buffers = Buffers(vec![x.as_ptr() as *mut f32, dy.as_ptr() as *mut f32, dx.as_ptr() as *mut f32]);
-        run(k.backward, &buffers, n, n);
-        dx
+        written(x.raw_dim(), |dx| {
+            run(k.backward, &Buffers(vec![x.as_ptr() as *mut f32, dy.as_ptr() as *mut f32, dx]), n, n)
+        })
     }
 
     fn maxpool_forward(&self, node: NodeId, x: ArrayView4<f32>, g: &Geometry) -> Array4<f32> {
@@ -553,9 +565,7 @@ impl Kernels<f32> for JitKernels {
         let n = x.dim().0;
         let xp = padded_with(x, k.pads, f32::NEG_INFINITY);
         assert_eq!((xp.dim().1, xp.dim().2, xp.dim().3), (s.hp, s.wp, s.c));
-        let y = Array4::<f32>::zeros((n, s.oh, s.ow, s.c));
-        run(k.forward, &Buffers(vec![ptr(&xp), ptr(&y)]), n, n);
-        y
+        written(Ix4(n, s.oh, s.ow, s.c), |y| run(k.forward, &Buffers(vec![ptr(&xp), y]), n, n))
     }
 
     fn maxpool_backward(
@@ -636,7 +646,7 @@ impl Kernels<f32> for JitKernels {
             return reference::ops::batchnorm_forward_train(x, gamma, beta, epsilon);
         };
         let dim = x.dim();
-        let x = x.as_standard_layout().into_owned().into_dyn();
+        let x = x.as_standard_layout().into_dyn();
         let (y, stats) = self.normalize([k.stats, k.affine], k.shape, &x, [gamma, beta], epsilon);
         (y.into_shape_with_order(dim).expect("row-major"), stats)
     }
@@ -653,7 +663,7 @@ impl Kernels<f32> for JitKernels {
             return reference::ops::batchnorm_forward_infer(x, gamma, beta, mean, var, epsilon);
         };
         let dim = x.dim();
-        let x = x.as_standard_layout().into_owned().into_dyn();
+        let x = x.as_standard_layout().into_dyn();
         let stats = BatchStats { mean: mean.to_owned(), var: var.to_owned() };
         let y = self.affine(k.affine, k.shape, &x, &stats, [gamma, beta], epsilon);
         y.into_shape_with_order(dim).expect("row-major")
@@ -672,8 +682,8 @@ impl Kernels<f32> for JitKernels {
             return reference::ops::batchnorm_backward(x, dy, gamma, stats, epsilon);
         };
         let dim = x.dim();
-        let x = x.as_standard_layout().into_owned().into_dyn();
-        let dy = dy.as_standard_layout().into_owned().into_dyn();
+        let x = x.as_standard_layout().into_dyn();
+        let dy = dy.as_standard_layout().into_dyn();
         let kernels = [k.grad_reduce, k.grad_apply];
         let (dx, dgamma, dbeta) =
             self.normalize_backward(kernels, k.shape, &x, None, &dy, gamma, stats, epsilon);
@@ -709,11 +719,11 @@ impl Kernels<f32> for JitKernels {
         let b = s.bias.then(|| params[indices[1]].as_standard_layout());
         let mut dims = vec![n];
         dims.extend(program.shapes.shape(block.output()).dims());
-        let y = ArrayD::<f32>::zeros(IxDyn(&dims));
-        assert_eq!(y.len(), n * s.oh * s.ow * s.f);
-        let bias_ptr = b.as_ref().map_or(std::ptr::null_mut(), |b| raw(b));
+        let dims = IxDyn(&dims);
+        assert_eq!(ndarray::Dimension::size(&dims), n * s.oh * s.ow * s.f);
+        let bias_ptr = b.as_ref().map_or(std::ptr::null_mut(), |b| ptr(b));
         let (Some(norm), Some(fns)) = (block.norm, k.norm) else {
-            run(k.forward, &Buffers(vec![ptr(&xp), raw(&w), bias_ptr, raw(&y)]), n, n);
+            let y = written(dims, |y| run(k.forward, &Buffers(vec![ptr(&xp), ptr(&w), bias_ptr, y]), n, n));
             return Some(BlockForward { value: y, linear: None, stats: None });
         };
         let Op::BatchNorm(bn) = program.graph.node(norm).op else {
@@ -743,17 +753,15 @@ impl Kernels<f32> for JitKernels {
                         ((b0 - f64::from(stats.mean[f])) * f64::from(scale[f]) + f64::from(beta[f])) as f32
                     })
                     .collect();
-                run(
-                    infer,
-                    &Buffers(vec![ptr(&xp), folded.as_ptr() as *mut f32, bias.as_ptr() as *mut f32, raw(&y)]),
-                    n,
-                    n,
-                );
+                let (folded, bias) = (folded.as_ptr() as *mut f32, bias.as_ptr() as *mut f32);
+                let y = written(dims, |y| run(infer, &Buffers(vec![ptr(&xp), folded, bias, y]), n, n));
                 Some(BlockForward { value: y, linear: None, stats: None })
             }
             Mode::Train { .. } => {
                 let sums = Array3::<f32>::zeros((n, 2, s.f));
-                run(k.forward, &Buffers(vec![ptr(&xp), raw(&w), bias_ptr, raw(&y), raw(&sums)]), n, n);
+                let y = written(dims, |y| {
+                    run(k.forward, &Buffers(vec![ptr(&xp), ptr(&w), bias_ptr, y, ptr(&sums)]), n, n)
+                });
                 let stats = statistics(&sums, n * k.shape.pixels);
                 let z = self.affine(normalize, k.shape, &y, &stats, [p(0), p(1)], bn.epsilon);
                 Some(BlockForward { value: z, linear: Some(y), stats: Some(stats) })
@@ -777,7 +785,7 @@ impl Kernels<f32> for JitKernels {
         let n = x.shape()[0];
         let taped = |id: NodeId| tape.values[id.index()].as_ref().expect("the block's forward pass kept it");
         let z = taped(block.output());
-        let dz = dz.as_standard_layout().into_owned();
+        let dz = dz.as_standard_layout();
         let mut grads = Vec::new();
         let dc = match (block.norm, k.norm) {
             (Some(norm), Some([_, _, reduce, apply])) => {
@@ -786,7 +794,7 @@ impl Kernels<f32> for JitKernels {
                 let gamma = params[indices[0]].view().into_dimensionality::<Ix1>().expect("per channel");
                 let stats =
                     tape.stats[norm.index()].as_ref().expect("training forward keeps batch statistics");
-                let rectified = k.rectify.map(|_| z);
+                let rectified = k.rectify.map(|_| &**z);
                 let (dc, dgamma, dbeta) = self.normalize_backward(
                     [reduce, apply],
                     k.shape,
@@ -805,9 +813,7 @@ impl Kernels<f32> for JitKernels {
                 let act = block.act.expect("a block without batchnorm ends in a rectifier");
                 let r = self.rectifiers.get(&act)?;
                 assert_eq!(z.len(), n * r.len);
-                let dc = ArrayD::<f32>::zeros(z.raw_dim());
-                run(r.backward, &Buffers(vec![raw(z), raw(&dz), raw(&dc)]), n, n);
-                dc
+                written(z.raw_dim(), |dc| run(r.backward, &Buffers(vec![ptr(z), ptr(&dz), dc]), n, n))
             }
         };
         let dc4 = dc.view().into_shape_with_order((n, s.oh, s.ow, s.f)).expect("row-major");
@@ -891,11 +897,6 @@ fn norm_gradient(
     (dgamma, dbeta, coef)
 }
 
-/// A raw pointer for a kernel's buffer list; the kernels never write through inputs.
-fn raw<D: ndarray::Dimension>(a: &ndarray::ArrayRef<f32, D>) -> *mut f32 {
-    a.as_ptr() as *mut f32
-}
-
 impl JitKernels {
     /// Batchnorm training forward over `x` (M·…, C) with the stats/affine kernels `k` (or a
     /// block's): returns y and the batch statistics. `x` holds `n` samples.
@@ -903,14 +904,14 @@ impl JitKernels {
         &self,
         [stats_fn, affine]: [KernelFn; 2],
         shape: NormShape,
-        x: &ArrayD<f32>,
+        x: &ArrayRef<f32, IxDyn>,
         [gamma, beta]: [ArrayView1<f32>; 2],
         epsilon: f32,
     ) -> (ArrayD<f32>, BatchStats<f32>) {
         let n = x.len() / (shape.pixels * shape.channels);
         assert_eq!(x.len(), n * shape.pixels * shape.channels);
         let sums = Array3::<f32>::zeros((n, 2, shape.channels));
-        run(stats_fn, &Buffers(vec![raw(x), raw(&sums)]), n, n);
+        run(stats_fn, &Buffers(vec![ptr(x), ptr(&sums)]), n, n);
         let stats = statistics(&sums, n * shape.pixels);
         let y = self.affine(affine, shape, x, &stats, [gamma, beta], epsilon);
         (y, stats)
@@ -921,7 +922,7 @@ impl JitKernels {
         &self,
         kernel: KernelFn,
         shape: NormShape,
-        x: &ArrayD<f32>,
+        x: &ArrayRef<f32, IxDyn>,
         stats: &BatchStats<f32>,
         [gamma, beta]: [ArrayView1<f32>; 2],
         epsilon: f32,
@@ -932,9 +933,7 @@ impl JitKernels {
         let shift: Array1<f32> = (0..shape.channels)
             .map(|k| (f64::from(beta[k]) - f64::from(stats.mean[k]) * f64::from(gamma[k]) * inv[k]) as f32)
             .collect();
-        let y = ArrayD::<f32>::zeros(x.raw_dim());
-        run(kernel, &Buffers(vec![raw(x), raw(&scale), raw(&shift), raw(&y)]), n, n);
-        y
+        written(x.raw_dim(), |y| run(kernel, &Buffers(vec![ptr(x), ptr(&scale), ptr(&shift), y]), n, n))
     }
 
     /// The batchnorm backward with the reduce/apply kernels: (dx, dgamma, dbeta). `z` is the
@@ -944,21 +943,21 @@ impl JitKernels {
         &self,
         [reduce, apply]: [KernelFn; 2],
         shape: NormShape,
-        x: &ArrayD<f32>,
-        z: Option<&ArrayD<f32>>,
-        dz: &ArrayD<f32>,
+        x: &ArrayRef<f32, IxDyn>,
+        z: Option<&ArrayRef<f32, IxDyn>>,
+        dz: &ArrayRef<f32, IxDyn>,
         gamma: ArrayView1<f32>,
         stats: &BatchStats<f32>,
         epsilon: f32,
     ) -> (ArrayD<f32>, Array1<f32>, Array1<f32>) {
         let n = x.len() / (shape.pixels * shape.channels);
         assert_eq!((dz.len(), z.map_or(x.len(), |z| z.len())), (x.len(), x.len()));
-        let z = z.map_or(std::ptr::null_mut(), |z| raw(z));
+        let z = z.map_or(std::ptr::null_mut(), |z| ptr(z));
         let sums = Array3::<f32>::zeros((n, 2, shape.channels));
-        run(reduce, &Buffers(vec![raw(dz), z, raw(x), raw(&sums)]), n, n);
+        run(reduce, &Buffers(vec![ptr(dz), z, ptr(x), ptr(&sums)]), n, n);
         let (dgamma, dbeta, coef) = norm_gradient(&sums, n * shape.pixels, gamma, stats, epsilon);
-        let dx = ArrayD::<f32>::zeros(x.raw_dim());
-        run(apply, &Buffers(vec![raw(dz), z, raw(x), raw(&coef), raw(&dx)]), n, n);
+        let dx =
+            written(x.raw_dim(), |dx| run(apply, &Buffers(vec![ptr(dz), z, ptr(x), ptr(&coef), dx]), n, n));
         (dx, dgamma, dbeta)
     }
 }
