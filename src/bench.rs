@@ -257,7 +257,7 @@ impl Report {
             let _ = writeln!(
                 out,
                 "{:<width$}  {:>10.3}  {:>10.3}  {:>8}  {:>8}  {:>6.2}x",
-                format!("{} {}", row.name, row.phase),
+                if row.name == row.phase { row.name.clone() } else { format!("{} {}", row.name, row.phase) },
                 row.fused_ms,
                 row.unfused_ms,
                 gf(gflops(row.flops, row.fused_ms)),
