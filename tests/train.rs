@@ -170,7 +170,10 @@ fn train_eval_and_predict_from_the_command_line() {
     // SMALL has no validation_split: all 300 samples train, in 10 batches of 32
     assert!(stdout.contains("Training small on mnist (300 train, 0 validation, 300 test)"), "{stdout}");
     assert!(stdout.contains("with the jit backend"), "{stdout}");
-    assert!(stdout.contains("compiled 10 kernels in "), "{stdout}");
+    let compiled =
+        stdout.lines().find_map(|l| l.strip_prefix("compiled ")).unwrap_or_else(|| panic!("{stdout}"));
+    let (count, rest) = compiled.split_once(" kernels in ").unwrap_or_else(|| panic!("{stdout}"));
+    assert!(count.parse::<usize>().unwrap() >= 10 && rest.ends_with(" ms"), "{stdout}");
     assert!(stdout.contains("Epoch 1/1 - 10/10 steps"), "{stdout}");
     assert!(!stdout.contains("val_accuracy"), "{stdout}");
     assert!(stdout.contains("Test: loss: "), "{stdout}");
