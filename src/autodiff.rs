@@ -56,7 +56,11 @@ pub struct Program {
     pub node_params: Vec<Vec<usize>>,
     /// For each node, whether the backward pass needs the gradient of its value.
     pub needs_grad: Vec<bool>,
-    /// Inference: every node after the input, in order.
+    /// Training's forward pass: every node after the input, in order (a fused block once, at
+    /// its output node).
+    pub forward: Vec<NodeId>,
+    /// Inference: every node after the input, in order (a fused block once, at its inference
+    /// output node).
     pub inference: Vec<NodeId>,
     /// Training steps; empty when the model has no loss.
     pub steps: Vec<Step>,
@@ -87,7 +91,13 @@ impl Program {
         self.blocks = fuse::find_blocks(&self.graph, &[self.logits, self.output]);
         let inner: Vec<NodeId> =
             self.blocks.iter().flat_map(|b| b.nodes().filter(move |id| *id != b.output())).collect();
-        self.inference.retain(|id| !inner.contains(id));
+        let inner_at_inference: Vec<NodeId> = self
+            .blocks
+            .iter()
+            .flat_map(|b| b.inference_nodes().filter(move |id| *id != b.inference_output()))
+            .collect();
+        self.forward.retain(|id| !inner.contains(id));
+        self.inference.retain(|id| !inner_at_inference.contains(id));
         self.steps.retain(|step| match step {
             Step::Forward(id) | Step::Backward(id) => !inner.contains(id),
             Step::Loss | Step::Update => true,
@@ -101,9 +111,10 @@ impl Program {
         self
     }
 
-    /// The block whose output is `id`, in a fused program.
-    pub fn block_ending_at(&self, id: NodeId) -> Option<&Block> {
-        self.blocks.iter().find(|b| b.output() == id)
+    /// The block whose output is `id`, in a fused program: in training, or at inference.
+    pub fn block_ending_at(&self, id: NodeId, training: bool) -> Option<&Block> {
+        let output = |b: &Block| if training { b.output() } else { b.inference_output() };
+        self.blocks.iter().find(|b| output(b) == id)
     }
 }
 
@@ -161,6 +172,7 @@ pub fn build(checked: &Checked) -> anyhow::Result<Program> {
         params,
         node_params,
         needs_grad,
+        forward: inference.clone(),
         inference,
         steps,
         loss,

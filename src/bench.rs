@@ -63,19 +63,26 @@ pub struct Report {
     pub rows: Vec<Row>,
 }
 
-/// The groups of the fused program: (name, nodes), in order.
-fn groups(program: &Program) -> Vec<(String, Vec<NodeId>)> {
-    program
-        .inference
-        .iter()
-        .map(|&id| {
-            let nodes: Vec<NodeId> = program.block_ending_at(id).map_or(vec![id], |b| b.nodes().collect());
-            let mut names: Vec<&str> =
-                nodes.iter().map(|n| program.graph.layer_of(*n).name.as_str()).collect();
-            names.dedup();
-            (names.join("+"), nodes)
-        })
-        .collect()
+/// The groups of the fused program in training (`training`) or at inference: (name, nodes),
+/// in order. A layer that lowered to several groups (`dense(10, activation=softmax)`) names the
+/// later ones by their op too.
+fn groups(program: &Program, training: bool) -> Vec<(String, Vec<NodeId>)> {
+    let mut groups: Vec<(String, Vec<NodeId>)> = Vec::new();
+    for &id in if training { &program.forward } else { &program.inference } {
+        let nodes: Vec<NodeId> = match program.block_ending_at(id, training) {
+            Some(b) if training => b.nodes().collect(),
+            Some(b) => b.inference_nodes().collect(),
+            None => vec![id],
+        };
+        let mut names: Vec<&str> = nodes.iter().map(|n| program.graph.layer_of(*n).name.as_str()).collect();
+        names.dedup();
+        let mut name = names.join("+");
+        if groups.iter().any(|(n, _)| *n == name) {
+            name = format!("{name} ({})", program.graph.node(id).op.name());
+        }
+        groups.push((name, nodes));
+    }
+    groups
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -126,12 +133,24 @@ pub fn run(checked: &Checked, options: Options) -> anyhow::Result<Report> {
             backend.predict(state, infer_images);
         }
     }
-    let groups = groups(&fused);
-    // times[program][round]: (whole step, whole inference, per (group, phase) seconds)
-    let phases = ["forward", "backward", "inference"];
+    // Rows: (group, phase) for the training groups' forward and backward passes, then the
+    // inference groups, then the loss and the update.
+    let (training, inference) = (groups(&fused, true), groups(&fused, false));
+    let mut keys: Vec<(&str, &'static str, &[NodeId])> = Vec::new();
+    for phase in ["forward", "backward"] {
+        keys.extend(training.iter().map(|(name, nodes)| (name.as_str(), phase, nodes.as_slice())));
+    }
+    keys.extend(inference.iter().map(|(name, nodes)| (name.as_str(), "inference", nodes.as_slice())));
+    keys.push(("loss", "loss", &[]));
+    keys.push(("update", "update", &[]));
+    let row_of = |id: Option<NodeId>, phase: &str| {
+        keys.iter()
+            .position(|(_, p, nodes)| *p == phase && id.is_none_or(|id| nodes.contains(&id)))
+            .expect("every node has a group")
+    };
     let mut step_times = [Vec::new(), Vec::new()];
     let mut infer_times = [Vec::new(), Vec::new()];
-    let mut row_times = vec![[Vec::new(), Vec::new()]; groups.len() * phases.len() + 2];
+    let mut row_times = vec![[Vec::new(), Vec::new()]; keys.len()];
     for round in 0..options.rounds {
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for which in order {
@@ -145,24 +164,19 @@ pub fn run(checked: &Checked, options: Options) -> anyhow::Result<Report> {
             std::hint::black_box(backend.predict(state, infer_images));
             infer_times[which].push(started.elapsed().as_secs_f64());
             let infer_profile = backend.profile.take().expect("profiling");
-            let mut totals = vec![0.0; row_times.len()];
-            let row_of = |id: NodeId, phase: usize| {
-                let group =
-                    groups.iter().position(|(_, nodes)| nodes.contains(&id)).expect("every node has a group");
-                group * phases.len() + phase
-            };
+            let mut totals = vec![0.0; keys.len()];
             for (step, seconds) in &train_profile.entries {
                 let row = match *step {
-                    Step::Forward(id) => row_of(id, 0),
-                    Step::Backward(id) => row_of(id, 1),
-                    Step::Loss => row_times.len() - 2,
-                    Step::Update => row_times.len() - 1,
+                    Step::Forward(id) => row_of(Some(id), "forward"),
+                    Step::Backward(id) => row_of(Some(id), "backward"),
+                    Step::Loss => row_of(None, "loss"),
+                    Step::Update => row_of(None, "update"),
                 };
                 totals[row] += seconds;
             }
             for (step, seconds) in &infer_profile.entries {
                 if let Step::Forward(id) = *step {
-                    totals[row_of(id, 2)] += seconds;
+                    totals[row_of(Some(id), "inference")] += seconds;
                 }
             }
             for (row, total) in row_times.iter_mut().zip(totals) {
@@ -172,41 +186,31 @@ pub fn run(checked: &Checked, options: Options) -> anyhow::Result<Report> {
     }
 
     let mut rows = Vec::new();
-    let loss_row = row_times.len() - 2;
-    for (index, times) in row_times.iter_mut().enumerate() {
+    for ((name, phase, nodes), times) in keys.iter().zip(row_times.iter_mut()) {
         let [fused_ms, unfused_ms] = [median(&mut times[0]) * 1e3, median(&mut times[1]) * 1e3];
-        let (name, phase, flops) = if index >= groups.len() * phases.len() {
-            let phase = if index == loss_row { "loss" } else { "update" };
-            (phase.to_string(), phase, None)
-        } else {
-            let (name, nodes) = &groups[index / phases.len()];
-            let phase = phases[index % phases.len()];
-            let per_sample: f64 = nodes
-                .iter()
-                .map(|n| {
-                    let f = checked.costs.flops(*n);
-                    match phase {
-                        "backward" => {
-                            let input = unfused.graph.node(*n).inputs[0];
-                            let dx = if unfused.needs_grad[input.index()] { f.backward_input } else { 0 };
-                            (dx + f.backward_weights) as f64
-                        }
-                        _ => f.forward as f64,
-                    }
-                })
-                .sum();
-            let batch = if phase == "inference" { options.inference_batch_size } else { options.batch_size };
-            (name.clone(), phase, Some(per_sample * batch as f64))
-        };
         // A phase a group does not have (no backward before the first trainable layer).
         if fused_ms == 0.0 && unfused_ms == 0.0 {
             continue;
         }
-        rows.push(Row { name, phase, fused_ms, unfused_ms, flops });
+        let per_sample: f64 = nodes
+            .iter()
+            .map(|n| {
+                let f = checked.costs.flops(*n);
+                if *phase == "backward" {
+                    let input = unfused.graph.node(*n).inputs[0];
+                    let dx = if unfused.needs_grad[input.index()] { f.backward_input } else { 0 };
+                    (dx + f.backward_weights) as f64
+                } else {
+                    f.forward as f64
+                }
+            })
+            .sum();
+        let batch = if *phase == "inference" { options.inference_batch_size } else { options.batch_size };
+        let flops = (!nodes.is_empty()).then_some(per_sample * batch as f64);
+        rows.push(Row { name: name.to_string(), phase, fused_ms, unfused_ms, flops });
     }
-    rows.sort_by_key(|r| {
-        ["forward", "backward", "loss", "update", "inference"].iter().position(|p| *p == r.phase)
-    });
+    let order = ["forward", "backward", "loss", "update", "inference"];
+    rows.sort_by_key(|r| order.iter().position(|p| *p == r.phase));
     Ok(Report {
         model: checked.model.graph.name.clone(),
         batch_size: options.batch_size,

@@ -7,12 +7,13 @@
 //! (at least two of the three), so that a conv's epilogue can gather the batch statistics and a
 //! single pass can normalize, scale, shift and rectify. A chain is only fused where nothing else
 //! reads its inner values: every node but the last has exactly one consumer, the next one, and
-//! is neither the model's output nor a value the loss reads.
+//! is neither the model's output nor a value the loss reads. At inference a block also takes
+//! in an unpadded max-pooling layer that follows it (`pool`): its input then never leaves the cache.
 //!
 //! Pure analysis, like the rest of `ir/`: it returns blocks and leaves the graph alone; the
 //! program records them (autodiff) and each backend decides how to run them.
 
-use super::{Activation, Graph, NodeId, Op};
+use super::{Activation, Graph, NodeId, Op, Padding, PoolKind};
 
 /// One fused chain. Its value is its last node's; its input is the linear node's input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,17 +24,30 @@ pub struct Block {
     /// A relu, or a leaky relu with α ≥ 0 (so that the output's sign tells the input's: the
     /// backward pass rebuilds the mask from the output instead of keeping the pre-activation).
     pub act: Option<NodeId>,
+    /// A max-pooling node without padding after the chain, fused at inference only (training keeps
+    /// it separate: its backward pass needs the block's value).
+    pub pool: Option<NodeId>,
 }
 
 impl Block {
-    /// The node whose value is the block's value.
+    /// The node whose value is the block's value in training.
     pub fn output(&self) -> NodeId {
         self.act.or(self.norm).unwrap_or(self.linear)
     }
 
-    /// The block's nodes, in order.
+    /// The block's nodes in training, in order.
     pub fn nodes(&self) -> impl Iterator<Item = NodeId> {
         std::iter::once(self.linear).chain(self.norm).chain(self.act)
+    }
+
+    /// The node whose value is the block's value at inference.
+    pub fn inference_output(&self) -> NodeId {
+        self.pool.unwrap_or(self.output())
+    }
+
+    /// The block's nodes at inference, in order.
+    pub fn inference_nodes(&self) -> impl Iterator<Item = NodeId> {
+        self.nodes().chain(self.pool)
     }
 }
 
@@ -65,7 +79,7 @@ pub fn find_blocks(graph: &Graph, keep: &[NodeId]) -> Vec<Block> {
         if !matches!(node.op, Op::Conv2d(_) | Op::Dense(_)) {
             continue;
         }
-        let mut block = Block { linear: id, norm: None, act: None };
+        let mut block = Block { linear: id, norm: None, act: None, pool: None };
         let mut last = id;
         if let Some(n) = next(last).filter(|n| matches!(graph.node(*n).op, Op::BatchNorm(_))) {
             block.norm = Some(n);
@@ -73,10 +87,15 @@ pub fn find_blocks(graph: &Graph, keep: &[NodeId]) -> Vec<Block> {
         }
         if let Some(a) = next(last).filter(|a| fusable_rectifier(&graph.node(*a).op).is_some()) {
             block.act = Some(a);
+            last = a;
         }
-        if block.output() != id {
-            blocks.push(block);
+        if block.output() == id {
+            continue;
         }
+        let unpadded =
+            |op: &Op| matches!(op, Op::Pool(p) if p.padding == Padding::Valid && p.kind == PoolKind::Max);
+        block.pool = next(last).filter(|p| unpadded(&graph.node(*p).op));
+        blocks.push(block);
     }
     blocks
 }
@@ -111,6 +130,23 @@ mod tests {
             names,
             ["conv2d+batchnorm+relu", "conv2d+relu", "conv2d+batchnorm", "conv2d+leaky_relu", "dense+relu"]
         );
+    }
+
+    #[test]
+    fn an_unpadded_pool_after_a_block_joins_it_at_inference() {
+        let text = "model m { input 12x12x1 conv2d(4, kernel=3, activation=relu) maxpool(2)
+                    conv2d(4, kernel=3, padding=same) batchnorm relu avgpool(2, padding=same)
+                    conv2d(3, kernel=1) maxpool(2) flatten dense(3) }";
+        let checked = crate::check(&SourceFile::new("t.cnn", text)).unwrap();
+        let graph = &checked.model.graph;
+        let found = find_blocks(graph, &[graph.output().unwrap()]);
+        let pools: Vec<Option<&str>> =
+            found.iter().map(|b| b.pool.map(|p| graph.node(p).op.name())).collect();
+        // the second block's pool is padded (and average); the lone conv before the last pool is
+        // no block
+        assert_eq!(pools, [Some("maxpool"), None]);
+        assert_eq!(found[0].inference_output(), NodeId::from_index(3));
+        assert_eq!(found[0].output(), NodeId::from_index(2));
     }
 
     #[test]

@@ -100,6 +100,17 @@ pub struct BlockKernels {
     /// With batchnorm: inference with the normalization folded into the weights and bias, the
     /// rectifier in the epilogue; then normalize + rectify, and the backward's two passes.
     pub norm: Option<[KernelFn; 4]>,
+    /// With a pool at inference: the convolution (batchnorm folded, rectifier in the epilogue)
+    /// over the pixels the pool reads, into a per-sample scratch buffer, and the pool from it.
+    pub pooled: Option<(PooledShape, [KernelFn; 2])>,
+}
+
+/// Elements per sample of a pooled block's scratch buffer (the convolution's output) and of
+/// its output (the pool's).
+#[derive(Debug, Clone, Copy)]
+pub struct PooledShape {
+    pub scratch: usize,
+    pub output: usize,
 }
 
 /// The compiled kernels of a program, by node.
@@ -214,16 +225,41 @@ impl JitKernels {
                     compiler.kernel(&format!("{name}_backward"), |e| norm::grad_apply(e, &shape, rectify))?,
                 );
             }
-            pending_blocks.push((block.output(), shape, rectify, ids));
+            // At inference, the pool that follows: the convolution computes only the rows and
+            // columns some window reads (a `floor` drops the rest), one sample at a time into
+            // a scratch buffer that stays in cache, and the pool reads it there.
+            let mut pooled = None;
+            if let Some(pool) = block.pool {
+                let (ps, _) = pool_shape(program, pool, &program.graph.node(pool).op).expect("a max pool");
+                let rows = (ps.oh - 1) * ps.sh + ps.kh;
+                let cols = (ps.ow - 1) * ps.sw + ps.kw;
+                let conv_part = ConvShape {
+                    oh: rows,
+                    ow: cols,
+                    bias: conv_shape.bias || block.norm.is_some(),
+                    ..conv_shape
+                };
+                let pool_part = PoolShape { hp: rows, wp: cols, ..ps };
+                let epilogue = conv::Epilogue { rectify, stats: false };
+                ids.push(
+                    compiler.kernel(&format!("{name}_infer_pooled"), |e| {
+                        conv::forward(e, &conv_part, epilogue)
+                    })?,
+                );
+                ids.push(compiler.kernel(&format!("{name}_pool"), |e| pool::forward(e, &pool_part))?);
+                pooled =
+                    Some(PooledShape { scratch: rows * cols * conv_shape.f, output: ps.oh * ps.ow * ps.c });
+            }
+            pending_blocks.push((block.output(), shape, rectify, block.norm.is_some(), pooled, ids));
         }
         let mut ids: Vec<_> = pending.iter().flat_map(|p| p.3).collect();
         ids.extend(pending_pools.iter().flat_map(|p| p.3));
         ids.extend(pending_rectifiers.iter().flat_map(|p| p.2));
         ids.extend(pending_norms.iter().flat_map(|p| p.2));
-        ids.extend(pending_blocks.iter().flat_map(|p| p.3.iter().copied()));
+        ids.extend(pending_blocks.iter().flat_map(|p| p.5.iter().copied()));
         let code = compiler.finish(&ids)?;
         let (code, mut rest) = code.split_at(
-            ids.len() - pending_norms.len() * 4 - pending_blocks.iter().map(|p| p.3.len()).sum::<usize>(),
+            ids.len() - pending_norms.len() * 4 - pending_blocks.iter().map(|p| p.5.len()).sum::<usize>(),
         );
         let mut norms = HashMap::new();
         for (id, shape, _) in pending_norms {
@@ -235,11 +271,12 @@ impl JitKernels {
             );
         }
         let mut blocks = HashMap::new();
-        for (output, shape, rectify, ids) in pending_blocks {
+        for (output, shape, rectify, has_norm, pooled, ids) in pending_blocks {
             let (fns, tail) = rest.split_at(ids.len());
             rest = tail;
-            let norm = (fns.len() == 5).then(|| [fns[1], fns[2], fns[3], fns[4]]);
-            blocks.insert(output, BlockKernels { shape, rectify, forward: fns[0], norm });
+            let norm = has_norm.then(|| [fns[1], fns[2], fns[3], fns[4]]);
+            let pooled = pooled.map(|p| (p, [fns[fns.len() - 2], fns[fns.len() - 1]]));
+            blocks.insert(output, BlockKernels { shape, rectify, forward: fns[0], norm, pooled });
         }
         let (conv_code, rest) = code.split_at(pending.len() * 3);
         let (pool_code, rectifier_code) = rest.split_at(pending_pools.len() * 2);
@@ -296,7 +333,11 @@ impl JitKernels {
 
     /// How many kernels were compiled.
     pub fn kernel_count(&self) -> usize {
-        let blocks: usize = self.blocks.values().map(|b| 1 + if b.norm.is_some() { 4 } else { 0 }).sum();
+        let blocks: usize = self
+            .blocks
+            .values()
+            .map(|b| 1 + if b.norm.is_some() { 4 } else { 0 } + if b.pooled.is_some() { 2 } else { 0 })
+            .sum();
         self.convs.len() * 3 + (self.pools.len() + self.rectifiers.len()) * 2 + self.norms.len() * 4 + blocks
     }
 
@@ -406,6 +447,13 @@ struct Buffers(Vec<*mut f32>);
 // of work items (samples, or weight-gradient tasks); everything else it only reads.
 unsafe impl Sync for Buffers {}
 
+impl Buffers {
+    /// Buffer `i` (a method, so that closures capture the whole `Sync` list, not its `Vec`).
+    fn get(&self, i: usize) -> *mut f32 {
+        self.0[i]
+    }
+}
+
 /// Runs `kernel` over `items` work items, split into one contiguous shard per thread.
 fn run(kernel: KernelFn, buffers: &Buffers, items: usize, batch: usize) {
     let shards = rayon::current_num_threads().min(items).max(1);
@@ -414,6 +462,36 @@ fn run(kernel: KernelFn, buffers: &Buffers, items: usize, batch: usize) {
         // SAFETY: the buffers have the shapes the kernel was compiled for (checked by the
         // callers' asserts), and the items lo..hi lie within them.
         unsafe { kernel(buffers.0.as_ptr(), lo as i64, hi as i64, batch as i64) }
+    });
+}
+
+/// A pooled block at inference: for each sample, the convolution (`kernels[0]`, buffers x, w,
+/// b) into a scratch buffer of one sample, then the pool (`kernels[1]`) from it into y. The
+/// scratch stays in cache: the convolution's output never goes to memory.
+fn run_pooled(
+    kernels: [KernelFn; 2],
+    [x, w, b, y]: [*mut f32; 4],
+    x_sample: usize,
+    shape: PooledShape,
+    n: usize,
+) {
+    let buffers = Buffers(vec![x, w, b, y]);
+    let shards = rayon::current_num_threads().min(n).max(1);
+    (0..shards).into_par_iter().for_each(|shard| {
+        let (lo, hi) = (n * shard / shards, n * (shard + 1) / shards);
+        let mut scratch = vec![0.0f32; shape.scratch];
+        let [x, w, b, y] = [0, 1, 2, 3].map(|i| buffers.get(i));
+        for i in lo..hi {
+            // SAFETY: x holds n samples of `x_sample` elements and y n of `shape.output`, so both
+            // offsets stay inside them; the kernels were compiled for one sample of these
+            // shapes (the convolution's output is `shape.scratch` elements: the scratch).
+            unsafe {
+                let conv = [x.add(i * x_sample), w, b, scratch.as_mut_ptr()];
+                kernels[0](conv.as_ptr(), 0, 1, 1);
+                let pool = [scratch.as_mut_ptr(), y.add(i * shape.output)];
+                kernels[1](pool.as_ptr(), 0, 1, 1);
+            }
+        }
     });
 }
 
@@ -717,56 +795,62 @@ impl Kernels<f32> for JitKernels {
         let w = params[indices[0]].as_standard_layout();
         assert_eq!(w.len(), s.kh * s.kw * s.c * s.f, "the kernel was compiled for this weight");
         let b = s.bias.then(|| params[indices[1]].as_standard_layout());
-        let mut dims = vec![n];
-        dims.extend(program.shapes.shape(block.output()).dims());
-        let dims = IxDyn(&dims);
-        assert_eq!(ndarray::Dimension::size(&dims), n * s.oh * s.ow * s.f);
         let bias_ptr = b.as_ref().map_or(std::ptr::null_mut(), |b| ptr(b));
-        let (Some(norm), Some(fns)) = (block.norm, k.norm) else {
-            let y = written(dims, |y| run(k.forward, &Buffers(vec![ptr(&xp), ptr(&w), bias_ptr, y]), n, n));
-            return Some(BlockForward { value: y, linear: None, stats: None });
+        let dims = |id: NodeId| {
+            let mut dims = vec![n];
+            dims.extend(program.shapes.shape(id).dims());
+            IxDyn(&dims)
         };
-        let Op::BatchNorm(bn) = program.graph.node(norm).op else {
-            unreachable!("a block's norm is a batchnorm")
-        };
-        let p = |i: usize| {
-            params[program.node_params[norm.index()][i]]
-                .view()
-                .into_dimensionality::<Ix1>()
-                .expect("per channel")
-        };
-        let [infer, normalize, ..] = fns;
-        match mode {
-            Mode::Infer => {
-                // Batchnorm folded into the convolution: w·s and (b − mean)·s + β, s = γ/σ.
+        // The block's batchnorm: its ε and parameter `i` (γ, β, moving mean, moving variance).
+        let norm = block.norm.map(|norm| {
+            let Op::BatchNorm(bn) = program.graph.node(norm).op else { unreachable!("a batchnorm") };
+            let indices = &program.node_params[norm.index()];
+            let p =
+                move |i: usize| params[indices[i]].view().into_dimensionality::<Ix1>().expect("per channel");
+            (bn.epsilon, p)
+        });
+        if mode == Mode::Infer {
+            // Batchnorm folded into the convolution: w·s and (b − mean)·s + β, s = γ/σ.
+            let folded = norm.map(|(epsilon, p)| {
                 let stats = BatchStats { mean: p(2).to_owned(), var: p(3).to_owned() };
-                let inv = inverse_std(&stats, bn.epsilon);
+                let inv = inverse_std(&stats, epsilon);
                 let (gamma, beta) = (p(0), p(1));
-                let scale: Vec<f32> = (0..s.f).map(|f| (f64::from(gamma[f]) * inv[f]) as f32).collect();
-                let mut folded = w.iter().copied().collect::<Vec<f32>>();
-                for (i, v) in folded.iter_mut().enumerate() {
-                    *v *= scale[i % s.f];
-                }
+                let scale: Vec<f64> = (0..s.f).map(|f| f64::from(gamma[f]) * inv[f]).collect();
+                let weights: Vec<f32> =
+                    w.iter().enumerate().map(|(i, v)| (f64::from(*v) * scale[i % s.f]) as f32).collect();
                 let bias: Vec<f32> = (0..s.f)
                     .map(|f| {
                         let b0 = b.as_ref().map_or(0.0, |b| f64::from(b.as_slice().expect("standard")[f]));
-                        ((b0 - f64::from(stats.mean[f])) * f64::from(scale[f]) + f64::from(beta[f])) as f32
+                        ((b0 - f64::from(stats.mean[f])) * scale[f] + f64::from(beta[f])) as f32
                     })
                     .collect();
-                let (folded, bias) = (folded.as_ptr() as *mut f32, bias.as_ptr() as *mut f32);
-                let y = written(dims, |y| run(infer, &Buffers(vec![ptr(&xp), folded, bias, y]), n, n));
-                Some(BlockForward { value: y, linear: None, stats: None })
+                (weights, bias)
+            });
+            let (wp, bp) = folded
+                .as_ref()
+                .map_or((ptr(&w), bias_ptr), |(w, b)| (w.as_ptr() as *mut f32, b.as_ptr() as *mut f32));
+            if let (Some(pool), Some((shape, fns))) = (block.pool, k.pooled) {
+                let x_sample = s.hp * s.wp * s.c;
+                let y = written(dims(pool), |y| run_pooled(fns, [ptr(&xp), wp, bp, y], x_sample, shape, n));
+                return Some(BlockForward { value: y, linear: None, stats: None });
             }
-            Mode::Train { .. } => {
-                let sums = Array3::<f32>::zeros((n, 2, s.f));
-                let y = written(dims, |y| {
-                    run(k.forward, &Buffers(vec![ptr(&xp), ptr(&w), bias_ptr, y, ptr(&sums)]), n, n)
-                });
-                let stats = statistics(&sums, n * k.shape.pixels);
-                let z = self.affine(normalize, k.shape, &y, &stats, [p(0), p(1)], bn.epsilon);
-                Some(BlockForward { value: z, linear: Some(y), stats: Some(stats) })
-            }
+            let kernel = k.norm.map_or(k.forward, |[infer, ..]| infer);
+            let y = written(dims(block.output()), |y| run(kernel, &Buffers(vec![ptr(&xp), wp, bp, y]), n, n));
+            return Some(BlockForward { value: y, linear: None, stats: None });
         }
+        let out = dims(block.output());
+        assert_eq!(ndarray::Dimension::size(&out), n * s.oh * s.ow * s.f);
+        let (Some((epsilon, p)), Some([_, normalize, ..])) = (norm, k.norm) else {
+            let y = written(out, |y| run(k.forward, &Buffers(vec![ptr(&xp), ptr(&w), bias_ptr, y]), n, n));
+            return Some(BlockForward { value: y, linear: None, stats: None });
+        };
+        let sums = Array3::<f32>::zeros((n, 2, s.f));
+        let y = written(out, |y| {
+            run(k.forward, &Buffers(vec![ptr(&xp), ptr(&w), bias_ptr, y, ptr(&sums)]), n, n)
+        });
+        let stats = statistics(&sums, n * k.shape.pixels);
+        let z = self.affine(normalize, k.shape, &y, &stats, [p(0), p(1)], epsilon);
+        Some(BlockForward { value: z, linear: Some(y), stats: Some(stats) })
     }
 
     fn block_backward(

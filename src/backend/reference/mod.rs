@@ -386,7 +386,8 @@ fn forward_profiled<T: Real>(
     let len = program.graph.len();
     let mut tape = Tape { values: vec![None; len], stats: vec![None; len], masks: vec![None; len] };
     tape.values[0] = Some(input);
-    for &id in program.inference.iter().filter(|id| **id <= last) {
+    let order = if mode == Mode::Infer { &program.inference } else { &program.forward };
+    for &id in order.iter().filter(|id| **id <= last) {
         Profile::time(profile, Step::Forward(id), || {
             forward_step(kernels, program, params, &mut tape, id, mode)
         });
@@ -403,7 +404,7 @@ fn forward_step<T: Real>(
     id: NodeId,
     mode: Mode,
 ) {
-    let block = program.block_ending_at(id);
+    let block = program.block_ending_at(id, mode != Mode::Infer);
     let fused = block.and_then(|b| {
         let x = value(tape, program.graph.node(b.linear).inputs[0]);
         kernels.block_forward(program, b, params, x, mode).map(|out| (b, out))
@@ -416,7 +417,11 @@ fn forward_step<T: Real>(
         }
         return;
     }
-    let nodes: Vec<NodeId> = block.map_or(vec![id], |b| b.nodes().collect());
+    let nodes: Vec<NodeId> = match block {
+        Some(b) if mode == Mode::Infer => b.inference_nodes().collect(),
+        Some(b) => b.nodes().collect(),
+        None => vec![id],
+    };
     for id in nodes {
         let (value, stats, mask) = forward_node(kernels, program, params, tape, id, mode);
         tape.values[id.index()] = Some(row_major(value));
@@ -493,7 +498,7 @@ fn backward_step<T: Real>(
     dvalues: &mut [Option<ArrayD<T>>],
     grads: &mut [Option<ArrayD<T>>],
 ) {
-    let Some(block) = program.block_ending_at(id) else {
+    let Some(block) = program.block_ending_at(id, true) else {
         backward_node(kernels, program, params, tape, id, dy, dvalues, grads);
         return;
     };
