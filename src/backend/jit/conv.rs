@@ -339,81 +339,84 @@ pub fn backward_input(e: &mut Emit, s: &ConvShape) {
 /// x[n, oh·sh+kh, ow·sw+kw, c] · dy[n,oh,ow,f], for tasks start..end, a task being one kernel tap
 /// and a group of input channels: each owns its part of dw and sums in a fixed order, so the
 /// result does not depend on how tasks are spread over threads.
+/// Samples are the outer loop: each sample's x and dy stay in cache while every task of this
+/// call passes over them, instead of the whole batch streaming from memory once per task (for
+/// a first layer with one input channel, nine times).
 /// Buffers: [x (padded), dy, dw (KH,KW,C,F)].
 pub fn backward_weights(e: &mut Emit, s: &ConvShape) {
     let (x, dy, dw) = (e.buf(0), e.buf(1), e.buf(2));
     let groups = s.c.div_ceil(ROWS);
     let (start, end, batch) = (e.start, e.end, e.batch);
-    e.for_range(start, end, |e, task| {
-        let tap = e.ins().udiv_imm_u(task, groups as i64);
-        let group = e.ins().urem_imm_u(task, groups as i64);
-        let kh = e.ins().udiv_imm_u(tap, s.kw as i64);
-        let kw = e.ins().urem_imm_u(tap, s.kw as i64);
-        let c0 = e.mul_k(group, ROWS as i64);
-        let rows_last = s.c - (groups - 1) * ROWS;
-        if rows_last == ROWS {
-            weight_rows(e, s, [x, dy, dw], [kh, kw, c0], batch, ROWS);
-        } else {
-            let last = e.int(groups as i64 - 1);
-            let is_last = e.icmp(cranelift_codegen::ir::condcodes::IntCC::Equal, group, last);
-            let not_last = e.icmp(cranelift_codegen::ir::condcodes::IntCC::NotEqual, group, last);
-            e.when(not_last, |e| weight_rows(e, s, [x, dy, dw], [kh, kw, c0], batch, ROWS));
-            e.when(is_last, |e| weight_rows(e, s, [x, dy, dw], [kh, kw, c0], batch, rows_last));
-        }
+    let zero = e.int(0);
+    e.for_range(zero, batch, |e, n| {
+        e.for_range(start, end, |e, task| {
+            let tap = e.ins().udiv_imm_u(task, groups as i64);
+            let group = e.ins().urem_imm_u(task, groups as i64);
+            let kh = e.ins().udiv_imm_u(tap, s.kw as i64);
+            let kw = e.ins().urem_imm_u(tap, s.kw as i64);
+            let c0 = e.mul_k(group, ROWS as i64);
+            let rows_last = s.c - (groups - 1) * ROWS;
+            if rows_last == ROWS {
+                weight_rows(e, s, [x, dy, dw], [kh, kw, c0], n, ROWS);
+            } else {
+                let last = e.int(groups as i64 - 1);
+                let is_last = e.icmp(cranelift_codegen::ir::condcodes::IntCC::Equal, group, last);
+                let not_last = e.icmp(cranelift_codegen::ir::condcodes::IntCC::NotEqual, group, last);
+                e.when(not_last, |e| weight_rows(e, s, [x, dy, dw], [kh, kw, c0], n, ROWS));
+                e.when(is_last, |e| weight_rows(e, s, [x, dy, dw], [kh, kw, c0], n, rows_last));
+            }
+        });
     });
 }
 
-/// The weight gradient of `rows` input channels from c0, at tap (kh, kw), accumulated into dw
-/// (zeroed by the caller) one sample at a time: each sample's rows of x and dy stay in cache
-/// while every channel chunk passes over them, instead of streaming the whole batch once per
-/// chunk. Each dw element still sums over samples, then rows, then columns, in order.
+/// Sample n's part of the weight gradient of `rows` input channels from c0, at tap (kh, kw),
+/// added into dw (zeroed by the caller): each chunk's accumulators are loaded from dw, run over
+/// the sample's rows and columns, and stored back. Each dw element sums over samples, then
+/// rows, then columns, in order.
 fn weight_rows(
     e: &mut Emit,
     s: &ConvShape,
     [x, dy, dw]: [Value; 3],
     [kh, kw, c0]: [Value; 3],
-    batch: Value,
+    n: Value,
     rows: usize,
 ) {
     // dw at (kh, kw, c0, 0)
     let row = tap_offset(e, s.kw, [kh, kw], s.c, c0);
     let w_off = e.mul_k(row, s.f as i64);
     let dwbase = e.at(dw, w_off);
-    let zero = e.int(0);
-    e.for_range(zero, batch, |e, n| {
-        for_chunks(e, s.f, |e, f0, width| {
-            let parts = width.parts();
-            let base = e.at(dwbase, f0);
-            let mut acc: Vec<Variable> = Vec::with_capacity(rows * parts);
-            for j in 0..rows {
-                for v in load_chunk(e, base, (j * s.f) as i64, width) {
-                    acc.push(e.var(width.ty(), v));
-                }
+    for_chunks(e, s.f, |e, f0, width| {
+        let parts = width.parts();
+        let base = e.at(dwbase, f0);
+        let mut acc: Vec<Variable> = Vec::with_capacity(rows * parts);
+        for j in 0..rows {
+            for v in load_chunk(e, base, (j * s.f) as i64, width) {
+                acc.push(e.var(width.ty(), v));
             }
-            e.for_n(s.oh, |e, oh| {
-                // x at (n, oh·sh + kh, kw, c0); moves by sw·C per output column
-                let zero = e.int(0);
-                let x_off = input_offset(e, s.input(), s.stride(), Some(n), [oh, zero], [kh, kw]);
-                let x_off = e.add(x_off, c0);
-                let xrow = e.at(x, x_off);
-                let drow = e.mul_k(n, s.oh as i64);
-                let drow = e.add(drow, oh);
-                let d_off = e.mul_k(drow, (s.ow * s.f) as i64);
-                let d_off = e.add(d_off, f0);
-                let dyrow = e.at(dy, d_off);
-                e.for_n_unrolled(s.ow, UNROLL, |e, ow| {
-                    let xo = e.mul_k(ow, (s.sw * s.c) as i64);
-                    let xaddr = e.at(xrow, xo);
-                    let dofs = e.mul_k(ow, s.f as i64);
-                    let daddr = e.at(dyrow, dofs);
-                    let dv = load_chunk(e, daddr, 0, width);
-                    accumulate(e, &acc, &dv, xaddr, 1, width);
-                });
+        }
+        e.for_n(s.oh, |e, oh| {
+            // x at (n, oh·sh + kh, kw, c0); moves by sw·C per output column
+            let zero = e.int(0);
+            let x_off = input_offset(e, s.input(), s.stride(), Some(n), [oh, zero], [kh, kw]);
+            let x_off = e.add(x_off, c0);
+            let xrow = e.at(x, x_off);
+            let drow = e.mul_k(n, s.oh as i64);
+            let drow = e.add(drow, oh);
+            let d_off = e.mul_k(drow, (s.ow * s.f) as i64);
+            let d_off = e.add(d_off, f0);
+            let dyrow = e.at(dy, d_off);
+            e.for_n_unrolled(s.ow, UNROLL, |e, ow| {
+                let xo = e.mul_k(ow, (s.sw * s.c) as i64);
+                let xaddr = e.at(xrow, xo);
+                let dofs = e.mul_k(ow, s.f as i64);
+                let daddr = e.at(dyrow, dofs);
+                let dv = load_chunk(e, daddr, 0, width);
+                accumulate(e, &acc, &dv, xaddr, 1, width);
             });
-            for j in 0..rows {
-                let values: Vec<Value> = (0..parts).map(|p| e.use_var(acc[j * parts + p])).collect();
-                store_chunk(e, &values, base, (j * s.f) as i64);
-            }
         });
+        for j in 0..rows {
+            let values: Vec<Value> = (0..parts).map(|p| e.use_var(acc[j * parts + p])).collect();
+            store_chunk(e, &values, base, (j * s.f) as i64);
+        }
     });
 }
