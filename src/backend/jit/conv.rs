@@ -221,8 +221,10 @@ pub fn forward(e: &mut Emit, s: &ConvShape, epilogue: Epilogue) {
                             e.def_var(*a, b[i % parts]);
                         }
                     }
-                    e.for_n(s.kh, |e, kh| {
-                        e.for_n(s.kw, |e, kw| {
+                    // With few input channels the tap loops are most of the work: unroll them.
+                    let taps = if s.c < UNROLL { [s.kh, s.kw] } else { [1, 1] };
+                    e.for_n_unrolled(s.kh, taps[0], |e, kh| {
+                        e.for_n_unrolled(s.kw, taps[1], |e, kw| {
                             let x_off = input_offset(e, s.input(), s.stride(), None, [oh, ow0], [kh, kw]);
                             let xbase = e.at(xn, x_off);
                             // w at (kh, kw, 0, f0)

@@ -200,8 +200,8 @@ impl JitKernels {
             };
             let rectify = block.act.and_then(|a| fuse::fusable_rectifier(&program.graph.node(a).op));
             let shape = norm_shape(program, block.linear);
-            let ops: Vec<&str> = block.nodes().map(|id| program.graph.node(id).op.name()).collect();
-            let name = format!("{}_{}", program.graph.layer_of(block.linear).name, ops.join("_"));
+            // `conv2d_block_forward`, …: named after the block's first layer, as `--emit ir` shows it.
+            let name = format!("{}_block", program.graph.layer_of(block.linear).name);
             let epilogue = conv::Epilogue {
                 rectify: rectify.filter(|_| block.norm.is_none()),
                 stats: block.norm.is_some(),
