@@ -14,6 +14,7 @@ pub mod pool;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use ndarray::{Array1, Array2, Array4, ArrayD, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, Axis, s};
@@ -150,6 +151,8 @@ pub struct JitKernels {
     softmaxes: HashMap<NodeId, SoftmaxKernel>,
     loss: Option<LossKernel>,
     optimizer: Option<OptimizerKernel>,
+    /// How many times those last six kinds of kernels ran (see [`JitKernels::runs`]).
+    runs: AtomicUsize,
     /// Owns the machine code the kernel pointers point into (in a mutex only because the
     /// module is `Send` but not `Sync`; it is never used again).
     _compiler: std::sync::Mutex<Compiler>,
@@ -257,6 +260,7 @@ impl JitKernels {
             softmaxes: rest.softmaxes,
             loss: rest.loss,
             optimizer: rest.optimizer,
+            runs: AtomicUsize::new(0),
             _compiler: std::sync::Mutex::new(compiler),
             compile_ms: started.elapsed().as_secs_f64() * 1e3,
             listings,
@@ -317,6 +321,25 @@ impl JitKernels {
     /// The optimizer step, when compiled for one.
     pub fn optimizer(&self) -> Option<OptimizerKernel> {
         self.optimizer
+    }
+
+    /// How many times a sigmoid, tanh, average-pooling, dropout, softmax, loss or optimizer
+    /// kernel ran through [`Kernels`]: tests tell by it that an op used its kernel rather than
+    /// the reference's fallback, which computes the same bits for several of them.
+    pub fn runs(&self) -> usize {
+        self.runs.load(Ordering::Relaxed)
+    }
+
+    /// [`run`], counted in [`JitKernels::runs`].
+    fn run(&self, kernel: KernelFn, buffers: &Buffers, items: usize, batch: usize) {
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        run(kernel, buffers, items, batch);
+    }
+
+    /// [`map_samples`], counted in [`JitKernels::runs`].
+    fn map_samples(&self, kernel: KernelFn, len: usize, inputs: &[ArrayViewD<f32>]) -> ArrayD<f32> {
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        map_samples(kernel, len, inputs)
     }
 }
 
@@ -663,7 +686,7 @@ impl Kernels<f32> for JitKernels {
 
     fn activation_forward(&self, node: NodeId, act: Activation, x: ArrayViewD<f32>) -> ArrayD<f32> {
         if let Some(k) = self.sigmoidals.get(&node) {
-            return map_samples(k.forward, k.len, &[x]);
+            return self.map_samples(k.forward, k.len, &[x]);
         }
         let Some(k) = self.rectifiers.get(&node) else { return x.mapv(|v| reference::activate(act, v)) };
         let x = x.as_standard_layout();
@@ -683,7 +706,7 @@ impl Kernels<f32> for JitKernels {
         dy: ArrayViewD<f32>,
     ) -> ArrayD<f32> {
         if let Some(k) = self.sigmoidals.get(&node) {
-            return map_samples(k.backward, k.len, &[y, dy]);
+            return self.map_samples(k.backward, k.len, &[y, dy]);
         }
         let Some(k) = self.rectifiers.get(&node) else {
             return reference::activation_gradient(act, x, y, dy);
@@ -782,7 +805,7 @@ impl Kernels<f32> for JitKernels {
         let xp = padded(x, k.pads);
         assert_eq!((xp.dim().1, xp.dim().2, xp.dim().3), (s.hp, s.wp, s.c));
         let y = Array4::<f32>::zeros((n, s.oh, s.ow, s.c));
-        run(k.forward, &Buffers(vec![ptr(&xp), ptr(&y)]), n, n);
+        self.run(k.forward, &Buffers(vec![ptr(&xp), ptr(&y)]), n, n);
         y
     }
 
@@ -803,7 +826,7 @@ impl Kernels<f32> for JitKernels {
         let dy = dy.as_standard_layout();
         assert_eq!(dy.dim(), (n, s.oh, s.ow, s.c));
         let dxp = Array4::<f32>::zeros((n, s.hp, s.wp, s.c));
-        run(k.backward, &Buffers(vec![dy.as_ptr() as *mut f32, ptr(&dxp)]), n, n);
+        self.run(k.backward, &Buffers(vec![dy.as_ptr() as *mut f32, ptr(&dxp)]), n, n);
         if k.pads == [0; 4] { dxp } else { dxp.slice(s![.., top..top + h, left..left + w, ..]).to_owned() }
     }
 
@@ -815,7 +838,7 @@ impl Kernels<f32> for JitKernels {
         assert_eq!(m % k.rows.max(1), 0, "whole samples");
         let n = m / k.rows.max(1);
         let mut y = Array2::<f32>::zeros((m, c));
-        run(k.forward, &Buffers(vec![x.as_ptr() as *mut f32, y.as_mut_ptr()]), n, n);
+        self.run(k.forward, &Buffers(vec![x.as_ptr() as *mut f32, y.as_mut_ptr()]), n, n);
         y
     }
 
@@ -841,7 +864,7 @@ impl Kernels<f32> for JitKernels {
             losses.as_mut_ptr(),
             correct.as_mut_ptr(),
         ];
-        run(k.kernel, &Buffers(buffers), n, n);
+        self.run(k.kernel, &Buffers(buffers), n, n);
         // In sample order, as the reference sums them.
         let loss_sum = losses.iter().fold(0.0, |sum, &l| sum + f64::from(l));
         (loss_sum, correct.iter().filter(|&&c| c != 0.0).count(), dz)
@@ -849,7 +872,7 @@ impl Kernels<f32> for JitKernels {
 
     fn dropout_apply(&self, node: NodeId, x: ArrayViewD<f32>, mask: ArrayViewD<f32>) -> ArrayD<f32> {
         let Some(k) = self.dropouts.get(&node) else { return &x * &mask };
-        map_samples(k.apply, k.len, &[x, mask])
+        self.map_samples(k.apply, k.len, &[x, mask])
     }
 
     fn optimizer_update(
@@ -879,7 +902,7 @@ impl Kernels<f32> for JitKernels {
         };
         assert_eq!(buffers.len(), expected, "the optimizer keeps its slots");
         let len = param.len();
-        run(k.kernel, &Buffers(buffers), len, len);
+        self.run(k.kernel, &Buffers(buffers), len, len);
     }
 }
 
