@@ -481,9 +481,10 @@ fn softmax_kernel_matches_the_reference() {
     }
 }
 
-/// Logits with ties (the first maximum decides what was predicted) and a wide range.
+/// Logits in [-2, 2] with ties (the first maximum decides what was predicted): no one class
+/// dominates, so the logarithm's argument spreads over [1, K].
 fn logits(n: usize, k: usize, rng: &mut Rng) -> Array2<f32> {
-    Array2::from_shape_simple_fn((n, k), || ((rng.next_f32() * 2.0 - 1.0) * 8.0).round() * 2.5)
+    Array2::from_shape_simple_fn((n, k), || ((rng.next_f32() * 2.0 - 1.0) * 8.0).round() * 0.25)
 }
 
 fn check_loss(program: &Program, jit: &JitKernels, loss: cnnc::ir::train::Loss, k: usize, batch: usize) {
@@ -594,5 +595,38 @@ fn sigmoid_tanh_average_pooling_and_dropout_in_whole_models() {
     assert_eq!(kinds.count(), 5, "tanh, sigmoid, two average pools and dropout are compiled");
     for batch in [1, 5, 13] {
         differential(model, batch);
+    }
+}
+
+/// Inference (`predict`) runs the output softmax's kernel, and the sigmoid's.
+#[test]
+fn prediction_runs_the_output_kernels() {
+    for (model, loss) in [
+        (
+            "input 7x5x3 conv2d(4, kernel=2, activation=tanh) flatten dense(19, activation=softmax)",
+            "categorical_crossentropy",
+        ),
+        ("input 7x5x3 conv2d(4, kernel=2) flatten dense(1, activation=sigmoid)", "binary_crossentropy"),
+    ] {
+        let program = Arc::new(program_with(model, &format!("loss = {loss}")));
+        let optimizer = cnnc::ir::train::Optimizer::Sgd { lr: 0.1, momentum: 0.0 };
+        let state = State::init(&program, &optimizer, 3);
+        let images = random(5 * 7 * 5 * 3, &mut Rng::new(61, &[]));
+        let mut jit = Jit::new(program.clone(), optimizer).unwrap();
+        let expected = Reference::new(program.clone(), optimizer).predict(&state, &images);
+        let runs = jit.kernels.runs();
+        let actual = jit.predict(&state, &images);
+        let output_kernels = program
+            .inference
+            .iter()
+            .filter(|&&id| jit.kernels.softmax(id).is_some() || jit.kernels.sigmoidal(id).is_some());
+        assert_eq!(jit.kernels.runs() - runs, output_kernels.count(), "{model}");
+        assert!(jit.kernels.runs() > runs, "{model}");
+        let shape = vec![expected.len()];
+        let (expected, actual) = (
+            ArrayD::from_shape_vec(shape.clone(), expected).unwrap(),
+            ArrayD::from_shape_vec(shape, actual).unwrap(),
+        );
+        assert_close(model, &expected, &actual);
     }
 }
