@@ -380,8 +380,8 @@ fn sigmoid_and_tanh_are_within_a_few_ulp_of_f64() {
     let len = 7 * 13;
     xs.resize(xs.len().div_ceil(len) * len, 0.5);
     let x = ArrayD::from_shape_vec(IxDyn(&[xs.len() / len, 7, 13, 1]), xs.clone()).unwrap();
-    let cases: [(usize, Activation, fn(f64) -> f64); 2] =
-        [(1, Activation::Sigmoid, |x| 1.0 / (1.0 + (-x).exp())), (2, Activation::Tanh, f64::tanh)];
+    let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
+    let cases = [(1, Activation::Sigmoid, sigmoid as fn(f64) -> f64), (2, Activation::Tanh, f64::tanh)];
     for (id, act, exact) in cases {
         assert!(jit.sigmoidal(node(id)).is_some(), "{act:?} was compiled");
         let y = compiled(&jit, || jit.activation_forward(node(id), act, x.view()));

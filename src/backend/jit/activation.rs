@@ -47,7 +47,7 @@ const TANH_POLYNOMIAL_BELOW: f32 = 0.625;
 fn tanh(e: &mut Emit, x: Value, vector: bool) -> Value {
     let s = e.ins().fmul(x, x);
     let mut p = constant(e, -5.704_988_7e-3, vector);
-    for c in [2.063_908_9e-2, -5.373_971_6e-2, 1.333_144_2e-1, -3.333_328_2e-1] {
+    for c in [2.063_909e-2, -5.373_971_6e-2, 1.333_144_2e-1, -3.333_328e-1] {
         let c = constant(e, c, vector);
         p = e.fma(p, s, c);
     }

@@ -84,7 +84,7 @@ pub(super) fn exp(e: &mut Emit, x: Value, vector: bool) -> Value {
     let p = polynomial(
         e,
         r,
-        &[1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1],
+        &[1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5e-1],
         vector,
     );
     let r2 = e.ins().fmul(r, r);
@@ -141,7 +141,7 @@ pub(super) fn log(e: &mut Emit, x: Value, vector: bool) -> Value {
             -1.666_805_8e-1,
             2.000_071_5e-1,
             -2.499_999_4e-1,
-            3.333_333_1e-1,
+            3.333_333e-1,
         ],
         vector,
     );

@@ -28,7 +28,7 @@ impl Rule {
     /// The rule that `optimizer` applies.
     pub fn of(optimizer: &Optimizer) -> Rule {
         match *optimizer {
-            Optimizer::Sgd { momentum, .. } if momentum == 0.0 => Rule::Sgd,
+            Optimizer::Sgd { momentum: 0.0, .. } => Rule::Sgd,
             Optimizer::Sgd { .. } => Rule::Momentum,
             Optimizer::Adam { .. } => Rule::Adam,
         }
