@@ -1,6 +1,7 @@
-//! The Cranelift backend: convolutions and dense layers (the model's FLOPs) compiled into
-//! machine code specialized to each layer's shapes, run in parallel over the batch; every
-//! other op runs through the reference interpreter, which this backend reuses through the
+//! The Cranelift backend: convolutions and dense layers (the model's FLOPs), pooling,
+//! activations, the fused losses, dropout and the optimizer step compiled into machine code
+//! specialized to each layer's shapes, run in parallel over the batch; the program itself (and
+//! batchnorm) runs through the reference interpreter, which this backend reuses through the
 //! [`Kernels`] seam. Checked against the reference, op by op and step by step, in tests/jit.rs.
 
 pub mod activation;
@@ -163,7 +164,7 @@ pub struct JitKernels {
 }
 
 impl JitKernels {
-    /// Compiles the kernels of every conv2d and dense node of `program`.
+    /// Compiles the kernels of every node of `program` that has them, and its fused loss.
     pub fn compile(program: &Program, listing: Listing) -> anyhow::Result<Self> {
         Self::compile_with(program, listing, None)
     }
