@@ -215,7 +215,9 @@ fn main() -> ExitCode {
         Command::Summary { file, json, compile, deny_warnings } => run(&file, deny_warnings, |checked, _| {
             let compiled = if compile {
                 let program = cnnc::autodiff::build_with(checked, fuse)?;
-                let kernels = cnnc::backend::jit::JitKernels::compile(&program, Default::default())?;
+                let optimizer = checked.model.train.as_ref().map(|t| &t.optimizer);
+                let kernels =
+                    cnnc::backend::jit::JitKernels::compile_with(&program, Default::default(), optimizer)?;
                 Some((kernels.kernel_count(), kernels.compile_ms))
             } else {
                 None
@@ -418,7 +420,8 @@ fn compile(checked: &cnnc::Checked, emit: Emit, kernel: Option<&str>, fuse: bool
     }
     let program = cnnc::autodiff::build_with(checked, fuse)?;
     let listing = cnnc::backend::jit::Listing { clif: emit == Emit::Clif, asm: emit == Emit::Asm };
-    let kernels = cnnc::backend::jit::JitKernels::compile(&program, listing)?;
+    let optimizer = checked.model.train.as_ref().map(|t| &t.optimizer);
+    let kernels = cnnc::backend::jit::JitKernels::compile_with(&program, listing, optimizer)?;
     let mut shown = 0;
     for (name, text) in kernels.listings.iter().filter(|(name, _)| kernel.is_none_or(|k| name.contains(k))) {
         println!("; kernel {name}\n{text}");

@@ -1,16 +1,19 @@
-//! Memory safety of the compiled kernels (convolution, dense, max pooling, rectifiers): every buffer is placed flush against an inaccessible
+//! Memory safety of the compiled kernels (convolution, dense, pooling, activations, dropout,
+//! softmax, the fused losses, the optimizer step): every buffer is placed flush against an inaccessible
 //! guard page, after its end and (in a second run) before its start, so a kernel that reads or
 //! writes one element outside its buffers crashes the test. Shapes are odd on purpose (channel
 //! tails, pixel-block tails, strides, padding). The results are compared with the ordinary,
 //! heap-allocated path, so the test also shows the kernels really ran.
 
 use cnnc::autodiff;
+use cnnc::backend::jit::activation::Sigmoidal;
 use cnnc::backend::jit::{JitKernels, Listing};
-use cnnc::backend::reference::Kernels as _;
 use cnnc::backend::reference::ops::Geometry;
+use cnnc::backend::reference::{Kernels as _, Plain};
 use cnnc::diagnostic::SourceFile;
+use cnnc::ir::Activation;
 use cnnc::rng::Rng;
-use ndarray::{Array1, Array4};
+use ndarray::{Array1, Array2, Array4, ArrayD, s};
 
 /// An f32 buffer between two PROT_NONE pages, touching one of them.
 struct Guarded {
@@ -76,8 +79,18 @@ fn close(what: &str, a: &[f32], b: &[f32]) {
     }
 }
 
-fn check(model: &str, batch: usize) {
-    let text = format!("model m {{ {model} }}\ntrain {{ loss = categorical_crossentropy }}");
+fn zeros(len: usize, flush_with_end: bool) -> Guarded {
+    Guarded::new(&vec![0.0; len], flush_with_end)
+}
+
+fn check(model: &str, batch: usize) -> Vec<&'static str> {
+    check_with(model, "loss = categorical_crossentropy", batch)
+}
+
+/// Checks every compiled kernel of the model; returns the kinds it checked.
+fn check_with(model: &str, train: &str, batch: usize) -> Vec<&'static str> {
+    let mut kinds = Vec::new();
+    let text = format!("model m {{ {model} }}\ntrain {{ {train} }}");
     let checked = cnnc::check(&SourceFile::new("guard.cnn", text.as_str())).unwrap();
     let program = autodiff::build(&checked).unwrap();
     let jit = JitKernels::compile(&program, Listing::default()).unwrap();
@@ -138,6 +151,7 @@ fn check(model: &str, batch: usize) {
             close(&format!("{name} weight gradient"), dw_ref.as_slice().unwrap(), &gdw.to_vec());
         }
         checked_nodes += 1;
+        kinds.push("conv");
     }
     for (id, _) in program.graph.nodes() {
         let Some(k) = jit.pool(id) else { continue };
@@ -166,6 +180,7 @@ fn check(model: &str, batch: usize) {
             close(&format!("{name} input gradient"), dx_ref.as_slice().unwrap(), &gdx.to_vec());
         }
         checked_nodes += 1;
+        kinds.push("maxpool");
     }
     for (id, node) in program.graph.nodes() {
         let Some(k) = jit.rectifier(id) else { continue };
@@ -192,8 +207,132 @@ fn check(model: &str, batch: usize) {
             close("rectifier gradient", dx_ref.as_slice().unwrap(), &gdx.to_vec());
         }
         checked_nodes += 1;
+        kinds.push("rectifier");
+    }
+    for (id, _) in program.graph.nodes() {
+        let Some(k) = jit.sigmoidal(id) else { continue };
+        let act = match k.act {
+            Sigmoidal::Sigmoid => Activation::Sigmoid,
+            Sigmoidal::Tanh => Activation::Tanh,
+        };
+        let x: Vec<f32> = random(batch * k.len, &mut rng).iter().map(|v| v * 40.0).collect();
+        let dy = random(batch * k.len, &mut rng);
+        let xd = ArrayD::from_shape_vec(vec![batch, k.len], x.clone()).unwrap();
+        let dyd = ArrayD::from_shape_vec(vec![batch, k.len], dy.clone()).unwrap();
+        let y_ref = Plain.activation_forward(id, act, xd.view());
+        let dx_ref = Plain.activation_backward(id, act, xd.view(), y_ref.view(), dyd.view());
+        let y = y_ref.as_slice().unwrap();
+        for flush_with_end in [true, false] {
+            let (gx, gy_in, gdy) = (
+                Guarded::new(&x, flush_with_end),
+                Guarded::new(y, flush_with_end),
+                Guarded::new(&dy, flush_with_end),
+            );
+            let (gy, gdx) = (zeros(x.len(), flush_with_end), zeros(x.len(), flush_with_end));
+            // SAFETY: as for the convolutions above.
+            unsafe {
+                (k.forward)([gx.ptr, gy.ptr].as_ptr(), 0, batch as i64, batch as i64);
+                (k.backward)([gy_in.ptr, gdy.ptr, gdx.ptr].as_ptr(), 0, batch as i64, batch as i64);
+            }
+            close(&format!("{act:?} forward"), y, &gy.to_vec());
+            close(&format!("{act:?} gradient"), dx_ref.as_slice().unwrap(), &gdx.to_vec());
+        }
+        checked_nodes += 1;
+        kinds.push("sigmoidal");
+    }
+    for (id, _) in program.graph.nodes() {
+        let Some(k) = jit.avgpool(id) else { continue };
+        let s = k.shape;
+        let [top, bottom, left, right] = k.pads;
+        let (h, w) = (s.hp - top - bottom, s.wp - left - right);
+        let x = Array4::from_shape_vec((batch, h, w, s.c), random(batch * h * w * s.c, &mut rng)).unwrap();
+        let dy = random(batch * s.oh * s.ow * s.c, &mut rng);
+        let dy4 = Array4::from_shape_vec((batch, s.oh, s.ow, s.c), dy.clone()).unwrap();
+        let g = Geometry {
+            kernel: [s.kh, s.kw],
+            stride: [s.sh, s.sw],
+            pad_before: [top, left],
+            out: [s.oh, s.ow],
+        };
+        let y_ref = Plain.avgpool_forward(id, x.view(), &g);
+        let dx_ref = Plain.avgpool_backward(id, [batch, h, w, s.c], dy4.view(), &g);
+        let mut xp = Array4::<f32>::zeros((batch, s.hp, s.wp, s.c));
+        xp.slice_mut(s![.., top..top + h, left..left + w, ..]).assign(&x);
+        let xp = xp.as_slice().unwrap().to_vec();
+        for flush_with_end in [true, false] {
+            let (gx, gdy) = (Guarded::new(&xp, flush_with_end), Guarded::new(&dy, flush_with_end));
+            let (gy, gdx) = (zeros(dy.len(), flush_with_end), zeros(xp.len(), flush_with_end));
+            // SAFETY: as for the convolutions above.
+            unsafe {
+                (k.forward)([gx.ptr, gy.ptr].as_ptr(), 0, batch as i64, batch as i64);
+                (k.backward)([gdy.ptr, gdx.ptr].as_ptr(), 0, batch as i64, batch as i64);
+            }
+            let dxp = Array4::from_shape_vec((batch, s.hp, s.wp, s.c), gdx.to_vec()).unwrap();
+            let dx: Vec<f32> = dxp.slice(s![.., top..top + h, left..left + w, ..]).iter().copied().collect();
+            let name = format!("{model} / {}", program.graph.layer_of(id).name);
+            close(&format!("{name} forward"), y_ref.as_slice().unwrap(), &gy.to_vec());
+            close(&format!("{name} input gradient"), dx_ref.as_slice().unwrap(), &dx);
+        }
+        checked_nodes += 1;
+        kinds.push("avgpool");
+    }
+    for (id, _) in program.graph.nodes() {
+        let Some(k) = jit.dropout(id) else { continue };
+        let x = random(batch * k.len, &mut rng);
+        let mask = random(batch * k.len, &mut rng);
+        let expected: Vec<f32> = x.iter().zip(&mask).map(|(a, b)| a * b).collect();
+        for flush_with_end in [true, false] {
+            let (gx, gmask) = (Guarded::new(&x, flush_with_end), Guarded::new(&mask, flush_with_end));
+            let gy = zeros(x.len(), flush_with_end);
+            // SAFETY: as for the convolutions above.
+            unsafe { (k.apply)([gx.ptr, gmask.ptr, gy.ptr].as_ptr(), 0, batch as i64, batch as i64) };
+            close("dropout", &expected, &gy.to_vec());
+        }
+        checked_nodes += 1;
+        kinds.push("dropout");
+    }
+    for (id, _) in program.graph.nodes() {
+        let Some(k) = jit.softmax(id) else { continue };
+        let x: Vec<f32> = random(batch * k.rows * k.c, &mut rng).iter().map(|v| v * 20.0).collect();
+        let x2 = Array2::from_shape_vec((batch * k.rows, k.c), x.clone()).unwrap();
+        let y_ref = Plain.softmax_forward(id, x2.view());
+        for flush_with_end in [true, false] {
+            let (gx, gy) = (Guarded::new(&x, flush_with_end), zeros(x.len(), flush_with_end));
+            // SAFETY: as for the convolutions above.
+            unsafe { (k.forward)([gx.ptr, gy.ptr].as_ptr(), 0, batch as i64, batch as i64) };
+            close("softmax", y_ref.as_slice().unwrap(), &gy.to_vec());
+        }
+        checked_nodes += 1;
+        kinds.push("softmax");
+    }
+    if let Some(k) = jit.fused_loss() {
+        let z: Vec<f32> = random(batch * k.k, &mut rng).iter().map(|v| v * 20.0).collect();
+        let classes = if k.k == 1 { 2 } else { k.k };
+        let labels: Vec<u8> = (0..batch).map(|_| rng.below(classes) as u8).collect();
+        let z2 = Array2::from_shape_vec((batch, k.k), z.clone()).unwrap();
+        let (loss_ref, correct_ref, dz_ref) = Plain.loss(program.logits, k.loss, z2.view(), &labels);
+        let label_values: Vec<f32> = labels.iter().map(|&l| f32::from(l)).collect();
+        for flush_with_end in [true, false] {
+            let (gz, glabels) =
+                (Guarded::new(&z, flush_with_end), Guarded::new(&label_values, flush_with_end));
+            let (gdz, gloss, gcorrect) =
+                (zeros(z.len(), flush_with_end), zeros(batch, flush_with_end), zeros(batch, flush_with_end));
+            let buffers = [gz.ptr, glabels.ptr, gdz.ptr, gloss.ptr, gcorrect.ptr];
+            // SAFETY: as for the convolutions above.
+            unsafe { (k.kernel)(buffers.as_ptr(), 0, batch as i64, batch as i64) };
+            let loss: f64 = gloss.to_vec().iter().map(|&l| f64::from(l)).sum();
+            assert!(
+                (loss - loss_ref).abs() <= 1e-5 * loss_ref.abs().max(1.0),
+                "{model}: loss {loss_ref} vs {loss}"
+            );
+            assert_eq!(gcorrect.to_vec().iter().filter(|&&c| c == 1.0).count(), correct_ref, "{model}");
+            close(&format!("{model} dz"), dz_ref.as_slice().unwrap(), &gdz.to_vec());
+        }
+        checked_nodes += 1;
+        kinds.push("loss");
     }
     assert!(checked_nodes > 0);
+    kinds
 }
 
 #[test]
@@ -219,4 +358,83 @@ fn pool_and_rectifier_kernels_stay_inside_their_buffers() {
 #[test]
 fn dense_kernels_stay_inside_their_buffers() {
     check("input 37 dense(21) dense(9, bias=false) dense(3, activation=softmax)", 5);
+}
+
+#[test]
+fn activation_and_average_pooling_kernels_stay_inside_their_buffers() {
+    // 91 and 5·7·13 elements a sample; windows cut by `same` and explicit padding; 13 channels
+    let kinds = check("input 7x13x1 sigmoid tanh flatten dense(3, activation=softmax)", 5);
+    assert_eq!(kinds.iter().filter(|k| **k == "sigmoidal").count(), 2);
+    let kinds = check(
+        "input 9x10x13 avgpool(3, stride=2, padding=same) avgpool(2, stride=1, padding=1) \
+         flatten dense(3, activation=softmax)",
+        3,
+    );
+    assert_eq!(kinds.iter().filter(|k| **k == "avgpool").count(), 2);
+}
+
+#[test]
+fn dropout_softmax_and_loss_kernels_stay_inside_their_buffers() {
+    let kinds = check("input 5x3x7 softmax flatten dropout(0.3) dense(19, activation=softmax)", 13);
+    for kind in ["softmax", "dropout", "loss"] {
+        assert!(kinds.contains(&kind), "{kind}: {kinds:?}");
+    }
+    for batch in [13, 1] {
+        let binary = "input 5x3x7 flatten dense(1, activation=sigmoid)";
+        let kinds = check_with(binary, "loss = binary_crossentropy", batch);
+        assert!(kinds.contains(&"loss"), "{kinds:?}");
+    }
+}
+
+/// The optimizer kernels on 37 elements (9 vectors and a single one) and on a single element,
+/// over the whole range and over a range that starts inside the tensor (as a second shard).
+#[test]
+fn optimizer_kernels_stay_inside_their_buffers() {
+    use cnnc::backend::jit::optim::Rule;
+    use cnnc::ir::train::Optimizer;
+    let text = "model m { input 3 dense(2, activation=softmax) }\ntrain { loss = categorical_crossentropy }";
+    let program = autodiff::build(&cnnc::check(&SourceFile::new("guard.cnn", text)).unwrap()).unwrap();
+    let optimizers = [
+        Optimizer::Sgd { lr: 0.1, momentum: 0.0 },
+        Optimizer::Sgd { lr: 0.1, momentum: 0.9 },
+        Optimizer::Adam { lr: 0.01, beta1: 0.9, beta2: 0.999, epsilon: 1e-7 },
+    ];
+    let mut rng = Rng::new(11, &[]);
+    for optimizer in optimizers {
+        let jit = JitKernels::compile_with(&program, Listing::default(), Some(&optimizer)).unwrap();
+        let k = jit.optimizer().expect("the optimizer step was compiled");
+        let slots = cnnc::train::state::optimizer_slots(&optimizer);
+        for (len, start) in [(37, 0), (37, 10), (1, 0)] {
+            let w = random(len, &mut rng);
+            let g = random(len, &mut rng);
+            let slot_values: Vec<Vec<f32>> =
+                (0..slots).map(|_| random(len, &mut rng).iter().map(|v| v.abs()).collect()).collect();
+            let mut w_ref = ArrayD::from_shape_vec(vec![len], w.clone()).unwrap();
+            let mut slots_ref: Vec<ArrayD<f32>> =
+                slot_values.iter().map(|s| ArrayD::from_shape_vec(vec![len], s.clone()).unwrap()).collect();
+            let g_ref = ArrayD::from_shape_vec(vec![len], g.clone()).unwrap();
+            cnnc::train::optimizer::update(&optimizer, &mut w_ref, &g_ref, &mut slots_ref, 3);
+            let scalars = Rule::scalars(&optimizer, 3);
+            for flush_with_end in [true, false] {
+                let gscalars = Guarded::new(&scalars, flush_with_end);
+                let (gw, gg) = (Guarded::new(&w, flush_with_end), Guarded::new(&g, flush_with_end));
+                let gslots: Vec<Guarded> =
+                    slot_values.iter().map(|s| Guarded::new(s, flush_with_end)).collect();
+                let mut buffers = vec![gscalars.ptr, gw.ptr, gg.ptr];
+                buffers.extend(gslots.iter().map(|s| s.ptr));
+                // SAFETY: every buffer holds `len` elements (the scalars, what the rule reads).
+                unsafe {
+                    if start > 0 {
+                        (k.kernel)(buffers.as_ptr(), 0, start as i64, len as i64);
+                    }
+                    (k.kernel)(buffers.as_ptr(), start as i64, len as i64, len as i64);
+                }
+                let what = format!("{optimizer:?}, {len} elements from {start}");
+                close(&what, w_ref.as_slice().unwrap(), &gw.to_vec());
+                for (a, b) in slots_ref.iter().zip(&gslots) {
+                    close(&format!("{what}, slot"), a.as_slice().unwrap(), &b.to_vec());
+                }
+            }
+        }
+    }
 }

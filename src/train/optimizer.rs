@@ -26,10 +26,7 @@ pub fn update(
         // Keras: α = lr·√(1−β2ᵗ)/(1−β1ᵗ); m += (g−m)(1−β1); v += (g²−v)(1−β2); w −= α·m/(√v+ε)
         Optimizer::Adam { lr, beta1, beta2, epsilon } => {
             let [m, v] = slots else { unreachable!("adam keeps two slots") };
-            let t = iteration as i32;
-            let alpha =
-                f64::from(lr) * (1.0 - f64::from(beta2).powi(t)).sqrt() / (1.0 - f64::from(beta1).powi(t));
-            let alpha = alpha as f32;
+            let alpha = adam_step_size(lr, beta1, beta2, iteration);
             Zip::from(param).and(grad).and(m).and(v).for_each(|w, &g, m, v| {
                 *m += (g - *m) * (1.0 - beta1);
                 *v += (g * g - *v) * (1.0 - beta2);
@@ -37,6 +34,14 @@ pub fn update(
             });
         }
     }
+}
+
+/// Adam's bias-corrected step size at 1-based step `iteration`: α = lr·√(1−β2ᵗ)/(1−β1ᵗ),
+/// computed in f64.
+pub fn adam_step_size(lr: f32, beta1: f32, beta2: f32, iteration: u64) -> f32 {
+    let t = iteration as i32;
+    let alpha = f64::from(lr) * (1.0 - f64::from(beta2).powi(t)).sqrt() / (1.0 - f64::from(beta1).powi(t));
+    alpha as f32
 }
 
 #[cfg(test)]

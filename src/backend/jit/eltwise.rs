@@ -1,5 +1,6 @@
-//! Element-wise kernels: relu and leaky relu, forward and backward, over whole samples in
-//! f32x4 with a scalar tail. `alpha` (0 for relu) and the sample size are baked in.
+//! Element-wise kernels: relu and leaky relu, forward and backward, and the product that
+//! applies a dropout mask, over whole samples in f32x4 with a scalar tail. `alpha` (0 for
+//! relu) and the sample size are baked in.
 //!
 //! relu(x) = x > 0 ? x : α·x, which for α = 0 is 0 for NaN too, as `f32::max(x, 0)` gives.
 
@@ -9,7 +10,7 @@ use cranelift_codegen::ir::{InstBuilder as _, MemFlagsData, Value, types};
 use super::emit::Emit;
 
 /// Calls `body(offset, vector?)` over `len` elements: f32x4 steps, then single elements.
-fn for_elements(e: &mut Emit, len: usize, mut body: impl FnMut(&mut Emit, Value, bool)) {
+pub(super) fn for_elements(e: &mut Emit, len: usize, mut body: impl FnMut(&mut Emit, Value, bool)) {
     e.for_n(len / 4, |e, i| {
         let offset = e.mul_k(i, 4);
         body(e, offset, true);
@@ -20,7 +21,7 @@ fn for_elements(e: &mut Emit, len: usize, mut body: impl FnMut(&mut Emit, Value,
     }
 }
 
-fn load(e: &mut Emit, addr: Value, vector: bool) -> Value {
+pub(super) fn load(e: &mut Emit, addr: Value, vector: bool) -> Value {
     if vector { e.load4(addr, 0) } else { e.load(addr, 0) }
 }
 
@@ -89,6 +90,24 @@ pub fn backward(e: &mut Emit, len: usize, alpha: f32) {
             let d = load(e, da, vector);
             let out = rectify_gradient(e, v, d, alpha, vector);
             e.store(out, dxa, 0);
+        });
+    });
+}
+
+/// y = a·b: a dropout mask applied, forward (x·mask) and backward (dy·mask) alike.
+/// Buffers: [a, b, y]; items: samples of `len` elements.
+pub fn product(e: &mut Emit, len: usize) {
+    let (a, b, y) = (e.buf(0), e.buf(1), e.buf(2));
+    let (start, end) = (e.start, e.end);
+    e.for_range(start, end, |e, n| {
+        let base = e.mul_k(n, len as i64);
+        for_elements(e, len, |e, offset, vector| {
+            let at = e.add(base, offset);
+            let (aa, ba, ya) = (e.at(a, at), e.at(b, at), e.at(y, at));
+            let u = load(e, aa, vector);
+            let v = load(e, ba, vector);
+            let out = e.ins().fmul(u, v);
+            e.store(out, ya, 0);
         });
     });
 }

@@ -1,16 +1,22 @@
-//! The Cranelift backend: convolutions and dense layers (the model's FLOPs) compiled into
-//! machine code specialized to each layer's shapes, run in parallel over the batch; every
-//! other op runs through the reference interpreter, which this backend reuses through the
+//! The Cranelift backend: convolutions and dense layers (the model's FLOPs), pooling,
+//! activations, the fused losses, dropout and the optimizer step compiled into machine code
+//! specialized to each layer's shapes, run in parallel over the batch; the program itself (and
+//! batchnorm) runs through the reference interpreter, which this backend reuses through the
 //! [`Kernels`] seam. Checked against the reference, op by op and step by step, in tests/jit.rs.
 
+pub mod activation;
 pub mod conv;
 pub mod eltwise;
 pub mod emit;
+pub mod loss;
+mod math;
 pub mod norm;
+pub mod optim;
 pub mod pool;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use ndarray::{
@@ -23,11 +29,14 @@ use super::reference::ops::{BatchStats, Geometry};
 use super::reference::{self, BlockBackward, BlockForward, Interpreter, Kernels, Mode, Tape};
 use crate::autodiff::Program;
 use crate::ir::fuse::{self, Block};
-use crate::ir::train::Optimizer;
+use crate::ir::train::{Loss, Optimizer};
 use crate::ir::{Activation, NodeId, Op, PoolKind, Shape};
+use activation::Sigmoidal;
 use conv::ConvShape;
-use emit::{Compiler, KernelFn};
+use cranelift_module::FuncId;
+use emit::{Compiler, Emit, KernelFn};
 use norm::NormShape;
+use optim::Rule;
 use pool::PoolShape;
 
 /// What to keep of the compilation, for `cnnc compile --emit`.
@@ -113,6 +122,70 @@ pub struct PooledShape {
     pub output: usize,
 }
 
+/// The compiled kernels of one sigmoid or tanh node.
+#[derive(Debug, Clone, Copy)]
+pub struct SigmoidalKernels {
+    pub act: Sigmoidal,
+    /// Elements per sample.
+    pub len: usize,
+    /// Buffers [x, y]; items: samples.
+    pub forward: KernelFn,
+    /// Buffers [y, dy, dx]; items: samples.
+    pub backward: KernelFn,
+}
+
+/// The compiled kernels of one average-pooling node.
+#[derive(Debug, Clone, Copy)]
+pub struct AvgPoolKernels {
+    pub shape: PoolShape,
+    /// Padding before and after, [top, bottom, left, right].
+    pub pads: [usize; 4],
+    /// Buffers [x padded with zeros, y]; items: samples.
+    pub forward: KernelFn,
+    /// Buffers [dy, dx padded and zeroed]; items: samples.
+    pub backward: KernelFn,
+}
+
+/// The compiled kernel of one dropout node: its mask applied, forward and backward.
+#[derive(Debug, Clone, Copy)]
+pub struct DropoutKernel {
+    /// Elements per sample.
+    pub len: usize,
+    /// Buffers [x or dy, mask, y or dx]; items: samples.
+    pub apply: KernelFn,
+}
+
+/// The compiled kernel of one softmax node, on its own (inference).
+#[derive(Debug, Clone, Copy)]
+pub struct SoftmaxKernel {
+    /// Rows per sample and their width.
+    pub rows: usize,
+    pub c: usize,
+    /// Buffers [x, y]; items: samples.
+    pub forward: KernelFn,
+}
+
+/// The compiled output activation fused with its loss.
+#[derive(Debug, Clone, Copy)]
+pub struct LossKernel {
+    /// The logits' node.
+    pub node: NodeId,
+    pub loss: Loss,
+    /// Logits per sample.
+    pub k: usize,
+    /// Buffers [z, labels as f32, dz, loss per sample, correct per sample (1 or 0)]; items:
+    /// samples; batch: samples.
+    pub kernel: KernelFn,
+}
+
+/// The compiled optimizer step, for every parameter tensor.
+#[derive(Debug, Clone, Copy)]
+pub struct OptimizerKernel {
+    pub rule: Rule,
+    /// Buffers [scalars, w, g, slots…] (see [`Rule`]); items: elements.
+    pub kernel: KernelFn,
+}
+
 /// The compiled kernels of a program, by node.
 pub struct JitKernels {
     convs: HashMap<NodeId, ConvKernels>,
@@ -121,6 +194,14 @@ pub struct JitKernels {
     blocks: HashMap<NodeId, BlockKernels>,
     pools: HashMap<NodeId, PoolKernels>,
     rectifiers: HashMap<NodeId, RectifierKernels>,
+    sigmoidals: HashMap<NodeId, SigmoidalKernels>,
+    avgpools: HashMap<NodeId, AvgPoolKernels>,
+    dropouts: HashMap<NodeId, DropoutKernel>,
+    softmaxes: HashMap<NodeId, SoftmaxKernel>,
+    loss: Option<LossKernel>,
+    optimizer: Option<OptimizerKernel>,
+    /// How many times those last six kinds of kernels ran (see [`JitKernels::runs`]).
+    runs: AtomicUsize,
     /// Owns the machine code the kernel pointers point into (in a mutex only because the
     /// module is `Send` but not `Sync`; it is never used again).
     _compiler: std::sync::Mutex<Compiler>,
@@ -131,8 +212,17 @@ pub struct JitKernels {
 }
 
 impl JitKernels {
-    /// Compiles the kernels of every conv2d and dense node of `program`.
+    /// Compiles the kernels of every node of `program` that has them, and its fused loss.
     pub fn compile(program: &Program, listing: Listing) -> anyhow::Result<Self> {
+        Self::compile_with(program, listing, None)
+    }
+
+    /// Compiles the kernels of `program`, and the update step of `optimizer` when given.
+    pub fn compile_with(
+        program: &Program,
+        listing: Listing,
+        optimizer: Option<&Optimizer>,
+    ) -> anyhow::Result<Self> {
         let started = Instant::now();
         // Cranelift's "none" measured faster than "speed" on every conv kernel of mnist.cnn (forward
         // 9.7 vs 13.3 ms, input gradient 8.0 vs 10.9, weight gradient 37.9 vs 44.7 at batch 128):
@@ -308,6 +398,7 @@ impl JitKernels {
                 )
             })
             .collect();
+        let rest = compile_rest(&mut compiler, program, optimizer)?;
         let listings = std::mem::take(&mut compiler.listings);
         Ok(JitKernels {
             convs,
@@ -315,6 +406,13 @@ impl JitKernels {
             blocks,
             pools,
             rectifiers,
+            sigmoidals: rest.sigmoidals,
+            avgpools: rest.avgpools,
+            dropouts: rest.dropouts,
+            softmaxes: rest.softmaxes,
+            loss: rest.loss,
+            optimizer: rest.optimizer,
+            runs: AtomicUsize::new(0),
             _compiler: std::sync::Mutex::new(compiler),
             compile_ms: started.elapsed().as_secs_f64() * 1e3,
             listings,
@@ -338,7 +436,15 @@ impl JitKernels {
             .values()
             .map(|b| 1 + if b.norm.is_some() { 4 } else { 0 } + if b.pooled.is_some() { 2 } else { 0 })
             .sum();
-        self.convs.len() * 3 + (self.pools.len() + self.rectifiers.len()) * 2 + self.norms.len() * 4 + blocks
+        self.convs.len() * 3
+            + (self.pools.len() + self.rectifiers.len()) * 2
+            + self.norms.len() * 4
+            + blocks
+            + (self.sigmoidals.len() + self.avgpools.len()) * 2
+            + self.dropouts.len()
+            + self.softmaxes.len()
+            + usize::from(self.loss.is_some())
+            + usize::from(self.optimizer.is_some())
     }
 
     /// The kernels of a batchnorm node outside any block, to call directly.
@@ -355,6 +461,182 @@ impl JitKernels {
     pub fn rectifier(&self, node: NodeId) -> Option<RectifierKernels> {
         self.rectifiers.get(&node).copied()
     }
+
+    /// The kernels of a sigmoid or tanh node, to call directly.
+    pub fn sigmoidal(&self, node: NodeId) -> Option<SigmoidalKernels> {
+        self.sigmoidals.get(&node).copied()
+    }
+
+    /// The kernels of an average-pooling node, to call directly.
+    pub fn avgpool(&self, node: NodeId) -> Option<AvgPoolKernels> {
+        self.avgpools.get(&node).copied()
+    }
+
+    /// The kernel of a dropout node, to call directly.
+    pub fn dropout(&self, node: NodeId) -> Option<DropoutKernel> {
+        self.dropouts.get(&node).copied()
+    }
+
+    /// The kernel of a softmax node (inference), to call directly.
+    pub fn softmax(&self, node: NodeId) -> Option<SoftmaxKernel> {
+        self.softmaxes.get(&node).copied()
+    }
+
+    /// The fused output activation and loss, when the program has one.
+    pub fn fused_loss(&self) -> Option<LossKernel> {
+        self.loss
+    }
+
+    /// The optimizer step, when compiled for one.
+    pub fn optimizer(&self) -> Option<OptimizerKernel> {
+        self.optimizer
+    }
+
+    /// How many times a sigmoid, tanh, average-pooling, dropout, softmax, loss or optimizer
+    /// kernel ran through [`Kernels`]: tests tell by it that an op used its kernel rather than
+    /// the reference's fallback, which computes the same bits for several of them.
+    pub fn runs(&self) -> usize {
+        self.runs.load(Ordering::Relaxed)
+    }
+
+    /// [`run`], counted in [`JitKernels::runs`].
+    fn run(&self, kernel: KernelFn, buffers: &Buffers, items: usize, batch: usize) {
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        run(kernel, buffers, items, batch);
+    }
+
+    /// [`map_samples`], counted in [`JitKernels::runs`].
+    fn map_samples(&self, kernel: KernelFn, len: usize, inputs: &[ArrayViewD<f32>]) -> ArrayD<f32> {
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        map_samples(kernel, len, inputs)
+    }
+}
+
+/// The kernels [`compile_rest`] adds to the convolutions, max pools and rectifiers.
+struct Rest {
+    sigmoidals: HashMap<NodeId, SigmoidalKernels>,
+    avgpools: HashMap<NodeId, AvgPoolKernels>,
+    dropouts: HashMap<NodeId, DropoutKernel>,
+    softmaxes: HashMap<NodeId, SoftmaxKernel>,
+    loss: Option<LossKernel>,
+    optimizer: Option<OptimizerKernel>,
+}
+
+/// Defines one kernel and returns its place in `ids`.
+fn define(
+    compiler: &mut Compiler,
+    ids: &mut Vec<FuncId>,
+    name: &str,
+    body: impl FnOnce(&mut Emit),
+) -> anyhow::Result<usize> {
+    ids.push(compiler.kernel(name, body)?);
+    Ok(ids.len() - 1)
+}
+
+/// Compiles the element-wise activations, average pools, dropouts, softmaxes, the fused loss
+/// and the optimizer step, and finalizes them.
+fn compile_rest(
+    compiler: &mut Compiler,
+    program: &Program,
+    optimizer: Option<&Optimizer>,
+) -> anyhow::Result<Rest> {
+    let mut ids = Vec::new();
+    let mut sigmoidals = Vec::new();
+    let mut avgpools = Vec::new();
+    let mut dropouts = Vec::new();
+    let mut softmaxes = Vec::new();
+    for (id, node) in program.graph.nodes() {
+        let name = format!("{}_{}", program.graph.layer_of(id).name, node.op.name());
+        let len = program.shapes.shape(id).numel();
+        let act = match node.op {
+            Op::Activation(Activation::Sigmoid) => Some(Sigmoidal::Sigmoid),
+            Op::Activation(Activation::Tanh) => Some(Sigmoidal::Tanh),
+            _ => None,
+        };
+        if let Some(act) = act {
+            let f =
+                define(compiler, &mut ids, &format!("{name}_forward"), |e| activation::forward(e, len, act))?;
+            let b = define(compiler, &mut ids, &format!("{name}_backward"), |e| {
+                activation::backward(e, len, act)
+            })?;
+            sigmoidals.push((id, act, len, [f, b]));
+        }
+        if let Some((shape, pads)) = pool_shape_of(program, id, &node.op, PoolKind::Avg) {
+            let name = program.graph.layer_of(id).name.clone();
+            let f = define(compiler, &mut ids, &format!("{name}_forward"), |e| {
+                pool::avg_forward(e, &shape, pads)
+            })?;
+            let b = define(compiler, &mut ids, &format!("{name}_backward"), |e| {
+                pool::avg_backward(e, &shape, pads)
+            })?;
+            avgpools.push((id, shape, pads, [f, b]));
+        }
+        if let Op::Dropout { .. } = node.op {
+            let f = define(compiler, &mut ids, &format!("{name}_apply"), |e| eltwise::product(e, len))?;
+            dropouts.push((id, len, f));
+        }
+        if let Op::Activation(Activation::Softmax) = node.op {
+            let c = *program.shapes.shape(id).dims().last().expect("a shape has an axis");
+            let rows = len / c.max(1);
+            let f = define(compiler, &mut ids, &format!("{name}_forward"), |e| {
+                loss::softmax_forward(e, rows, c)
+            })?;
+            softmaxes.push((id, rows, c, f));
+        }
+    }
+    let mut fused = None;
+    if let (Some(kind), false) = (program.loss, program.steps.is_empty()) {
+        let k = program.shapes.shape(program.logits).numel();
+        let index = match kind {
+            Loss::CategoricalCrossentropy | Loss::SparseCategoricalCrossentropy => {
+                Some(define(compiler, &mut ids, "softmax_cross_entropy", |e| {
+                    loss::softmax_cross_entropy(e, k)
+                })?)
+            }
+            // The reference reads one logit a sample; other widths stay with it.
+            Loss::BinaryCrossentropy if k == 1 => Some(define(
+                compiler,
+                &mut ids,
+                "sigmoid_binary_cross_entropy",
+                loss::sigmoid_binary_cross_entropy,
+            )?),
+            Loss::BinaryCrossentropy => None,
+        };
+        fused = index.map(|i| (kind, k, i));
+    }
+    let step = match optimizer {
+        Some(optimizer) => {
+            let rule = Rule::of(optimizer);
+            let name = format!("{rule:?}_step").to_lowercase();
+            Some((rule, define(compiler, &mut ids, &name, |e| optim::step(e, rule))?))
+        }
+        None => None,
+    };
+    let code = compiler.finish(&ids)?;
+    Ok(Rest {
+        sigmoidals: sigmoidals
+            .into_iter()
+            .map(|(id, act, len, [f, b])| {
+                (id, SigmoidalKernels { act, len, forward: code[f], backward: code[b] })
+            })
+            .collect(),
+        avgpools: avgpools
+            .into_iter()
+            .map(|(id, shape, pads, [f, b])| {
+                (id, AvgPoolKernels { shape, pads, forward: code[f], backward: code[b] })
+            })
+            .collect(),
+        dropouts: dropouts
+            .into_iter()
+            .map(|(id, len, f)| (id, DropoutKernel { len, apply: code[f] }))
+            .collect(),
+        softmaxes: softmaxes
+            .into_iter()
+            .map(|(id, rows, c, f)| (id, SoftmaxKernel { rows, c, forward: code[f] }))
+            .collect(),
+        loss: fused.map(|(loss, k, i)| LossKernel { node: program.logits, loss, k, kernel: code[i] }),
+        optimizer: step.map(|(rule, i)| OptimizerKernel { rule, kernel: code[i] }),
+    })
 }
 
 /// The largest dense weight matrix (elements) compiled into a kernel: 4 MB of f32.
@@ -417,8 +699,13 @@ fn norm_shape(program: &Program, id: NodeId) -> NormShape {
 
 /// The kernel shape of a max-pooling node.
 fn pool_shape(program: &Program, id: NodeId, op: &Op) -> Option<(PoolShape, [usize; 4])> {
+    pool_shape_of(program, id, op, PoolKind::Max)
+}
+
+/// The kernel shape of a pooling node of `kind`.
+fn pool_shape_of(program: &Program, id: NodeId, op: &Op, kind: PoolKind) -> Option<(PoolShape, [usize; 4])> {
     let Op::Pool(p) = op else { return None };
-    if p.kind != PoolKind::Max {
+    if p.kind != kind {
         return None;
     }
     let input = program.shapes.shape(program.graph.node(id).inputs[0]);
@@ -526,6 +813,22 @@ fn written<D: ndarray::Dimension>(dim: D, fill: impl FnOnce(*mut f32)) -> Array<
     unsafe { y.assume_init() }
 }
 
+/// Runs an element-wise kernel over whole samples: buffers [inputs…, output], the inputs of
+/// one shape, each sample `len` elements.
+fn map_samples(kernel: KernelFn, len: usize, inputs: &[ArrayViewD<f32>]) -> ArrayD<f32> {
+    let inputs: Vec<_> = inputs.iter().map(|a| a.as_standard_layout()).collect();
+    let n = inputs[0].shape()[0];
+    for a in &inputs {
+        assert_eq!(a.shape(), inputs[0].shape());
+        assert_eq!(a.len(), n * len, "the kernel was compiled for this sample size");
+    }
+    let mut out = ArrayD::<f32>::zeros(inputs[0].raw_dim());
+    let mut buffers: Vec<*mut f32> = inputs.iter().map(|a| a.as_ptr() as *mut f32).collect();
+    buffers.push(out.as_mut_ptr());
+    run(kernel, &Buffers(buffers), n, n);
+    out
+}
+
 impl Kernels<f32> for JitKernels {
     fn compile_report(&self) -> Option<String> {
         Some(format!("compiled {} kernels in {:.1} ms", self.kernel_count(), self.compile_ms))
@@ -610,6 +913,9 @@ impl Kernels<f32> for JitKernels {
     }
 
     fn activation_forward(&self, node: NodeId, act: Activation, x: ArrayViewD<f32>) -> ArrayD<f32> {
+        if let Some(k) = self.sigmoidals.get(&node) {
+            return self.map_samples(k.forward, k.len, &[x]);
+        }
         let Some(k) = self.rectifiers.get(&node) else { return x.mapv(|v| reference::activate(act, v)) };
         let x = x.as_standard_layout();
         let n = x.shape()[0];
@@ -625,6 +931,9 @@ impl Kernels<f32> for JitKernels {
         y: ArrayViewD<f32>,
         dy: ArrayViewD<f32>,
     ) -> ArrayD<f32> {
+        if let Some(k) = self.sigmoidals.get(&node) {
+            return self.map_samples(k.backward, k.len, &[y, dy]);
+        }
         let Some(k) = self.rectifiers.get(&node) else {
             return reference::activation_gradient(act, x, y, dy);
         };
@@ -922,6 +1231,113 @@ impl Kernels<f32> for JitKernels {
         });
         Some(BlockBackward { dx, grads })
     }
+
+    fn avgpool_forward(&self, node: NodeId, x: ArrayView4<f32>, g: &Geometry) -> Array4<f32> {
+        let Some(k) = self.avgpools.get(&node) else { return reference::ops::avgpool_forward(x, g) };
+        let s = &k.shape;
+        let n = x.dim().0;
+        let xp = padded(x, k.pads);
+        assert_eq!((xp.dim().1, xp.dim().2, xp.dim().3), (s.hp, s.wp, s.c));
+        let y = Array4::<f32>::zeros((n, s.oh, s.ow, s.c));
+        self.run(k.forward, &Buffers(vec![ptr(&xp), ptr(&y)]), n, n);
+        y
+    }
+
+    fn avgpool_backward(
+        &self,
+        node: NodeId,
+        input_shape: [usize; 4],
+        dy: ArrayView4<f32>,
+        g: &Geometry,
+    ) -> Array4<f32> {
+        let Some(k) = self.avgpools.get(&node) else {
+            return reference::ops::avgpool_backward(input_shape, dy, g);
+        };
+        let s = &k.shape;
+        let [n, h, w, c] = input_shape;
+        let [top, bottom, left, right] = k.pads;
+        assert_eq!((h + top + bottom, w + left + right, c), (s.hp, s.wp, s.c));
+        let dy = dy.as_standard_layout();
+        assert_eq!(dy.dim(), (n, s.oh, s.ow, s.c));
+        let dxp = Array4::<f32>::zeros((n, s.hp, s.wp, s.c));
+        self.run(k.backward, &Buffers(vec![dy.as_ptr() as *mut f32, ptr(&dxp)]), n, n);
+        if k.pads == [0; 4] { dxp } else { dxp.slice(s![.., top..top + h, left..left + w, ..]).to_owned() }
+    }
+
+    fn softmax_forward(&self, node: NodeId, x: ArrayView2<f32>) -> Array2<f32> {
+        let Some(k) = self.softmaxes.get(&node) else { return reference::ops::softmax_forward(x) };
+        let x = x.as_standard_layout();
+        let (m, c) = x.dim();
+        assert_eq!(c, k.c);
+        assert_eq!(m % k.rows.max(1), 0, "whole samples");
+        let n = m / k.rows.max(1);
+        let mut y = Array2::<f32>::zeros((m, c));
+        self.run(k.forward, &Buffers(vec![x.as_ptr() as *mut f32, y.as_mut_ptr()]), n, n);
+        y
+    }
+
+    fn loss(&self, node: NodeId, loss: Loss, z: ArrayView2<f32>, labels: &[u8]) -> (f64, usize, Array2<f32>) {
+        let Some(k) = self.loss.filter(|k| k.node == node && k.loss == loss) else {
+            return reference::Plain.loss(node, loss, z, labels);
+        };
+        let z = z.as_standard_layout();
+        let (n, classes) = z.dim();
+        assert_eq!(classes, k.k);
+        assert_eq!(labels.len(), n, "one label a sample");
+        if loss != Loss::BinaryCrossentropy {
+            assert!(labels.iter().all(|&l| usize::from(l) < classes), "every label names a class");
+        }
+        let labels: Vec<f32> = labels.iter().map(|&l| f32::from(l)).collect();
+        let mut dz = Array2::<f32>::zeros((n, classes));
+        let mut losses = vec![0.0f32; n];
+        let mut correct = vec![0.0f32; n];
+        let buffers = vec![
+            z.as_ptr() as *mut f32,
+            labels.as_ptr() as *mut f32,
+            dz.as_mut_ptr(),
+            losses.as_mut_ptr(),
+            correct.as_mut_ptr(),
+        ];
+        self.run(k.kernel, &Buffers(buffers), n, n);
+        // In sample order, as the reference sums them.
+        let loss_sum = losses.iter().fold(0.0, |sum, &l| sum + f64::from(l));
+        (loss_sum, correct.iter().filter(|&&c| c != 0.0).count(), dz)
+    }
+
+    fn dropout_apply(&self, node: NodeId, x: ArrayViewD<f32>, mask: ArrayViewD<f32>) -> ArrayD<f32> {
+        let Some(k) = self.dropouts.get(&node) else { return &x * &mask };
+        self.map_samples(k.apply, k.len, &[x, mask])
+    }
+
+    fn optimizer_update(
+        &self,
+        _index: usize,
+        optimizer: &Optimizer,
+        param: &mut ArrayD<f32>,
+        grad: &ArrayD<f32>,
+        slots: &mut [ArrayD<f32>],
+        iteration: u64,
+    ) {
+        let compiled = self.optimizer.filter(|k| k.rule == Rule::of(optimizer));
+        let standard = param.is_standard_layout() && slots.iter().all(|s| s.is_standard_layout());
+        let Some(k) = compiled.filter(|_| standard) else {
+            return crate::train::optimizer::update(optimizer, param, grad, slots, iteration);
+        };
+        let grad = grad.as_standard_layout();
+        assert_eq!(grad.shape(), param.shape());
+        assert!(slots.iter().all(|s| s.shape() == param.shape()));
+        let scalars = Rule::scalars(optimizer, iteration);
+        let mut buffers = vec![scalars.as_ptr() as *mut f32, param.as_mut_ptr(), grad.as_ptr() as *mut f32];
+        buffers.extend(slots.iter_mut().map(|s| s.as_mut_ptr()));
+        let expected = match k.rule {
+            Rule::Sgd => 3,
+            Rule::Momentum => 4,
+            Rule::Adam => 5,
+        };
+        assert_eq!(buffers.len(), expected, "the optimizer keeps its slots");
+        let len = param.len();
+        self.run(k.kernel, &Buffers(buffers), len, len);
+    }
 }
 
 /// Per-channel sums gathered per sample, (N, 2, C), reduced over samples in order, in f64:
@@ -1051,7 +1467,7 @@ pub type Jit = Interpreter<JitKernels>;
 
 impl Jit {
     pub fn new(program: Arc<Program>, optimizer: Optimizer) -> anyhow::Result<Self> {
-        let kernels = JitKernels::compile(&program, Listing::default())?;
+        let kernels = JitKernels::compile_with(&program, Listing::default(), Some(&optimizer))?;
         Ok(Interpreter::with_kernels("jit", program, optimizer, kernels))
     }
 }

@@ -1,11 +1,14 @@
-//! Max-pooling kernels, forward and backward, specialized to one layer's shapes.
+//! Pooling kernels, max and average, forward and backward, specialized to one layer's shapes.
 //!
-//! Both work on an input padded by the caller with -inf (padding never wins a window) and on
-//! whole channel chunks (8, 4, then single channels). The backward pass gives each window's
-//! gradient to its first maximum, as the reference does: it recomputes the maximum, then walks
-//! the window in order with a per-lane "done" mask.
+//! All work on whole channel chunks (8, 4, then single channels) of an input padded by the
+//! caller. Max pooling pads with -inf (padding never wins a window); its backward pass gives
+//! each window's gradient to its first maximum, as the reference does: it recomputes the
+//! maximum, then walks the window in order with a per-lane "done" mask. Average pooling pads
+//! with zeros and divides by the number of real pixels in the window (padding is not counted,
+//! as in the reference and TensorFlow's `same`); that count is computed from the window's
+//! position, so the sums and the division are the reference's, in its order.
 
-use cranelift_codegen::ir::condcodes::FloatCC;
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{InstBuilder as _, MemFlagsData, Value, types};
 
 use super::conv::{Width, for_chunks, input_offset, load_chunk, store_chunk};
@@ -55,6 +58,16 @@ fn window(e: &mut Emit, s: &PoolShape, n: Value, oh: Value, ow: Value) -> (Value
     (out, inputs)
 }
 
+/// Calls `body(n, oh, ow)` for every output pixel of the samples `start..end`.
+fn for_each_pixel(e: &mut Emit, s: &PoolShape, mut body: impl FnMut(&mut Emit, Value, Value, Value)) {
+    let (start, end) = (e.start, e.end);
+    e.for_range(start, end, |e, n| {
+        e.for_n(s.oh, |e, oh| {
+            e.for_n(s.ow, |e, ow| body(e, n, oh, ow));
+        });
+    });
+}
+
 /// Calls `body(output offset, window offsets, first channel, width)` for every channel chunk
 /// of every output pixel of the samples `start..end`.
 fn for_each_window(
@@ -62,14 +75,9 @@ fn for_each_window(
     s: &PoolShape,
     mut body: impl FnMut(&mut Emit, Value, &[Value], Value, Width),
 ) {
-    let (start, end) = (e.start, e.end);
-    e.for_range(start, end, |e, n| {
-        e.for_n(s.oh, |e, oh| {
-            e.for_n(s.ow, |e, ow| {
-                let (out, offsets) = window(e, s, n, oh, ow);
-                for_chunks(e, s.c, |e, c0, width| body(e, out, &offsets, c0, width));
-            });
-        });
+    for_each_pixel(e, s, |e, n, oh, ow| {
+        let (out, offsets) = window(e, s, n, oh, ow);
+        for_chunks(e, s.c, |e, c0, width| body(e, out, &offsets, c0, width));
     });
 }
 
@@ -143,5 +151,80 @@ pub fn backward(e: &mut Emit, s: &PoolShape) {
             store_chunk(e, &new, addr, 0);
             done = Some(now_done);
         }
+    });
+}
+
+/// How many of the rows (or columns) [o·stride, o·stride + kernel) of the padded input lie in
+/// the real image, [first, end).
+fn covered(e: &mut Emit, o: Value, stride: usize, kernel: usize, first: usize, end: usize) -> Value {
+    let lo = e.mul_k(o, stride as i64);
+    let hi = e.add_k(lo, kernel as i64);
+    let (first, end) = (e.int(first as i64), e.int(end as i64));
+    let before = e.icmp(IntCC::SignedLessThan, lo, first);
+    let lo = e.ins().select(before, first, lo);
+    let after = e.icmp(IntCC::SignedGreaterThan, hi, end);
+    let hi = e.ins().select(after, end, hi);
+    e.ins().isub(hi, lo)
+}
+
+/// The divisor of window (oh, ow): its number of real pixels, as an f32 (a vector of them
+/// for a vector chunk). `pads` is [top, bottom, left, right].
+fn window_count(e: &mut Emit, s: &PoolShape, pads: [usize; 4], oh: Value, ow: Value) -> Value {
+    let rows = covered(e, oh, s.sh, s.kh, pads[0], s.hp - pads[1]);
+    let cols = covered(e, ow, s.sw, s.kw, pads[2], s.wp - pads[3]);
+    let count = e.ins().imul(rows, cols);
+    e.ins().fcvt_from_sint(types::F32, count)
+}
+
+fn divisor(e: &mut Emit, count: Value, width: Width) -> Value {
+    if width == Width::Scalar { count } else { e.splat(count) }
+}
+
+/// y[n,oh,ow,c] = Σ x over the window / its real pixel count. Buffers: [x (padded with zeros),
+/// y]; items: samples.
+pub fn avg_forward(e: &mut Emit, s: &PoolShape, pads: [usize; 4]) {
+    let (x, y) = (e.buf(0), e.buf(1));
+    for_each_pixel(e, s, |e, n, oh, ow| {
+        let (out, offsets) = window(e, s, n, oh, ow);
+        let count = window_count(e, s, pads, oh, ow);
+        for_chunks(e, s.c, |e, c0, width| {
+            let zero = e.zero(if width == Width::Scalar { types::F32 } else { types::F32X4 });
+            let mut sum = vec![zero; if width == Width::Two { 2 } else { 1 }];
+            for offset in &offsets {
+                let at = e.add(*offset, c0);
+                let addr = e.at(x, at);
+                let v = load_chunk(e, addr, 0, width);
+                sum = sum.iter().zip(&v).map(|(a, b)| e.ins().fadd(*a, *b)).collect();
+            }
+            let d = divisor(e, count, width);
+            let mean: Vec<Value> = sum.iter().map(|v| e.ins().fdiv(*v, d)).collect();
+            let at = e.add(out, c0);
+            let addr = e.at(y, at);
+            store_chunk(e, &mean, addr, 0);
+        });
+    });
+}
+
+/// dx (padded, zeroed) += dy / count at every pixel of each window, windows and pixels in the
+/// reference's order. Buffers: [dy, dx]; items: samples.
+pub fn avg_backward(e: &mut Emit, s: &PoolShape, pads: [usize; 4]) {
+    let (dy, dx) = (e.buf(0), e.buf(1));
+    for_each_pixel(e, s, |e, n, oh, ow| {
+        let (out, offsets) = window(e, s, n, oh, ow);
+        let count = window_count(e, s, pads, oh, ow);
+        for_chunks(e, s.c, |e, c0, width| {
+            let at = e.add(out, c0);
+            let addr = e.at(dy, at);
+            let grad = load_chunk(e, addr, 0, width);
+            let d = divisor(e, count, width);
+            let share: Vec<Value> = grad.iter().map(|g| e.ins().fdiv(*g, d)).collect();
+            for offset in &offsets {
+                let at = e.add(*offset, c0);
+                let addr = e.at(dx, at);
+                let old = load_chunk(e, addr, 0, width);
+                let new: Vec<Value> = old.iter().zip(&share).map(|(a, b)| e.ins().fadd(*a, *b)).collect();
+                store_chunk(e, &new, addr, 0);
+            }
+        });
     });
 }

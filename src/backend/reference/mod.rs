@@ -179,6 +179,55 @@ pub trait Kernels<T: Real>: Sync {
     ) -> (Array2<T>, Array2<T>, Array1<T>) {
         ops::dense_backward(x, w, dy)
     }
+
+    /// Average pooling over the real pixels of each window.
+    fn avgpool_forward(&self, _node: NodeId, x: ArrayView4<T>, g: &Geometry) -> Array4<T> {
+        ops::avgpool_forward(x, g)
+    }
+
+    fn avgpool_backward(
+        &self,
+        _node: NodeId,
+        input_shape: [usize; 4],
+        dy: ArrayView4<T>,
+        g: &Geometry,
+    ) -> Array4<T> {
+        ops::avgpool_backward(input_shape, dy, g)
+    }
+
+    /// Softmax over the last axis, on its own (the output at inference).
+    fn softmax_forward(&self, _node: NodeId, x: ArrayView2<T>) -> Array2<T> {
+        ops::softmax_forward(x)
+    }
+
+    /// The output activation fused with its cross-entropy, on the logits z (N,K) of node
+    /// `node`: (Σ loss, correct, dz).
+    fn loss(&self, _node: NodeId, loss: Loss, z: ArrayView2<T>, labels: &[u8]) -> (f64, usize, Array2<T>) {
+        match loss {
+            Loss::CategoricalCrossentropy | Loss::SparseCategoricalCrossentropy => {
+                ops::softmax_cross_entropy(z, labels)
+            }
+            Loss::BinaryCrossentropy => ops::sigmoid_binary_cross_entropy(z, labels),
+        }
+    }
+
+    /// A dropout mask applied: y = x·mask forward, dx = dy·mask backward.
+    fn dropout_apply(&self, _node: NodeId, x: ArrayViewD<T>, mask: ArrayViewD<T>) -> ArrayD<T> {
+        &x * &mask
+    }
+
+    /// One optimizer step on parameter `index` (training runs in f32).
+    fn optimizer_update(
+        &self,
+        _index: usize,
+        optimizer: &Optimizer,
+        param: &mut ArrayD<f32>,
+        grad: &ArrayD<f32>,
+        slots: &mut [ArrayD<f32>],
+        iteration: u64,
+    ) {
+        optimizer::update(optimizer, param, grad, slots, iteration)
+    }
 }
 
 /// What a fused block's forward pass leaves on the tape.
@@ -301,9 +350,11 @@ impl<K: Kernels<f32>> Backend for Interpreter<K> {
             for (index, grad) in g.grads.iter().enumerate() {
                 if let Some(grad) = grad {
                     let slots = &mut state.slots[index];
-                    optimizer::update(
+                    let param = &mut state.params[index];
+                    self.kernels.optimizer_update(
+                        index,
                         &self.optimizer,
-                        &mut state.params[index],
+                        param,
                         grad,
                         slots,
                         state.iterations,
@@ -461,12 +512,8 @@ fn gradients_profiled<T: Real>(
             Step::Forward(_) | Step::Update => {}
             Step::Loss => {
                 let z = value(&tape, program.logits).into_dimensionality::<Ix2>().expect("logits are flat");
-                let (loss_sum, correct, dz) = Profile::time(profile, Step::Loss, || match loss {
-                    Loss::CategoricalCrossentropy | Loss::SparseCategoricalCrossentropy => {
-                        ops::softmax_cross_entropy(z, labels)
-                    }
-                    Loss::BinaryCrossentropy => ops::sigmoid_binary_cross_entropy(z, labels),
-                });
+                let (loss_sum, correct, dz) =
+                    Profile::time(profile, Step::Loss, || kernels.loss(program.logits, loss, z, labels));
                 result.loss_sum = loss_sum;
                 result.correct = correct;
                 dvalues[program.logits.index()] = Some(dz.into_dyn());
@@ -605,19 +652,19 @@ fn forward_node<T: Real>(
             let g = geometry(program, id);
             let y = match pool.kind {
                 PoolKind::Max => kernels.maxpool_forward(id, x4, &g),
-                PoolKind::Avg => ops::avgpool_forward(x4, &g),
+                PoolKind::Avg => kernels.avgpool_forward(id, x4, &g),
             };
             (y.into_dyn(), None, None)
         }
         Op::Activation(Activation::Softmax) => {
-            (reshape(ops::softmax_forward(rows(x)).into_dyn(), &output_dims), None, None)
+            (reshape(kernels.softmax_forward(id, rows(x)).into_dyn(), &output_dims), None, None)
         }
         Op::Activation(act) => (kernels.activation_forward(id, *act, x), None, None),
         Op::Dropout { rate } => match mode {
             Mode::Infer => (x.to_owned(), None, None),
             Mode::Train { seed, step } => {
                 let mask = dropout_mask::<T>(x.raw_dim(), *rate, seed, step, id);
-                (&x * &mask, None, Some(mask))
+                (kernels.dropout_apply(id, x, mask.view()), None, Some(mask))
             }
         },
         Op::Flatten => (reshape(x.to_owned(), &output_dims), None, None),
@@ -744,7 +791,7 @@ fn backward_node<T: Real>(
             let x4 = x.into_dimensionality::<Ix4>().unwrap();
             match pool.kind {
                 PoolKind::Max => kernels.maxpool_backward(id, x4, dy4, &g).into_dyn(),
-                PoolKind::Avg => ops::avgpool_backward(x4.dim().into(), dy4, &g).into_dyn(),
+                PoolKind::Avg => kernels.avgpool_backward(id, x4.dim().into(), dy4, &g).into_dyn(),
             }
         }),
         Op::Activation(act) => need_dx.then(|| {
@@ -758,7 +805,7 @@ fn backward_node<T: Real>(
         }),
         Op::Dropout { .. } => need_dx.then(|| {
             let mask = tape.masks[id.index()].as_ref().expect("training forward keeps the mask");
-            &dy * mask
+            kernels.dropout_apply(id, dy.view(), mask.view())
         }),
         Op::Flatten => need_dx.then(|| reshape(dy, &input_dims)),
     };
