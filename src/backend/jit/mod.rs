@@ -1452,7 +1452,7 @@ impl JitKernels {
     ) -> (ArrayD<f32>, Array1<f32>, Array1<f32>) {
         let n = x.len() / (shape.pixels * shape.channels);
         assert_eq!((dz.len(), z.map_or(x.len(), |z| z.len())), (x.len(), x.len()));
-        let z = z.map_or(std::ptr::null_mut(), |z| ptr(z));
+        let z = z.map_or(std::ptr::null_mut(), ptr);
         let sums = Array3::<f32>::zeros((n, 2, shape.channels));
         run(reduce, &Buffers(vec![ptr(dz), z, ptr(x), ptr(&sums)]), n, n);
         let (dgamma, dbeta, coef) = norm_gradient(&sums, n * shape.pixels, gamma, stats, epsilon);
