@@ -718,12 +718,13 @@ fn reshape<T: Real>(x: ArrayD<T>, dims: &[usize]) -> ArrayD<T> {
 pub fn dropout_mask<T: Real>(dim: IxDyn, rate: f32, seed: u64, step: u64, node: NodeId) -> ArrayD<T> {
     let key = Rng::new(seed, &[0xD_4090_u64, step, node.index() as u64]).next_u64();
     let keep = T::of(1.0 / (1.0 - f64::from(rate)));
-    let mut index = 0u64;
-    ArrayD::from_shape_simple_fn(dim, || {
-        let u = Rng::new(key, &[index]).next_f32();
-        index += 1;
-        if u >= rate { keep } else { T::zero() }
-    })
+    // Each draw depends on its index only, so drawing them in parallel changes nothing.
+    use rayon::prelude::*;
+    let mask: Vec<T> = (0..ndarray::Dimension::size(&dim) as u64)
+        .into_par_iter()
+        .map(|index| if Rng::new(key, &[index]).next_f32() >= rate { keep } else { T::zero() })
+        .collect();
+    ArrayD::from_shape_vec(dim, mask).expect("one draw per element")
 }
 
 #[allow(clippy::too_many_arguments)]
