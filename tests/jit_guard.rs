@@ -1,4 +1,4 @@
-//! Memory safety of the compiled kernels (convolution, dense, pooling, activations, dropout,
+//! Memory safety of the compiled kernels (convolution, dense, pooling, batchnorm and fused blocks, activations, dropout,
 //! softmax, the fused losses, the optimizer step): every buffer is placed flush against an inaccessible
 //! guard page, after its end and (in a second run) before its start, so a kernel that reads or
 //! writes one element outside its buffers crashes the test. Shapes are odd on purpose (channel
@@ -436,5 +436,137 @@ fn optimizer_kernels_stay_inside_their_buffers() {
                 }
             }
         }
+    }
+}
+
+/// Calls `kernel` on guarded copies of `buffers` (an empty one is passed as null), items
+/// start..end, batch `batch`; returns the buffers' contents afterwards.
+fn run_guarded(
+    kernel: cnnc::backend::jit::emit::KernelFn,
+    buffers: &[&[f32]],
+    [start, end, batch]: [usize; 3],
+    flush_with_end: bool,
+) -> Vec<Vec<f32>> {
+    let guarded: Vec<Option<Guarded>> =
+        buffers.iter().map(|b| (!b.is_empty()).then(|| Guarded::new(b, flush_with_end))).collect();
+    let pointers: Vec<*mut f32> =
+        guarded.iter().map(|g| g.as_ref().map_or(std::ptr::null_mut(), |g| g.ptr)).collect();
+    // SAFETY: each buffer has the length the kernel was compiled for (the callers build them
+    // from its shapes); a kernel stepping outside one faults on the guard page.
+    unsafe { kernel(pointers.as_ptr(), start as i64, end as i64, batch as i64) };
+    guarded.iter().map(|g| g.as_ref().map_or(Vec::new(), Guarded::to_vec)).collect()
+}
+
+/// Batchnorm's four kernels (alone, and fused with a leaky relu in a block), the conv
+/// kernel that gathers the batch sums in its epilogue, and a pooled block's two inference
+/// kernels, on guarded buffers; results against plain loops written out here.
+#[test]
+fn batchnorm_and_fused_block_kernels_stay_inside_their_buffers() {
+    let text =
+        "model m { input 7x5x13 batchnorm conv2d(7, kernel=2, bias=false) batchnorm leaky_relu(alpha=0.2) \
+                conv2d(6, kernel=2) relu maxpool(2) flatten dense(3, activation=softmax) }
+                train { loss = categorical_crossentropy }";
+    let program =
+        autodiff::build(&cnnc::check(&SourceFile::new("guard.cnn", text)).unwrap()).unwrap().fused();
+    let jit = JitKernels::compile(&program, Listing::default()).unwrap();
+    let node = |i: usize| cnnc::ir::NodeId::from_index(i);
+    let mut rng = Rng::new(21, &[]);
+    let batch = 3;
+
+    // (stats,) normalize, reduce, apply with their rectifier's α, over (batch, pixels, channels)
+    let lone = jit.norm(node(1)).expect("the first batchnorm is on its own");
+    let block = jit.block(node(4)).expect("conv → batchnorm → leaky relu is a block");
+    let [_, normalize, reduce, apply] = block.norm.expect("the block normalizes");
+    let cases = [
+        (lone.shape, None, Some(lone.stats), [lone.affine, lone.grad_reduce, lone.grad_apply]),
+        // a block gathers its statistics in the conv's epilogue (checked below)
+        (block.shape, Some(0.2f32), None, [normalize, reduce, apply]),
+    ];
+    for (shape, alpha, stats, [affine, grad_reduce, grad_apply]) in cases {
+        let (p, c) = (shape.pixels, shape.channels);
+        let len = batch * p * c;
+        let x = random(len, &mut rng);
+        let dz = random(len, &mut rng);
+        let scale = random(c, &mut rng);
+        let shift = random(c, &mut rng);
+        let coef = random(3 * c, &mut rng);
+        let act = |v: f32| match alpha {
+            Some(a) if v <= 0.0 => a * v,
+            _ => v,
+        };
+        let z: Vec<f32> = (0..len).map(|i| act(x[i] * scale[i % c] + shift[i % c])).collect();
+        let g = |i: usize| if alpha.is_none() || z[i] > 0.0 { dz[i] } else { alpha.unwrap() * dz[i] };
+        let mut sums = vec![0.0f32; batch * 2 * c];
+        let mut grad_sums = vec![0.0f32; batch * 2 * c];
+        for i in 0..len {
+            let (n, k) = (i / (p * c), i % c);
+            sums[n * 2 * c + k] += x[i];
+            sums[n * 2 * c + c + k] += x[i] * x[i];
+            grad_sums[n * 2 * c + k] += g(i);
+            grad_sums[n * 2 * c + c + k] += g(i) * x[i];
+        }
+        let dx: Vec<f32> =
+            (0..len).map(|i| coef[i % c] * g(i) + coef[c + i % c] * x[i] + coef[2 * c + i % c]).collect();
+        let z_in: &[f32] = if alpha.is_some() { &z } else { &[] };
+        for flush in [true, false] {
+            let zero = vec![0.0; batch * 2 * c];
+            if let Some(stats) = stats {
+                let out = run_guarded(stats, &[&x, &zero], [0, batch, batch], flush);
+                close("stats", &sums, &out[1]);
+            }
+            let out = run_guarded(affine, &[&x, &scale, &shift, &vec![0.0; len]], [0, batch, batch], flush);
+            close("normalize", &z, &out[3]);
+            let out = run_guarded(grad_reduce, &[&dz, z_in, &x, &zero], [1, batch, batch], flush);
+            close("backward sums (samples 1..)", &grad_sums[2 * c..], &out[3][2 * c..]);
+            let out =
+                run_guarded(grad_apply, &[&dz, z_in, &x, &coef, &vec![0.0; len]], [0, batch, batch], flush);
+            close("input gradient", &dx, &out[4]);
+        }
+    }
+
+    // The block's conv with the batch sums in its epilogue (7x5x13 → 6x4x7).
+    let conv = jit.conv(node(2)).unwrap().shape;
+    let x = random(batch * conv.hp * conv.wp * conv.c, &mut rng);
+    let w = random(conv.kh * conv.kw * conv.c * conv.f, &mut rng);
+    let g = Geometry { kernel: [2, 2], stride: [1, 1], pad_before: [0, 0], out: [conv.oh, conv.ow] };
+    let x4 = Array4::from_shape_vec((batch, conv.hp, conv.wp, conv.c), x.clone()).unwrap();
+    let w4 = Array4::from_shape_vec((conv.kh, conv.kw, conv.c, conv.f), w.clone()).unwrap();
+    let y = Plain.conv2d_forward(node(2), x4.view(), w4.view(), None, &g);
+    let y = y.as_slice().unwrap();
+    let mut sums = vec![0.0f32; batch * 2 * conv.f];
+    for (i, v) in y.iter().enumerate() {
+        let (n, k) = (i / (conv.oh * conv.ow * conv.f), i % conv.f);
+        sums[n * 2 * conv.f + k] += v;
+        sums[n * 2 * conv.f + conv.f + k] += v * v;
+    }
+    for flush in [true, false] {
+        let buffers: [&[f32]; 5] = [&x, &w, &[], &vec![0.0; y.len()], &vec![0.0; sums.len()]];
+        let out = run_guarded(block.forward, &buffers, [0, batch, batch], flush);
+        close("conv with batch sums: output", y, &out[3]);
+        close("conv with batch sums: sums", &sums, &out[4]);
+    }
+
+    // The pooled block at inference (6x4x7 → conv 2x2 with bias → 5x3x6 → relu → maxpool 2 →
+    // 2x1x6), one sample a call as the backend runs it: the conv computes only the 4x2 pixels
+    // the pool reads, into the scratch.
+    let pooled = jit.block(node(6)).expect("conv → relu is a block");
+    let (shape, [conv_kernel, pool_kernel]) = pooled.pooled.expect("the max pool joins it at inference");
+    let conv = jit.conv(node(5)).unwrap().shape;
+    let x = random(conv.hp * conv.wp * conv.c, &mut rng);
+    let w = random(conv.kh * conv.kw * conv.c * conv.f, &mut rng);
+    let b = random(conv.f, &mut rng);
+    let g = Geometry { kernel: [2, 2], stride: [1, 1], pad_before: [0, 0], out: [conv.oh, conv.ow] };
+    let x4 = Array4::from_shape_vec((1, conv.hp, conv.wp, conv.c), x.clone()).unwrap();
+    let w4 = Array4::from_shape_vec((conv.kh, conv.kw, conv.c, conv.f), w.clone()).unwrap();
+    let b1 = Array1::from(b.clone());
+    let y = Plain.conv2d_forward(node(5), x4.view(), w4.view(), Some(b1.view()), &g).mapv(|v| v.max(0.0));
+    let pool_g =
+        Geometry { kernel: [2, 2], stride: [2, 2], pad_before: [0, 0], out: [conv.oh / 2, conv.ow / 2] };
+    let expected = Plain.maxpool_forward(node(7), y.view(), &pool_g);
+    assert_eq!(expected.len(), shape.output);
+    for flush in [true, false] {
+        let scratch = run_guarded(conv_kernel, &[&x, &w, &b, &vec![0.0; shape.scratch]], [0, 1, 1], flush);
+        let out = run_guarded(pool_kernel, &[&scratch[3], &vec![0.0; shape.output]], [0, 1, 1], flush);
+        close("pooled block", expected.as_slice().unwrap(), &out[1]);
     }
 }
