@@ -468,6 +468,9 @@ fn forward_step<T: Real>(
         }
         return;
     }
+    if mode == Mode::Infer && block.is_none() && pass_through(program, tape, id) {
+        return;
+    }
     let nodes: Vec<NodeId> = match block {
         Some(b) if mode == Mode::Infer => b.inference_nodes().collect(),
         Some(b) => b.nodes().collect(),
@@ -479,6 +482,23 @@ fn forward_step<T: Real>(
         tape.stats[id.index()] = stats;
         tape.masks[id.index()] = mask;
     }
+}
+
+/// At inference, an op that passes its input through (flatten, dropout) takes the input's
+/// value instead of copying it, when it is that value's only reader: nothing reads it again.
+/// Returns whether it did.
+fn pass_through<T: Real>(program: &Program, tape: &mut Tape<T>, id: NodeId) -> bool {
+    let node = program.graph.node(id);
+    let input = node.inputs[0];
+    let readers = program.graph.nodes().filter(|(_, n)| n.inputs.contains(&input)).count();
+    if !matches!(node.op, Op::Flatten | Op::Dropout { .. }) || readers != 1 || input == program.output {
+        return false;
+    }
+    let Some(x) = tape.values[input.index()].take() else { return false };
+    let mut dims = vec![x.shape()[0]];
+    dims.extend(program.shapes.shape(id).dims());
+    tape.values[id.index()] = Some(reshape(x, &dims));
+    true
 }
 
 /// Forward, fused loss and backward on one batch; returns the gradients without applying them.
