@@ -10,33 +10,20 @@
 //! here (|x| ≲ 5, mean²/var ≲ 10) far below 1e-3. Everything without batchnorm agrees to 1e-4
 //! (tests/jit.rs).
 
-use cnnc::autodiff::{self, Program};
+use cnnc::autodiff::Program;
 use cnnc::backend::jit::{JitKernels, Listing};
 use cnnc::backend::reference::{self, Gradients, Mode};
-use cnnc::diagnostic::SourceFile;
 use cnnc::ir::NodeId;
 use cnnc::rng::Rng;
 use ndarray::ArrayD;
 
+mod common;
+use common::{assert_within, program, random};
+
 const TOLERANCE: f32 = 1e-3;
 
-fn program(model: &str) -> Program {
-    let text = format!("model m {{ {model} }}\ntrain {{ loss = categorical_crossentropy }}");
-    let source = SourceFile::new("case.cnn", text.as_str());
-    let checked =
-        cnnc::check(&source).unwrap_or_else(|d| panic!("{}", cnnc::diagnostic::render_all(&d, &source)));
-    autodiff::build(&checked).unwrap()
-}
-
-fn random(len: usize, rng: &mut Rng) -> Vec<f32> {
-    (0..len).map(|_| rng.next_f32() * 2.0 - 1.0).collect()
-}
-
 fn assert_close(what: &str, a: &ArrayD<f32>, b: &ArrayD<f32>) {
-    assert_eq!(a.shape(), b.shape(), "{what}");
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!((x - y).abs() <= TOLERANCE * x.abs().max(1.0), "{what}[{i}]: expected {x}, got {y}");
-    }
+    assert_within(TOLERANCE, what, a, b);
 }
 
 /// Random parameters; variances (moving_variance) positive, as training keeps them.

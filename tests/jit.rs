@@ -8,41 +8,23 @@
 
 use std::sync::Arc;
 
-use cnnc::autodiff::{self, Program};
+use cnnc::autodiff::Program;
 use cnnc::backend::Backend as _;
 use cnnc::backend::jit::{Jit, JitKernels, Listing};
 use cnnc::backend::reference::ops::Geometry;
 use cnnc::backend::reference::{self, Kernels as _, Mode, Plain, Reference};
-use cnnc::diagnostic::SourceFile;
 use cnnc::ir::{Activation, NodeId, Op};
 use cnnc::rng::Rng;
 use cnnc::train::state::State;
 use ndarray::{Array2, ArrayD, IxDyn};
 
+mod common;
+use common::{assert_within, program, program_with, random};
+
 const TOLERANCE: f32 = 1e-4;
 
-fn program(model: &str) -> Program {
-    program_with(model, "loss = categorical_crossentropy")
-}
-
-/// A model with its own train block entries.
-fn program_with(model: &str, train: &str) -> Program {
-    let text = format!("model m {{ {model} }}\ntrain {{ {train} }}");
-    let source = SourceFile::new("case.cnn", text.as_str());
-    let checked =
-        cnnc::check(&source).unwrap_or_else(|d| panic!("{}", cnnc::diagnostic::render_all(&d, &source)));
-    autodiff::build(&checked).unwrap()
-}
-
-fn random(len: usize, rng: &mut Rng) -> Vec<f32> {
-    (0..len).map(|_| rng.next_f32() * 2.0 - 1.0).collect()
-}
-
 fn assert_close(what: &str, a: &ArrayD<f32>, b: &ArrayD<f32>) {
-    assert_eq!(a.shape(), b.shape(), "{what}");
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!((x - y).abs() <= TOLERANCE * x.abs().max(1.0), "{what}[{i}]: reference {x}, jit {y}");
-    }
+    assert_within(TOLERANCE, what, a, b);
 }
 
 /// Every node's forward value and every parameter's gradient agree.

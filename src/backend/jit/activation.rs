@@ -10,7 +10,7 @@
 use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::{InstBuilder as _, Value};
 
-use super::eltwise::{for_elements, load};
+use super::eltwise::map_samples;
 use super::emit::Emit;
 use super::math::{choose, compare, constant, exp};
 
@@ -74,49 +74,29 @@ fn tanh(e: &mut Emit, x: Value, vector: bool) -> Value {
 
 /// y = f(x). Buffers: [x, y]; items: samples of `len` elements.
 pub fn forward(e: &mut Emit, len: usize, act: Sigmoidal) {
-    let (x, y) = (e.buf(0), e.buf(1));
-    let (start, end) = (e.start, e.end);
-    e.for_range(start, end, |e, n| {
-        let base = e.mul_k(n, len as i64);
-        for_elements(e, len, |e, offset, vector| {
-            let at = e.add(base, offset);
-            let (xa, ya) = (e.at(x, at), e.at(y, at));
-            let v = load(e, xa, vector);
-            let out = match act {
-                Sigmoidal::Sigmoid => sigmoid(e, v, vector),
-                Sigmoidal::Tanh => tanh(e, v, vector),
-            };
-            e.store(out, ya, 0);
-        });
+    map_samples(e, len, 1, |e, v, vector| match act {
+        Sigmoidal::Sigmoid => sigmoid(e, v[0], vector),
+        Sigmoidal::Tanh => tanh(e, v[0], vector),
     });
 }
 
 /// From the forward value y: sigmoid dx = dy·y·(1 − y), tanh dx = dy·(1 − y²), each in the
 /// reference's order of operations. Buffers: [y, dy, dx]; items: samples of `len` elements.
 pub fn backward(e: &mut Emit, len: usize, act: Sigmoidal) {
-    let (y, dy, dx) = (e.buf(0), e.buf(1), e.buf(2));
-    let (start, end) = (e.start, e.end);
-    e.for_range(start, end, |e, n| {
-        let base = e.mul_k(n, len as i64);
-        for_elements(e, len, |e, offset, vector| {
-            let at = e.add(base, offset);
-            let (ya, da, dxa) = (e.at(y, at), e.at(dy, at), e.at(dx, at));
-            let v = load(e, ya, vector);
-            let d = load(e, da, vector);
-            let one = constant(e, 1.0, vector);
-            let out = match act {
-                Sigmoidal::Sigmoid => {
-                    let dv = e.ins().fmul(d, v);
-                    let complement = e.ins().fsub(one, v);
-                    e.ins().fmul(dv, complement)
-                }
-                Sigmoidal::Tanh => {
-                    let square = e.ins().fmul(v, v);
-                    let complement = e.ins().fsub(one, square);
-                    e.ins().fmul(d, complement)
-                }
-            };
-            e.store(out, dxa, 0);
-        });
+    map_samples(e, len, 2, |e, v, vector| {
+        let (y, d) = (v[0], v[1]);
+        let one = constant(e, 1.0, vector);
+        match act {
+            Sigmoidal::Sigmoid => {
+                let dy = e.ins().fmul(d, y);
+                let complement = e.ins().fsub(one, y);
+                e.ins().fmul(dy, complement)
+            }
+            Sigmoidal::Tanh => {
+                let square = e.ins().fmul(y, y);
+                let complement = e.ins().fsub(one, square);
+                e.ins().fmul(d, complement)
+            }
+        }
     });
 }

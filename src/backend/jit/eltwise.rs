@@ -25,6 +25,35 @@ pub(super) fn load(e: &mut Emit, addr: Value, vector: bool) -> Value {
     if vector { e.load4(addr, 0) } else { e.load(addr, 0) }
 }
 
+/// out = f(inputs) element by element, over whole samples of `len` elements: buffers
+/// [input 0, …, input `inputs − 1`, out]; items: samples. `f` gets the loaded values (f32x4
+/// or single f32, as its `bool` says) and returns the result.
+pub(super) fn map_samples(
+    e: &mut Emit,
+    len: usize,
+    inputs: usize,
+    mut f: impl FnMut(&mut Emit, &[Value], bool) -> Value,
+) {
+    let bufs: Vec<Value> = (0..=inputs).map(|i| e.buf(i)).collect();
+    let (start, end) = (e.start, e.end);
+    e.for_range(start, end, |e, n| {
+        let base = e.mul_k(n, len as i64);
+        for_elements(e, len, |e, offset, vector| {
+            let at = e.add(base, offset);
+            let values: Vec<Value> = bufs[..inputs]
+                .iter()
+                .map(|b| {
+                    let addr = e.at(*b, at);
+                    load(e, addr, vector)
+                })
+                .collect();
+            let out = f(e, &values, vector);
+            let addr = e.at(bufs[inputs], at);
+            e.store(out, addr, 0);
+        });
+    });
+}
+
 /// `x > 0 ? a : b`, lane by lane.
 fn where_positive(e: &mut Emit, x: Value, a: Value, b: Value, vector: bool) -> Value {
     let ty = if vector { types::F32X4 } else { types::F32 };
@@ -63,51 +92,16 @@ pub(super) fn rectify_gradient(e: &mut Emit, x: Value, d: Value, alpha: f32, vec
 
 /// y = x > 0 ? x : α·x. Buffers: [x, y]; items: samples of `len` elements.
 pub fn forward(e: &mut Emit, len: usize, alpha: f32) {
-    let (x, y) = (e.buf(0), e.buf(1));
-    let (start, end) = (e.start, e.end);
-    e.for_range(start, end, |e, n| {
-        let base = e.mul_k(n, len as i64);
-        for_elements(e, len, |e, offset, vector| {
-            let at = e.add(base, offset);
-            let (xa, ya) = (e.at(x, at), e.at(y, at));
-            let v = load(e, xa, vector);
-            let out = rectify(e, v, alpha, vector);
-            e.store(out, ya, 0);
-        });
-    });
+    map_samples(e, len, 1, |e, v, vector| rectify(e, v[0], alpha, vector));
 }
 
 /// dx = x > 0 ? dy : α·dy. Buffers: [x, dy, dx]; items: samples of `len` elements.
 pub fn backward(e: &mut Emit, len: usize, alpha: f32) {
-    let (x, dy, dx) = (e.buf(0), e.buf(1), e.buf(2));
-    let (start, end) = (e.start, e.end);
-    e.for_range(start, end, |e, n| {
-        let base = e.mul_k(n, len as i64);
-        for_elements(e, len, |e, offset, vector| {
-            let at = e.add(base, offset);
-            let (xa, da, dxa) = (e.at(x, at), e.at(dy, at), e.at(dx, at));
-            let v = load(e, xa, vector);
-            let d = load(e, da, vector);
-            let out = rectify_gradient(e, v, d, alpha, vector);
-            e.store(out, dxa, 0);
-        });
-    });
+    map_samples(e, len, 2, |e, v, vector| rectify_gradient(e, v[0], v[1], alpha, vector));
 }
 
 /// y = a·b: a dropout mask applied, forward (x·mask) and backward (dy·mask) alike.
 /// Buffers: [a, b, y]; items: samples of `len` elements.
 pub fn product(e: &mut Emit, len: usize) {
-    let (a, b, y) = (e.buf(0), e.buf(1), e.buf(2));
-    let (start, end) = (e.start, e.end);
-    e.for_range(start, end, |e, n| {
-        let base = e.mul_k(n, len as i64);
-        for_elements(e, len, |e, offset, vector| {
-            let at = e.add(base, offset);
-            let (aa, ba, ya) = (e.at(a, at), e.at(b, at), e.at(y, at));
-            let u = load(e, aa, vector);
-            let v = load(e, ba, vector);
-            let out = e.ins().fmul(u, v);
-            e.store(out, ya, 0);
-        });
-    });
+    map_samples(e, len, 2, |e, v, _| e.ins().fmul(v[0], v[1]));
 }
