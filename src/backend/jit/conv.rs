@@ -21,10 +21,15 @@ use super::emit::{Emit, F32, F32X4};
 const PIXELS: usize = 4;
 /// Copies of the innermost loop body per iteration.
 const UNROLL: usize = 4;
-/// Input channels computed together by the weight-gradient kernel: 6 rows x 2 vectors is 12
-/// accumulators, + 2 loaded vectors + 1 broadcast = 15 of the 16 xmm registers (measured on
-/// conv2d_1 of mnist.cnn: 12.9 ms against 14.3 ms with 4 rows).
-const ROWS: usize = 6;
+/// Rows of dw computed together by the weight-gradient kernel, a row being one (kh, kw, ci):
+/// 4 rows x 2 vectors is 8 accumulators. Rows run across kernel taps, so a layer with few
+/// input channels still fills the block (a first layer with one channel has 9 rows, where
+/// blocks of channels within one tap had 1). Measured on mnist.cnn, one thread, batch 128
+/// (`cnnc bench`): conv2d_1's backward pass 33.0 ms with 4 rows, 33.8 with 5, 37.5 with 6
+/// (12 accumulators + 2 vectors + a broadcast and the copy Cranelift makes of it, because an
+/// FMA's result takes a multiplicand's register, is one more than the 16 xmm registers: it
+/// spills); 36.8 ms before, with 6 channels of one tap per block.
+const WEIGHT_ROWS: usize = 4;
 
 /// One convolution's shapes, as its kernels bake them in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,9 +58,10 @@ impl ConvShape {
         [self.sh, self.sw]
     }
 
-    /// Work items of the weight-gradient kernel: one per kernel tap and group of input channels.
+    /// Work items of the weight-gradient kernel: one per group of [`WEIGHT_ROWS`] rows of dw,
+    /// a row being one (kh, kw, ci) and its F output channels.
     pub fn weight_tasks(&self) -> usize {
-        self.kh * self.kw * self.c.div_ceil(ROWS)
+        (self.kh * self.kw * self.c).div_ceil(WEIGHT_ROWS)
     }
 }
 
@@ -116,13 +122,20 @@ fn broadcast(e: &mut Emit, addr: Value, offset: i64, width: Width) -> Value {
     if width == Width::Scalar { x } else { e.splat(x) }
 }
 
-/// The register block's inner step: for each of its rows r, acc[r] += broadcast(scalars at
-/// `addr + r·stride`) · `vectors` (one chunk of weights or gradients).
-fn accumulate(e: &mut Emit, acc: &[Variable], vectors: &[Value], addr: Value, stride: usize, width: Width) {
+/// The register block's inner step: for each of its rows r, acc[r] += broadcast(the scalar at
+/// `row(r)`) · `vectors` (one chunk of weights or gradients).
+fn accumulate(
+    e: &mut Emit,
+    acc: &[Variable],
+    vectors: &[Value],
+    mut row: impl FnMut(&mut Emit, usize) -> Value,
+    width: Width,
+) {
     let parts = vectors.len();
-    for (r, row) in acc.chunks(parts).enumerate() {
-        let scalar = broadcast(e, addr, (r * stride) as i64, width);
-        for (a, v) in row.iter().zip(vectors) {
+    for (r, accs) in acc.chunks(parts).enumerate() {
+        let addr = row(e, r);
+        let scalar = broadcast(e, addr, 0, width);
+        for (a, v) in accs.iter().zip(vectors) {
             let current = e.use_var(*a);
             let sum = e.fma(scalar, *v, current);
             e.def_var(*a, sum);
@@ -235,7 +248,13 @@ pub fn forward(e: &mut Emit, s: &ConvShape, epilogue: Epilogue) {
                                 let waddr = e.at(wbase, wci_off);
                                 let wv = load_chunk(e, waddr, 0, width);
                                 let xaddr = e.at(xbase, ci);
-                                accumulate(e, &acc, &wv, xaddr, s.sw * s.c, width);
+                                accumulate(
+                                    e,
+                                    &acc,
+                                    &wv,
+                                    |e, r| e.at_k(xaddr, (r * s.sw * s.c) as i64),
+                                    width,
+                                );
                             });
                         });
                     });
@@ -313,7 +332,7 @@ pub fn backward_input(e: &mut Emit, s: &ConvShape) {
                                 let waddr = e.at(wbase, wf_off);
                                 let wv = load_chunk(e, waddr, 0, width);
                                 let daddr = e.at(dybase, f);
-                                accumulate(e, &acc, &wv, daddr, s.f, width);
+                                accumulate(e, &acc, &wv, |e, r| e.at_k(daddr, (r * s.f) as i64), width);
                             });
                             let dx_off = input_offset(e, s.input(), s.stride(), None, [oh, ow0], [kh, kw]);
                             let dx_off = e.add(dx_off, c0);
@@ -338,54 +357,58 @@ pub fn backward_input(e: &mut Emit, s: &ConvShape) {
 }
 
 /// dw[kh,kw,c,f] = Σ over the batch's samples and output pixels of
-/// x[n, oh·sh+kh, ow·sw+kw, c] · dy[n,oh,ow,f], for tasks start..end, a task being one kernel tap
-/// and a group of input channels: each owns its part of dw and sums in a fixed order, so the
-/// result does not depend on how tasks are spread over threads.
+/// x[n, oh·sh+kh, ow·sw+kw, c] · dy[n,oh,ow,f], for tasks start..end, a task being a group of
+/// [`WEIGHT_ROWS`] consecutive rows (kh, kw, c) of dw: each owns its part of dw and sums in a fixed
+/// order, so the result does not depend on how tasks are spread over threads.
 /// Samples are the outer loop: each sample's x and dy stay in cache while every task of this
-/// call passes over them, instead of the whole batch streaming from memory once per task (for
-/// a first layer with one input channel, nine times).
+/// call passes over them, instead of the whole batch streaming from memory once per task.
 /// Buffers: [x (padded), dy, dw (KH,KW,C,F)].
 pub fn backward_weights(e: &mut Emit, s: &ConvShape) {
     let (x, dy, dw) = (e.buf(0), e.buf(1), e.buf(2));
-    let groups = s.c.div_ceil(ROWS);
+    let groups = s.weight_tasks();
+    let rows_last = s.kh * s.kw * s.c - (groups - 1) * WEIGHT_ROWS;
     let (start, end, batch) = (e.start, e.end, e.batch);
     let zero = e.int(0);
     e.for_range(zero, batch, |e, n| {
         e.for_range(start, end, |e, task| {
-            let tap = e.ins().udiv_imm_u(task, groups as i64);
-            let group = e.ins().urem_imm_u(task, groups as i64);
-            let kh = e.ins().udiv_imm_u(tap, s.kw as i64);
-            let kw = e.ins().urem_imm_u(tap, s.kw as i64);
-            let c0 = e.mul_k(group, ROWS as i64);
-            let rows_last = s.c - (groups - 1) * ROWS;
-            if rows_last == ROWS {
-                weight_rows(e, s, [x, dy, dw], [kh, kw, c0], n, ROWS);
+            let k0 = e.mul_k(task, WEIGHT_ROWS as i64);
+            if rows_last == WEIGHT_ROWS {
+                weight_rows(e, s, [x, dy, dw], k0, n, WEIGHT_ROWS);
             } else {
                 let last = e.int(groups as i64 - 1);
-                let is_last = e.icmp(cranelift_codegen::ir::condcodes::IntCC::Equal, group, last);
-                let not_last = e.icmp(cranelift_codegen::ir::condcodes::IntCC::NotEqual, group, last);
-                e.when(not_last, |e| weight_rows(e, s, [x, dy, dw], [kh, kw, c0], n, ROWS));
-                e.when(is_last, |e| weight_rows(e, s, [x, dy, dw], [kh, kw, c0], n, rows_last));
+                let is_last = e.icmp(cranelift_codegen::ir::condcodes::IntCC::Equal, task, last);
+                let not_last = e.icmp(cranelift_codegen::ir::condcodes::IntCC::NotEqual, task, last);
+                e.when(not_last, |e| weight_rows(e, s, [x, dy, dw], k0, n, WEIGHT_ROWS));
+                e.when(is_last, |e| weight_rows(e, s, [x, dy, dw], k0, n, rows_last));
             }
         });
     });
 }
 
-/// Sample n's part of the weight gradient of `rows` input channels from c0, at tap (kh, kw),
+/// Sample n's part of `rows` rows of the weight gradient from row k0 (a row is one kh, kw, c),
 /// added into dw (zeroed by the caller): each chunk's accumulators are loaded from dw, run over
-/// the sample's rows and columns, and stored back. Each dw element sums over samples, then
-/// rows, then columns, in order.
-fn weight_rows(
-    e: &mut Emit,
-    s: &ConvShape,
-    [x, dy, dw]: [Value; 3],
-    [kh, kw, c0]: [Value; 3],
-    n: Value,
-    rows: usize,
-) {
-    // dw at (kh, kw, c0, 0)
-    let row = tap_offset(e, s.kw, [kh, kw], s.c, c0);
-    let w_off = e.mul_k(row, s.f as i64);
+/// the sample's output pixels, and stored back. Each dw element sums over samples, then
+/// output rows, then columns, in order.
+fn weight_rows(e: &mut Emit, s: &ConvShape, [x, dy, dw]: [Value; 3], k0: Value, n: Value, rows: usize) {
+    // Row k reads x at (n, oh·sh + kh, ow·sw + kw, c), (kh, kw, c) from k = (kh·KW + kw)·C + c:
+    // its base is sample n's x plus (kh·WP + kw)·C + c.
+    let xn_off = e.mul_k(n, (s.hp * s.wp * s.c) as i64);
+    let xn = e.at(x, xn_off);
+    let xrows: Vec<Value> = (0..rows)
+        .map(|r| {
+            let k = e.add_k(k0, r as i64);
+            let tap = e.ins().udiv_imm_u(k, s.c as i64);
+            let c = e.ins().urem_imm_u(k, s.c as i64);
+            let kh = e.ins().udiv_imm_u(tap, s.kw as i64);
+            let kw = e.ins().urem_imm_u(tap, s.kw as i64);
+            let off = e.mul_k(kh, s.wp as i64);
+            let off = e.add(off, kw);
+            let off = e.mul_k(off, s.c as i64);
+            let off = e.add(off, c);
+            e.at(xn, off)
+        })
+        .collect();
+    let w_off = e.mul_k(k0, s.f as i64);
     let dwbase = e.at(dw, w_off);
     for_chunks(e, s.f, |e, f0, width| {
         let parts = width.parts();
@@ -397,11 +420,8 @@ fn weight_rows(
             }
         }
         e.for_n(s.oh, |e, oh| {
-            // x at (n, oh·sh + kh, kw, c0); moves by sw·C per output column
-            let zero = e.int(0);
-            let x_off = input_offset(e, s.input(), s.stride(), Some(n), [oh, zero], [kh, kw]);
-            let x_off = e.add(x_off, c0);
-            let xrow = e.at(x, x_off);
+            // the output row's pixels start at (oh·sh·WP)·C past each row's base
+            let x_row = e.mul_k(oh, (s.sh * s.wp * s.c) as i64);
             let drow = e.mul_k(n, s.oh as i64);
             let drow = e.add(drow, oh);
             let d_off = e.mul_k(drow, (s.ow * s.f) as i64);
@@ -409,11 +429,11 @@ fn weight_rows(
             let dyrow = e.at(dy, d_off);
             e.for_n_unrolled(s.ow, UNROLL, |e, ow| {
                 let xo = e.mul_k(ow, (s.sw * s.c) as i64);
-                let xaddr = e.at(xrow, xo);
+                let index = e.add(x_row, xo);
                 let dofs = e.mul_k(ow, s.f as i64);
                 let daddr = e.at(dyrow, dofs);
                 let dv = load_chunk(e, daddr, 0, width);
-                accumulate(e, &acc, &dv, xaddr, 1, width);
+                accumulate(e, &acc, &dv, |e, r| e.at(xrows[r], index), width);
             });
         });
         for j in 0..rows {

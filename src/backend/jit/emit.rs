@@ -143,20 +143,48 @@ impl<'a> Emit<'a> {
         self.b.ins().iconst(types::I64, v)
     }
 
+    /// The value of `v` when it is an integer constant. Index arithmetic on constants (the
+    /// unrolled copies of a loop body, loops of one iteration) is folded here: kernels compile
+    /// at opt level `none`, which folds nothing, and x64 then multiplies constants loaded from
+    /// memory inside the inner loops.
+    fn constant(&self, v: Value) -> Option<i64> {
+        let ir::ValueDef::Result(inst, 0) = self.b.func.dfg.value_def(v) else { return None };
+        match self.b.func.dfg.insts[inst] {
+            ir::InstructionData::UnaryImm { opcode: ir::Opcode::Iconst, imm } => Some(imm.bits()),
+            _ => None,
+        }
+    }
+
     pub fn add(&mut self, a: Value, b: Value) -> Value {
-        self.b.ins().iadd(a, b)
+        match (self.constant(a), self.constant(b)) {
+            (Some(x), Some(y)) => self.int(x + y),
+            (Some(x), None) => self.add_k(b, x),
+            (None, Some(y)) => self.add_k(a, y),
+            (None, None) => self.b.ins().iadd(a, b),
+        }
     }
 
     pub fn add_k(&mut self, a: Value, k: i64) -> Value {
-        if k == 0 { a } else { self.b.ins().iadd_imm_s(a, k) }
+        match self.constant(a) {
+            Some(x) => self.int(x + k),
+            None if k == 0 => a,
+            None => self.b.ins().iadd_imm_s(a, k),
+        }
     }
 
     pub fn mul_k(&mut self, a: Value, k: i64) -> Value {
-        if k == 1 { a } else { self.b.ins().imul_imm_s(a, k) }
+        match self.constant(a) {
+            Some(x) => self.int(x * k),
+            None if k == 1 => a,
+            None => self.b.ins().imul_imm_s(a, k),
+        }
     }
 
     /// `base + index` elements of f32.
     pub fn at(&mut self, base: Value, index: Value) -> Value {
+        if let Some(k) = self.constant(index) {
+            return self.add_k(base, k * 4);
+        }
         let bytes = self.b.ins().ishl_imm_u(index, 2);
         self.b.ins().iadd(base, bytes)
     }
