@@ -397,10 +397,11 @@ fn weight_rows(e: &mut Emit, s: &ConvShape, [x, dy, dw]: [Value; 3], k0: Value, 
     let xrows: Vec<Value> = (0..rows)
         .map(|r| {
             let k = e.add_k(k0, r as i64);
-            let tap = e.ins().udiv_imm_u(k, s.c as i64);
-            let c = e.ins().urem_imm_u(k, s.c as i64);
-            let kh = e.ins().udiv_imm_u(tap, s.kw as i64);
-            let kw = e.ins().urem_imm_u(tap, s.kw as i64);
+            let (rows, taps) = ((s.kh * s.kw * s.c) as u64, (s.kh * s.kw) as u64);
+            let tap = e.div_k(k, s.c as u64, rows);
+            let c = e.rem_k(k, s.c as u64, rows);
+            let kh = e.div_k(tap, s.kw as u64, taps);
+            let kw = e.rem_k(tap, s.kw as u64, taps);
             let off = e.mul_k(kh, s.wp as i64);
             let off = e.add(off, kw);
             let off = e.mul_k(off, s.c as i64);

@@ -180,6 +180,38 @@ impl<'a> Emit<'a> {
         }
     }
 
+    /// ⌊a / d⌋ for 0 ≤ a < `bound`, d a constant: a multiply and a shift by the reciprocal
+    /// m = ⌈2^s / d⌉ with bound·d ≤ 2^s, exact over that range (the error a·(m·d − 2^s) / 2^s
+    /// stays below a/2^s < 1/d). Opt level `none` would emit a division instruction, tens of
+    /// cycles, which the weight gradient needs for every row of every task of every sample.
+    pub fn div_k(&mut self, a: Value, d: u64, bound: u64) -> Value {
+        assert!(d > 0, "a division by a constant that is not zero");
+        if let Some(x) = self.constant(a) {
+            return self.int(x / d as i64);
+        }
+        if d.is_power_of_two() {
+            return self.b.ins().ushr_imm_u(a, i64::from(d.trailing_zeros()));
+        }
+        let shift = u128::from(bound.max(1)) * u128::from(d);
+        let s = 128 - (shift - 1).leading_zeros();
+        let m = (1u128 << s).div_ceil(u128::from(d));
+        if s >= 64 || u128::from(bound) * m >= 1u128 << 63 {
+            return self.b.ins().udiv_imm_u(a, d as i64);
+        }
+        let product = self.b.ins().imul_imm_s(a, m as i64);
+        self.b.ins().ushr_imm_u(product, i64::from(s))
+    }
+
+    /// a mod d for 0 ≤ a < `bound`, d a constant (see [`Emit::div_k`]).
+    pub fn rem_k(&mut self, a: Value, d: u64, bound: u64) -> Value {
+        let q = self.div_k(a, d, bound);
+        let qd = self.mul_k(q, d as i64);
+        if let (Some(x), Some(y)) = (self.constant(a), self.constant(qd)) {
+            return self.int(x - y);
+        }
+        self.b.ins().isub(a, qd)
+    }
+
     /// `base + index` elements of f32.
     pub fn at(&mut self, base: Value, index: Value) -> Value {
         if let Some(k) = self.constant(index) {
@@ -314,3 +346,49 @@ impl<'a> Emit<'a> {
 /// The vector type kernels compute in: 128 bits, the widest Cranelift's x64 backend has.
 pub const F32X4: ir::Type = types::F32X4;
 pub const F32: ir::Type = types::F32;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Compiles a kernel that, for each item i, reads a[i] (i64) and writes a[i] / d and
+    /// a[i] mod d as [`Emit::div_k`] and [`Emit::rem_k`] compute them for values below `bound`.
+    fn div_rem(d: u64, bound: u64, values: &[u64]) -> Vec<(u64, u64)> {
+        let mut compiler = Compiler::new("none").unwrap();
+        let id = compiler
+            .kernel("div_rem", |e| {
+                let (a, q, r) = (e.buf(0), e.buf(1), e.buf(2));
+                let (start, end) = (e.start, e.end);
+                e.for_range(start, end, |e, i| {
+                    let offset = e.ins().ishl_imm_u(i, 3);
+                    let [a, q, r] = [a, q, r].map(|b| e.add(b, offset));
+                    let x = e.ins().load(types::I64, data(), a, 0);
+                    let quotient = e.div_k(x, d, bound);
+                    let remainder = e.rem_k(x, d, bound);
+                    e.ins().store(data(), quotient, q, 0);
+                    e.ins().store(data(), remainder, r, 0);
+                });
+            })
+            .unwrap();
+        let kernel = compiler.finish(&[id]).unwrap()[0];
+        let (q, r) = (vec![0u64; values.len()], vec![0u64; values.len()]);
+        let buffers = [values.as_ptr(), q.as_ptr(), r.as_ptr()].map(|p| p as *mut f32);
+        // SAFETY: the three buffers hold values.len() 8-byte elements, the items' range.
+        unsafe { kernel(buffers.as_ptr(), 0, values.len() as i64, 0) };
+        q.into_iter().zip(r).collect()
+    }
+
+    #[test]
+    fn division_by_constants_is_exact_below_the_bound() {
+        let cases: [(u64, u64); 7] =
+            [(3, 288), (7, 1 << 16), (9, 100_003), (13, 1 << 20), (1600, 1 << 22), (8, 1000), (3, 1 << 32)];
+        for (d, bound) in cases {
+            // Every value up to 2^17, then the last 2^16 below the bound.
+            let mut values: Vec<u64> = (0..bound.min(1 << 17)).collect();
+            values.extend(bound.saturating_sub(1 << 16)..bound);
+            for (a, (q, r)) in values.iter().zip(div_rem(d, bound, &values)) {
+                assert_eq!((q, r), (a / d, a % d), "{a} / {d} (below {bound})");
+            }
+        }
+    }
+}
