@@ -28,7 +28,14 @@ impl Rng {
 
     /// Uniform in [0, 1), with 24 bits: every value is an exact f32.
     pub fn next_f32(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+        unit_f32(self.next_u64())
+    }
+
+    /// The value [`Rng::next_f32`] returns after `index` other draws, without drawing them:
+    /// SplitMix64's state only counts, so draw i of a stream is one mix of state + (i+1)·γ.
+    /// Counter-based draws for many elements at once, in any order, on any thread.
+    pub fn nth_f32(&self, index: u64) -> f32 {
+        unit_f32(mix(self.state.wrapping_add(index.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15))))
     }
 
     /// Uniform in [0, n), without modulo bias worth noticing for n far below 2^64.
@@ -43,6 +50,11 @@ impl Rng {
             items.swap(i, j);
         }
     }
+}
+
+/// 24 bits of `bits` as a float in [0, 1).
+fn unit_f32(bits: u64) -> f32 {
+    (bits >> 40) as f32 / (1u64 << 24) as f32
 }
 
 /// SplitMix64's finalizer.
@@ -73,6 +85,15 @@ mod tests {
         let c = Rng::new(42, &[1, 3]).next_u64();
         assert_eq!(a, b);
         assert_ne!(a[0], c);
+    }
+
+    #[test]
+    fn the_nth_draw_is_the_one_drawn_after_n_others() {
+        let stream = Rng::new(11, &[5]);
+        let mut sequential = stream.clone();
+        for index in 0..1000 {
+            assert_eq!(stream.nth_f32(index).to_bits(), sequential.next_f32().to_bits(), "draw {index}");
+        }
     }
 
     #[test]

@@ -734,16 +734,21 @@ fn reshape<T: Real>(x: ArrayD<T>, dims: &[usize]) -> ArrayD<T> {
 }
 
 /// Inverted dropout: each element is kept with probability 1 − rate and scaled by 1/(1 − rate).
-/// Element i's draw depends only on (seed, step, node, i).
+/// Element i's draw is draw i of the stream (seed, step, node): it depends on nothing else, so
+/// the mask is drawn in parallel, in blocks, with one mix per element.
 pub fn dropout_mask<T: Real>(dim: IxDyn, rate: f32, seed: u64, step: u64, node: NodeId) -> ArrayD<T> {
-    let key = Rng::new(seed, &[0xD_4090_u64, step, node.index() as u64]).next_u64();
-    let keep = T::of(1.0 / (1.0 - f64::from(rate)));
-    // Each draw depends on its index only, so drawing them in parallel changes nothing.
     use rayon::prelude::*;
-    let mask: Vec<T> = (0..ndarray::Dimension::size(&dim) as u64)
-        .into_par_iter()
-        .map(|index| if Rng::new(key, &[index]).next_f32() >= rate { keep } else { T::zero() })
-        .collect();
+    const BLOCK: usize = 1 << 14;
+    let stream = Rng::new(seed, &[0xD_4090_u64, step, node.index() as u64]);
+    let keep = T::of(1.0 / (1.0 - f64::from(rate)));
+    let mut mask = vec![T::zero(); ndarray::Dimension::size(&dim)];
+    mask.par_chunks_mut(BLOCK).enumerate().for_each(|(block, out)| {
+        for (j, m) in out.iter_mut().enumerate() {
+            if stream.nth_f32((block * BLOCK + j) as u64) >= rate {
+                *m = keep;
+            }
+        }
+    });
     ArrayD::from_shape_vec(dim, mask).expect("one draw per element")
 }
 
