@@ -7,6 +7,7 @@
 
 use cnnc::autodiff;
 use cnnc::backend::jit::activation::Sigmoidal;
+use cnnc::backend::jit::conv::pack_weights;
 use cnnc::backend::jit::{JitKernels, Listing};
 use cnnc::backend::reference::ops::Geometry;
 use cnnc::backend::reference::{Kernels as _, Plain};
@@ -125,11 +126,12 @@ fn check_with(model: &str, train: &str, batch: usize) -> Vec<&'static str> {
 
         for flush_with_end in [true, false] {
             let gx = Guarded::new(&x, flush_with_end);
-            let gw = Guarded::new(&w, flush_with_end);
+            // The kernels read their weights packed by chunks of output channels.
+            let gw = Guarded::new(&pack_weights(&w, s.kh * s.kw * s.c, s.f), flush_with_end);
             let gb = Guarded::new(&b, flush_with_end);
             let gy = Guarded::new(&vec![0.0; batch * s.oh * s.ow * s.f], flush_with_end);
             let gdy = Guarded::new(&dy, flush_with_end);
-            let gwt = Guarded::new(&wt, flush_with_end);
+            let gwt = Guarded::new(&pack_weights(&wt, s.kh * s.kw * s.f, s.c), flush_with_end);
             let gdx = Guarded::new(&vec![0.0; x.len()], flush_with_end);
             let gdw = Guarded::new(&vec![0.0; w.len()], flush_with_end);
             let bias_ptr = if s.bias { gb.ptr } else { std::ptr::null_mut() };
@@ -540,7 +542,8 @@ fn batchnorm_and_fused_block_kernels_stay_inside_their_buffers() {
         sums[n * 2 * conv.f + conv.f + k] += v * v;
     }
     for flush in [true, false] {
-        let buffers: [&[f32]; 5] = [&x, &w, &[], &vec![0.0; y.len()], &vec![0.0; sums.len()]];
+        let packed = pack_weights(&w, conv.kh * conv.kw * conv.c, conv.f);
+        let buffers: [&[f32]; 5] = [&x, &packed, &[], &vec![0.0; y.len()], &vec![0.0; sums.len()]];
         let out = run_guarded(block.forward, &buffers, [0, batch, batch], flush);
         close("conv with batch sums: output", y, &out[3]);
         close("conv with batch sums: sums", &sums, &out[4]);
@@ -565,7 +568,9 @@ fn batchnorm_and_fused_block_kernels_stay_inside_their_buffers() {
     let expected = Plain.maxpool_forward(node(7), y.view(), &pool_g);
     assert_eq!(expected.len(), shape.output);
     for flush in [true, false] {
-        let scratch = run_guarded(conv_kernel, &[&x, &w, &b, &vec![0.0; shape.scratch]], [0, 1, 1], flush);
+        let packed = pack_weights(&w, conv.kh * conv.kw * conv.c, conv.f);
+        let scratch =
+            run_guarded(conv_kernel, &[&x, &packed, &b, &vec![0.0; shape.scratch]], [0, 1, 1], flush);
         let out = run_guarded(pool_kernel, &[&scratch[3], &vec![0.0; shape.output]], [0, 1, 1], flush);
         close("pooled block", expected.as_slice().unwrap(), &out[1]);
     }

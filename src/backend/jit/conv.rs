@@ -65,6 +65,35 @@ impl ConvShape {
     }
 }
 
+/// A kernel `w` laid out (K, N) row-major (K = KH·KW·C rows of N output channels, as HWIO
+/// is), repacked by chunks of output channels as the forward and input-gradient kernels read
+/// it: chunk by chunk (8, 4 or 1 channels wide, as [`for_chunks`] splits N), each chunk's K
+/// rows contiguous. Chunk (n0, width) starts at n0·K, its row k at n0·K + k·width: every step
+/// of a kernel's inner loop reads the next 32 bytes, instead of 32 bytes from every
+/// N·4-byte row.
+pub fn pack_weights(w: &[f32], k: usize, n: usize) -> Vec<f32> {
+    assert_eq!(w.len(), k * n, "a (K, N) kernel");
+    let mut packed = Vec::with_capacity(w.len());
+    let mut n0 = 0;
+    while n0 < n {
+        let width = chunk_width(n - n0);
+        for row in w.chunks_exact(n) {
+            packed.extend_from_slice(&row[n0..n0 + width]);
+        }
+        n0 += width;
+    }
+    packed
+}
+
+/// The width of the next chunk when `left` channels remain (see [`for_chunks`]).
+fn chunk_width(left: usize) -> usize {
+    match left {
+        8.. => 8,
+        4.. => 4,
+        _ => 1,
+    }
+}
+
 /// A chunk of channels: two vectors, one vector, or one scalar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Width {
@@ -76,6 +105,15 @@ pub(super) enum Width {
 impl Width {
     fn parts(self) -> usize {
         if self == Width::Two { 2 } else { 1 }
+    }
+
+    /// Channels in the chunk.
+    fn lanes(self) -> usize {
+        match self {
+            Width::Two => 8,
+            Width::One => 4,
+            Width::Scalar => 1,
+        }
     }
 
     fn ty(self) -> cranelift_codegen::ir::Type {
@@ -173,13 +211,21 @@ pub(super) fn input_offset(
     e.mul_k(pixel, c as i64)
 }
 
-/// The element offset of `first` in kernel tap (kh, kw) of a weight tensor laid out
-/// (KH, KW, …) with `per_tap` elements a tap: (kh·KW + kw)·per_tap + first.
-fn tap_offset(e: &mut Emit, kw_taps: usize, [kh, kw]: [Value; 2], per_tap: usize, first: Value) -> Value {
-    let tap = e.mul_k(kh, kw_taps as i64);
+/// The element offset of row (kh, kw, 0) of the chunk from `first` in a kernel packed by
+/// [`pack_weights`] with `per_tap` rows a tap: first·K + (kh·KW + kw)·per_tap·width.
+fn packed_tap_offset(
+    e: &mut Emit,
+    s: &ConvShape,
+    [kh, kw]: [Value; 2],
+    per_tap: usize,
+    first: Value,
+    width: Width,
+) -> Value {
+    let chunk = e.mul_k(first, (s.kh * s.kw * per_tap) as i64);
+    let tap = e.mul_k(kh, s.kw as i64);
     let tap = e.add(tap, kw);
-    let offset = e.mul_k(tap, per_tap as i64);
-    e.add(offset, first)
+    let offset = e.mul_k(tap, (per_tap * width.lanes()) as i64);
+    e.add(chunk, offset)
 }
 
 /// Calls `body(first pixel, pixels)` for the blocks of a row of `ow` pixels.
@@ -207,7 +253,8 @@ pub struct Epilogue {
 }
 
 /// y[n,oh,ow,f] = b[f] + Σ x[n, oh·sh+kh, ow·sw+kw, c] · w[kh,kw,c,f], for samples start..end,
-/// then `epilogue`. Buffers: [x (padded), w (KH,KW,C,F), b (F) or unused, y, sums (N,2,F)].
+/// then `epilogue`. Buffers: [x (padded), w ((KH·KW·C, F) packed by [`pack_weights`]), b (F)
+/// or unused, y, sums (N,2,F)].
 pub fn forward(e: &mut Emit, s: &ConvShape, epilogue: Epilogue) {
     let (x, w, y) = (e.buf(0), e.buf(1), e.buf(3));
     let bias = s.bias.then(|| e.buf(2));
@@ -240,11 +287,11 @@ pub fn forward(e: &mut Emit, s: &ConvShape, epilogue: Epilogue) {
                         e.for_n_unrolled(s.kw, taps[1], |e, kw| {
                             let x_off = input_offset(e, s.input(), s.stride(), None, [oh, ow0], [kh, kw]);
                             let xbase = e.at(xn, x_off);
-                            // w at (kh, kw, 0, f0)
-                            let w_off = tap_offset(e, s.kw, [kh, kw], s.c * s.f, f0);
+                            // w (packed) at (kh, kw, 0) of the chunk from f0
+                            let w_off = packed_tap_offset(e, s, [kh, kw], s.c, f0, width);
                             let wbase = e.at(w, w_off);
                             e.for_n_unrolled(s.c, UNROLL, |e, ci| {
-                                let wci_off = e.mul_k(ci, s.f as i64);
+                                let wci_off = e.mul_k(ci, width.lanes() as i64);
                                 let waddr = e.at(wbase, wci_off);
                                 let wv = load_chunk(e, waddr, 0, width);
                                 let xaddr = e.at(xbase, ci);
@@ -305,7 +352,8 @@ fn add_sums(e: &mut Emit, rows: &[Vec<Value>], base: Value, f: usize, width: Wid
 }
 
 /// dx[n, oh·sh+kh, ow·sw+kw, c] += Σ_f dy[n,oh,ow,f] · wt[kh,kw,f,c], for samples start..end,
-/// into a zeroed, padded dx. Buffers: [dy, wt (KH,KW,F,C: the kernel transposed), dx].
+/// into a zeroed, padded dx. Buffers: [dy, wt (the kernel transposed to KH,KW,F,C, as
+/// (KH·KW·F, C) packed by [`pack_weights`]), dx].
 pub fn backward_input(e: &mut Emit, s: &ConvShape) {
     let (dy, wt, dx) = (e.buf(0), e.buf(1), e.buf(2));
     let (start, end) = (e.start, e.end);
@@ -325,10 +373,10 @@ pub fn backward_input(e: &mut Emit, s: &ConvShape) {
                         for_chunks(e, s.c, |e, c0, width| {
                             let parts = width.parts();
                             let acc = accumulators(e, pixels * parts, width);
-                            let w_off = tap_offset(e, s.kw, [kh, kw], s.f * s.c, c0);
+                            let w_off = packed_tap_offset(e, s, [kh, kw], s.f, c0, width);
                             let wbase = e.at(wt, w_off);
                             e.for_n_unrolled(s.f, UNROLL, |e, f| {
-                                let wf_off = e.mul_k(f, s.c as i64);
+                                let wf_off = e.mul_k(f, width.lanes() as i64);
                                 let waddr = e.at(wbase, wf_off);
                                 let wv = load_chunk(e, waddr, 0, width);
                                 let daddr = e.at(dybase, f);

@@ -850,6 +850,7 @@ impl Kernels<f32> for JitKernels {
         let b = b.map(|b| b.as_standard_layout().to_owned());
         assert_eq!((xp.dim().1, xp.dim().2, xp.dim().3), (s.hp, s.wp, s.c));
         assert_eq!(w.dim(), (s.kh, s.kw, s.c, s.f));
+        let w = conv::pack_weights(w.as_slice().expect("row-major"), s.kh * s.kw * s.c, s.f);
         assert_eq!(b.is_some(), s.bias, "the kernel was compiled for this node's bias");
         assert!(b.as_ref().is_none_or(|b| b.len() == s.f));
         let bias = b.as_ref().map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut f32);
@@ -874,8 +875,14 @@ impl Kernels<f32> for JitKernels {
         let dy = dy.as_standard_layout();
         assert_eq!(dy.dim(), (n, s.oh, s.ow, s.f));
         let wt = w.permuted_axes([0, 1, 3, 2]).as_standard_layout().to_owned();
+        let wt = conv::pack_weights(wt.as_slice().expect("row-major"), s.kh * s.kw * s.f, s.c);
         let dxp = Array4::<f32>::zeros((n, s.hp, s.wp, s.c));
-        run(k.backward_input, &Buffers(vec![dy.as_ptr() as *mut f32, ptr(&wt), ptr(&dxp)]), n, n);
+        run(
+            k.backward_input,
+            &Buffers(vec![dy.as_ptr() as *mut f32, wt.as_ptr() as *mut f32, ptr(&dxp)]),
+            n,
+            n,
+        );
         let [top, _, left, _] = k.pads;
         if k.pads == [0; 4] {
             dxp
@@ -1103,6 +1110,7 @@ impl Kernels<f32> for JitKernels {
         let indices = &program.node_params[block.linear.index()];
         let w = params[indices[0]].as_standard_layout();
         assert_eq!(w.len(), s.kh * s.kw * s.c * s.f, "the kernel was compiled for this weight");
+        let pack = |w: &[f32]| conv::pack_weights(w, s.kh * s.kw * s.c, s.f);
         let b = s.bias.then(|| params[indices[1]].as_standard_layout());
         let bias_ptr = b.as_ref().map_or(std::ptr::null_mut(), |b| ptr(b));
         let dims = |id: NodeId| {
@@ -1135,9 +1143,9 @@ impl Kernels<f32> for JitKernels {
                     .collect();
                 (weights, bias)
             });
-            let (wp, bp) = folded
-                .as_ref()
-                .map_or((ptr(&w), bias_ptr), |(w, b)| (w.as_ptr() as *mut f32, b.as_ptr() as *mut f32));
+            let packed = pack(folded.as_ref().map_or_else(|| w.as_slice().expect("row-major"), |(w, _)| w));
+            let wp = packed.as_ptr() as *mut f32;
+            let bp = folded.as_ref().map_or(bias_ptr, |(_, b)| b.as_ptr() as *mut f32);
             if let (Some(pool), Some((shape, fns))) = (block.pool, k.pooled) {
                 let x_sample = s.hp * s.wp * s.c;
                 let y = written(dims(pool), |y| run_pooled(fns, [ptr(&xp), wp, bp, y], x_sample, shape, n));
@@ -1149,13 +1157,16 @@ impl Kernels<f32> for JitKernels {
         }
         let out = dims(block.output());
         assert_eq!(ndarray::Dimension::size(&out), n * s.oh * s.ow * s.f);
+        let w = pack(w.as_slice().expect("row-major"));
         let (Some((epsilon, p)), Some([_, normalize, ..])) = (norm, k.norm) else {
-            let y = written(out, |y| run(k.forward, &Buffers(vec![ptr(&xp), ptr(&w), bias_ptr, y]), n, n));
+            let y = written(out, |y| {
+                run(k.forward, &Buffers(vec![ptr(&xp), w.as_ptr() as *mut f32, bias_ptr, y]), n, n)
+            });
             return Some(BlockForward { value: y, linear: None, stats: None });
         };
         let sums = Array3::<f32>::zeros((n, 2, s.f));
         let y = written(out, |y| {
-            run(k.forward, &Buffers(vec![ptr(&xp), ptr(&w), bias_ptr, y, ptr(&sums)]), n, n)
+            run(k.forward, &Buffers(vec![ptr(&xp), w.as_ptr() as *mut f32, bias_ptr, y, ptr(&sums)]), n, n)
         });
         let stats = statistics(&sums, n * k.shape.pixels);
         let z = self.affine(normalize, k.shape, &y, &stats, [p(0), p(1)], epsilon);
