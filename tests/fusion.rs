@@ -145,6 +145,23 @@ fn pools_fused_at_inference_with_floors_strides_and_overlap() {
     fused_matches_unfused(model, 8, 3);
 }
 
+#[test]
+fn winograd_blocks_with_batchnorm_relu_and_pools() {
+    // 16 -> 24 at 9x9 (odd: a last tile row and column of one pixel) with batchnorm, then
+    // 24 -> 20 with relu; both pooled at inference, on Winograd's kernels (asserted)
+    let model = "input 9x9x16 conv2d(24, kernel=3, padding=same) batchnorm relu maxpool(2) \
+                 conv2d(20, kernel=3, activation=relu) maxpool(2) flatten dense(3, activation=softmax)";
+    let fused = program(model).fused();
+    let jit = JitKernels::compile(&fused, Listing::default()).unwrap();
+    for block in &fused.blocks {
+        let kernels = jit.block_winograd(block.output()).expect("a Winograd block");
+        assert!(kernels.pooled.is_some(), "{block:?}: the pooled inference kernel too");
+        assert_eq!(kernels.infer.is_some(), block.norm.is_some(), "{block:?}");
+    }
+    fused_matches_unfused(model, 3, 2);
+    fused_matches_unfused(model, 6, 2);
+}
+
 /// The JIT's separate batchnorm kernels (outside any block), against the reference op by op.
 #[test]
 fn unfused_batchnorm_kernels_match_the_reference() {

@@ -121,6 +121,20 @@ fn conv2d_explicit_padding_and_rectangular_kernels() {
 }
 
 #[test]
+fn winograd_for_wide_3x3_stride_1_layers() {
+    // 16 -> 21 -> 24 channels: wide enough that the cost model picks Winograd (asserted);
+    // 6x7 then 6x7 outputs (a last tile column of one pixel), valid and `same` padding
+    let model = "input 8x9x16 conv2d(21, kernel=3) conv2d(24, kernel=3, padding=same, bias=false) \
+                 flatten dense(3, activation=softmax)";
+    let jit = JitKernels::compile(&program(model), Listing::default()).unwrap();
+    for node in [1, 2] {
+        assert!(jit.winograd(NodeId::from_index(node)).is_some(), "conv %{node} runs Winograd");
+    }
+    differential(model, 1);
+    differential(model, 5);
+}
+
+#[test]
 fn dense_layers_of_awkward_widths() {
     differential("input 37 dense(21) dense(9, activation=relu) dense(3, activation=softmax)", 7);
 }

@@ -497,15 +497,18 @@ fn batchnorm_and_fused_block_kernels_stay_inside_their_buffers() {
             _ => v,
         };
         let z: Vec<f32> = (0..len).map(|i| act(x[i] * scale[i % c] + shift[i % c])).collect();
-        let g = |i: usize| if alpha.is_none() || z[i] > 0.0 { dz[i] } else { alpha.unwrap() * dz[i] };
+        let g = |i: usize| match alpha {
+            Some(a) if z[i] <= 0.0 => a * dz[i],
+            _ => dz[i],
+        };
         let mut sums = vec![0.0f32; batch * 2 * c];
         let mut grad_sums = vec![0.0f32; batch * 2 * c];
-        for i in 0..len {
+        for (i, &v) in x.iter().enumerate() {
             let (n, k) = (i / (p * c), i % c);
-            sums[n * 2 * c + k] += x[i];
-            sums[n * 2 * c + c + k] += x[i] * x[i];
+            sums[n * 2 * c + k] += v;
+            sums[n * 2 * c + c + k] += v * v;
             grad_sums[n * 2 * c + k] += g(i);
-            grad_sums[n * 2 * c + c + k] += g(i) * x[i];
+            grad_sums[n * 2 * c + c + k] += g(i) * v;
         }
         let dx: Vec<f32> =
             (0..len).map(|i| coef[i % c] * g(i) + coef[c + i % c] * x[i] + coef[2 * c + i % c]).collect();
@@ -573,5 +576,70 @@ fn batchnorm_and_fused_block_kernels_stay_inside_their_buffers() {
             run_guarded(conv_kernel, &[&x, &packed, &b, &vec![0.0; shape.scratch]], [0, 1, 1], flush);
         let out = run_guarded(pool_kernel, &[&scratch[3], &vec![0.0; shape.output]], [0, 1, 1], flush);
         close("pooled block", expected.as_slice().unwrap(), &out[1]);
+    }
+}
+
+/// Winograd's forward kernel (a layer with odd outputs, so the input is grown by a row and a
+/// column, and a fused block with the batch sums in its epilogue) on guarded buffers: the
+/// input, the transformed weights, the output, the sums and the scratch, each exactly as
+/// long as the shapes say. Results against the reference convolution.
+#[test]
+fn winograd_kernels_stay_inside_their_buffers() {
+    let text = "model m { input 8x9x16 conv2d(21, kernel=3) conv2d(24, kernel=3, padding=same, bias=false) \
+                batchnorm relu flatten dense(3, activation=softmax) }
+                train { loss = categorical_crossentropy }";
+    let program = autodiff::build(&cnnc::check(&SourceFile::new("guard.cnn", text)).unwrap()).unwrap();
+    let fused = program.clone().fused();
+    let (jit, jit_fused) = (
+        JitKernels::compile(&program, Listing::default()).unwrap(),
+        JitKernels::compile(&fused, Listing::default()).unwrap(),
+    );
+    let node = |i: usize| cnnc::ir::NodeId::from_index(i);
+    let mut rng = Rng::new(31, &[]);
+    let batch = 3;
+    let block = jit_fused.block_winograd(node(4)).expect("conv → batchnorm → relu runs Winograd");
+    let cases = [
+        (jit.winograd(node(1)).expect("conv2d runs Winograd").forward, jit.conv(node(1)).unwrap(), false),
+        (block.forward, jit_fused.conv(node(2)).unwrap(), true),
+    ];
+    for ((shape, kernel), conv, stats) in cases {
+        let (s, w_shape) = (conv.shape, shape.conv);
+        let (h, w) = (s.hp - conv.pads[0] - conv.pads[1], s.wp - conv.pads[2] - conv.pads[3]);
+        let x = random(batch * h * w * s.c, &mut rng);
+        let k = random(9 * s.c * s.f, &mut rng);
+        let b = random(s.f, &mut rng);
+        let x4 = Array4::from_shape_vec((batch, h, w, s.c), x).unwrap();
+        let k4 = Array4::from_shape_vec((3, 3, s.c, s.f), k.clone()).unwrap();
+        let g = Geometry {
+            kernel: [3, 3],
+            stride: [1, 1],
+            pad_before: [conv.pads[0], conv.pads[2]],
+            out: [s.oh, s.ow],
+        };
+        let bias = Array1::from(b.clone());
+        let y_ref = Plain.conv2d_forward(node(1), x4.view(), k4.view(), s.bias.then(|| bias.view()), &g);
+        // the input in the kernel's grown buffer: the layer's padding before, zeros after
+        let mut xp = Array4::<f32>::zeros((batch, w_shape.hp, w_shape.wp, s.c));
+        xp.slice_mut(s![.., conv.pads[0]..conv.pads[0] + h, conv.pads[2]..conv.pads[2] + w, ..]).assign(&x4);
+        let xp: Vec<f32> = xp.iter().copied().collect();
+        let u = cnnc::backend::jit::winograd::transform_weights(&k, &shape);
+        let bias: &[f32] = if s.bias { &b } else { &[] };
+        let sums_len = if stats { batch * 2 * s.f } else { 0 };
+        for flush in [true, false] {
+            let buffers: [&[f32]; 6] =
+                [&xp, &u, bias, &vec![0.0; y_ref.len()], &vec![0.0; sums_len], &vec![0.0; shape.scratch()]];
+            let out = run_guarded(kernel, &buffers, [0, batch, batch], flush);
+            close("winograd forward", y_ref.as_slice().unwrap(), &out[3]);
+            if stats {
+                let y = y_ref.as_slice().unwrap();
+                let mut sums = vec![0.0f32; batch * 2 * s.f];
+                for (i, v) in y.iter().enumerate() {
+                    let (n, c) = (i / (s.oh * s.ow * s.f), i % s.f);
+                    sums[n * 2 * s.f + c] += v;
+                    sums[n * 2 * s.f + s.f + c] += v * v;
+                }
+                close("winograd batch sums", &sums, &out[4]);
+            }
+        }
     }
 }

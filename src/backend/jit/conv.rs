@@ -103,12 +103,12 @@ pub(super) enum Width {
 }
 
 impl Width {
-    fn parts(self) -> usize {
+    pub(super) fn parts(self) -> usize {
         if self == Width::Two { 2 } else { 1 }
     }
 
     /// Channels in the chunk.
-    fn lanes(self) -> usize {
+    pub(super) fn lanes(self) -> usize {
         match self {
             Width::Two => 8,
             Width::One => 4,
@@ -162,7 +162,7 @@ fn broadcast(e: &mut Emit, addr: Value, offset: i64, width: Width) -> Value {
 
 /// The register block's inner step: for each of its rows r, acc[r] += broadcast(the scalar at
 /// `row(r)`) · `vectors` (one chunk of weights or gradients).
-fn accumulate(
+pub(super) fn accumulate(
     e: &mut Emit,
     acc: &[Variable],
     vectors: &[Value],
@@ -181,7 +181,7 @@ fn accumulate(
     }
 }
 
-fn accumulators(e: &mut Emit, count: usize, width: Width) -> Vec<Variable> {
+pub(super) fn accumulators(e: &mut Emit, count: usize, width: Width) -> Vec<Variable> {
     let zero = e.zero(width.ty());
     (0..count).map(|_| e.var(width.ty(), zero)).collect()
 }
@@ -229,7 +229,7 @@ fn packed_tap_offset(
 }
 
 /// Calls `body(first pixel, pixels)` for the blocks of a row of `ow` pixels.
-fn for_pixel_blocks(e: &mut Emit, ow: usize, mut body: impl FnMut(&mut Emit, Value, usize)) {
+pub(super) fn for_pixel_blocks(e: &mut Emit, ow: usize, mut body: impl FnMut(&mut Emit, Value, usize)) {
     let blocks = ow / PIXELS;
     e.for_n(blocks, |e, b| {
         let first = e.mul_k(b, PIXELS as i64);
@@ -336,7 +336,7 @@ pub fn forward(e: &mut Emit, s: &ConvShape, epilogue: Epilogue) {
 
 /// Adds Σ_r rows[r] and Σ_r rows[r]² (one chunk of channels) into the sums at `base` and
 /// `base + f`.
-fn add_sums(e: &mut Emit, rows: &[Vec<Value>], base: Value, f: usize, width: Width) {
+pub(super) fn add_sums(e: &mut Emit, rows: &[Vec<Value>], base: Value, f: usize, width: Width) {
     let old_sum = load_chunk(e, base, 0, width);
     let old_sq = load_chunk(e, base, f as i64, width);
     let mut sum = old_sum;

@@ -13,6 +13,7 @@ mod math;
 pub mod norm;
 pub mod optim;
 pub mod pool;
+pub mod winograd;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -38,6 +39,7 @@ use emit::{Compiler, Emit, KernelFn};
 use norm::NormShape;
 use optim::Rule;
 use pool::PoolShape;
+use winograd::WinogradShape;
 
 /// What to keep of the compilation, for `cnnc compile --emit`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -52,12 +54,33 @@ pub struct ConvKernels {
     pub shape: ConvShape,
     /// Padding before and after, [top, bottom, left, right].
     pub pads: [usize; 4],
-    /// Buffers [x padded (N,HP,WP,C), w (KH,KW,C,F), bias (F) or null, y (N,OH,OW,F)]; items: samples.
+    /// Buffers [x padded (N,HP,WP,C), w ([`conv::pack_weights`]), bias (F) or null,
+    /// y (N,OH,OW,F)]; items: samples.
     pub forward: KernelFn,
-    /// Buffers [dy, w transposed (KH,KW,F,C), dx padded and zeroed]; items: samples.
+    /// Buffers [dy, w transposed (KH,KW,F,C) and packed, dx padded and zeroed]; items: samples.
     pub backward_input: KernelFn,
     /// Buffers [x padded, dy, dw zeroed]; items: [`ConvShape::weight_tasks`]; batch: samples.
     pub backward_weights: KernelFn,
+}
+
+/// The Winograd kernel of a conv2d node whose layer the cost model gave it
+/// ([`winograd::chosen`]); the runtime uses it instead of the direct forward kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct WinogradKernels {
+    /// The forward pass: buffers as [`winograd::forward`]'s, the input padded as the layer
+    /// pads it and further bottom/right up to the shape's HP x WP (odd output sizes).
+    pub forward: (WinogradShape, KernelFn),
+}
+
+/// The Winograd kernels of a fused block's convolution, with the block's epilogues.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockWinograd {
+    /// Training forward, with the epilogue of [`BlockKernels::forward`].
+    pub forward: (WinogradShape, KernelFn),
+    /// Inference with batchnorm folded in (bias on, rectifier in the epilogue).
+    pub infer: Option<(WinogradShape, KernelFn)>,
+    /// Inference of a pooled block: the pixels the pool reads, one sample into its scratch.
+    pub pooled: Option<(WinogradShape, KernelFn)>,
 }
 
 /// The compiled kernels of one max-pooling node.
@@ -189,6 +212,9 @@ pub struct OptimizerKernel {
 /// The compiled kernels of a program, by node.
 pub struct JitKernels {
     convs: HashMap<NodeId, ConvKernels>,
+    winograd: HashMap<NodeId, WinogradKernels>,
+    /// By the block's output node.
+    block_winograd: HashMap<NodeId, BlockWinograd>,
     norms: HashMap<NodeId, NormKernels>,
     /// By the block's output node.
     blocks: HashMap<NodeId, BlockKernels>,
@@ -399,9 +425,12 @@ impl JitKernels {
             })
             .collect();
         let rest = compile_rest(&mut compiler, program, optimizer)?;
+        let (winograd, block_winograd) = compile_winograd(&mut compiler, program)?;
         let listings = std::mem::take(&mut compiler.listings);
         Ok(JitKernels {
             convs,
+            winograd,
+            block_winograd,
             norms,
             blocks,
             pools,
@@ -422,6 +451,16 @@ impl JitKernels {
     /// The kernels of a conv2d or dense node, to call directly (tests of memory safety).
     pub fn conv(&self, node: NodeId) -> Option<ConvKernels> {
         self.convs.get(&node).copied()
+    }
+
+    /// The Winograd kernels of a conv2d node, when its layer has them.
+    pub fn winograd(&self, node: NodeId) -> Option<WinogradKernels> {
+        self.winograd.get(&node).copied()
+    }
+
+    /// The Winograd kernels of the block whose output is `node`, when it has them.
+    pub fn block_winograd(&self, node: NodeId) -> Option<BlockWinograd> {
+        self.block_winograd.get(&node).copied()
     }
 
     /// The kernels of a max-pooling node, to call directly.
@@ -445,6 +484,12 @@ impl JitKernels {
             + self.softmaxes.len()
             + usize::from(self.loss.is_some())
             + usize::from(self.optimizer.is_some())
+            + self.winograd.len()
+            + self
+                .block_winograd
+                .values()
+                .map(|k| 1 + usize::from(k.infer.is_some()) + usize::from(k.pooled.is_some()))
+                .sum::<usize>()
     }
 
     /// The kernels of a batchnorm node outside any block, to call directly.
@@ -639,6 +684,101 @@ fn compile_rest(
     })
 }
 
+/// The Winograd shape of a 3x3 stride-1 convolution that the cost model gives it (unless
+/// `CNNC_WINOGRAD=0`, which keeps every layer direct, for comparisons): the input buffer
+/// grown bottom/right to hold every tile.
+fn winograd_shape(conv: &ConvShape) -> Option<WinogradShape> {
+    if std::env::var("CNNC_WINOGRAD").is_ok_and(|v| v == "0") || !winograd::chosen(conv.c, conv.f) {
+        return None;
+    }
+    let hp = conv.hp.max(2 * conv.oh.div_ceil(2) + 2);
+    let wp = conv.wp.max(2 * conv.ow.div_ceil(2) + 2);
+    WinogradShape::new(ConvShape { hp, wp, ..*conv })
+}
+
+/// Compiles the Winograd kernels of every conv2d node and block whose layer the cost model
+/// gives them.
+#[allow(clippy::type_complexity)]
+fn compile_winograd(
+    compiler: &mut Compiler,
+    program: &Program,
+) -> anyhow::Result<(HashMap<NodeId, WinogradKernels>, HashMap<NodeId, BlockWinograd>)> {
+    let mut ids = Vec::new();
+    let mut convs = Vec::new();
+    for (id, node) in program.graph.nodes() {
+        let Some((conv, _)) = conv_shape(program, id, &node.op) else { continue };
+        let Some(shape) = winograd_shape(&conv) else { continue };
+        let name = program.graph.layer_of(id).name.clone();
+        let f = define(compiler, &mut ids, &format!("{name}_winograd_forward"), |e| {
+            winograd::forward(e, &shape, conv::Epilogue::default())
+        })?;
+        convs.push((id, (shape, f)));
+    }
+    let mut blocks = Vec::new();
+    for block in &program.blocks {
+        let Some((conv, _)) = conv_shape(program, block.linear, &program.graph.node(block.linear).op) else {
+            continue;
+        };
+        let Some(shape) = winograd_shape(&conv) else { continue };
+        let rectify = block.act.and_then(|a| fuse::fusable_rectifier(&program.graph.node(a).op));
+        let name = format!("{}_block", program.graph.layer_of(block.linear).name);
+        let epilogue =
+            conv::Epilogue { rectify: rectify.filter(|_| block.norm.is_none()), stats: block.norm.is_some() };
+        let forward = define(compiler, &mut ids, &format!("{name}_winograd_forward"), |e| {
+            winograd::forward(e, &shape, epilogue)
+        })?;
+        let folded = conv::Epilogue { rectify, stats: false };
+        let infer = match block.norm {
+            Some(_) => {
+                let folded_shape =
+                    WinogradShape::new(ConvShape { bias: true, ..shape.conv }).expect("as above");
+                let i = define(compiler, &mut ids, &format!("{name}_winograd_infer"), |e| {
+                    winograd::forward(e, &folded_shape, folded)
+                })?;
+                Some((folded_shape, i))
+            }
+            None => None,
+        };
+        // The pooled block at inference reads one sample of the layer's padded input as it is.
+        let pooled = match block.pool.and_then(|pool| pool_shape(program, pool, &program.graph.node(pool).op))
+        {
+            Some((ps, _)) => {
+                let rows = (ps.oh - 1) * ps.sh + ps.kh;
+                let cols = (ps.ow - 1) * ps.sw + ps.kw;
+                let part = ConvShape { oh: rows, ow: cols, bias: conv.bias || block.norm.is_some(), ..conv };
+                match WinogradShape::new(part) {
+                    Some(pooled_shape) => {
+                        let i = define(compiler, &mut ids, &format!("{name}_winograd_infer_pooled"), |e| {
+                            winograd::forward(e, &pooled_shape, folded)
+                        })?;
+                        Some((pooled_shape, i))
+                    }
+                    None => None,
+                }
+            }
+            None => None,
+        };
+        blocks.push((block.output(), (shape, forward), infer, pooled));
+    }
+    let code = compiler.finish(&ids)?;
+    let convs = convs
+        .into_iter()
+        .map(|(id, (shape, f))| (id, WinogradKernels { forward: (shape, code[f]) }))
+        .collect();
+    let blocks = blocks
+        .into_iter()
+        .map(|(output, (shape, f), infer, pooled)| {
+            let kernels = BlockWinograd {
+                forward: (shape, code[f]),
+                infer: infer.map(|(s, i)| (s, code[i])),
+                pooled: pooled.map(|(s, i)| (s, code[i])),
+            };
+            (output, kernels)
+        })
+        .collect();
+    Ok((convs, blocks))
+}
+
 /// The largest dense weight matrix (elements) compiled into a kernel: 4 MB of f32.
 const DENSE_MAX_WEIGHTS: usize = 1 << 20;
 
@@ -739,6 +879,91 @@ impl Buffers {
     fn get(&self, i: usize) -> *mut f32 {
         self.0[i]
     }
+
+    /// The buffers and one more.
+    fn with(&self, last: *mut f32) -> Vec<*mut f32> {
+        let mut all = self.0.clone();
+        all.push(last);
+        all
+    }
+}
+
+/// A convolution's forward kernel as compiled for one use: the direct one, or Winograd's.
+#[derive(Clone, Copy)]
+enum ConvForward {
+    Direct(KernelFn),
+    Winograd(WinogradShape, KernelFn),
+}
+
+impl ConvForward {
+    /// Winograd's kernel when there is one.
+    fn of(direct: KernelFn, winograd: Option<(WinogradShape, KernelFn)>) -> Self {
+        winograd.map_or(ConvForward::Direct(direct), |(shape, kernel)| ConvForward::Winograd(shape, kernel))
+    }
+
+    /// The weights as this kernel reads them, from the layer's HWIO kernel `w`.
+    fn weights(self, conv: &ConvShape, w: &[f32]) -> Vec<f32> {
+        match self {
+            ConvForward::Direct(_) => conv::pack_weights(w, conv.kh * conv.kw * conv.c, conv.f),
+            ConvForward::Winograd(shape, _) => winograd::transform_weights(w, &shape),
+        }
+    }
+
+    /// Elements of scratch a call needs.
+    fn scratch(self) -> usize {
+        match self {
+            ConvForward::Direct(_) => 0,
+            ConvForward::Winograd(shape, _) => shape.scratch(),
+        }
+    }
+}
+
+/// `x` (N, H, W, C) through a convolution's forward pass into `y`, with its bias and batch
+/// sums (null when the kernel has none): padded as the layer pads it (and further
+/// bottom/right for Winograd's tiles), the weights `w` (HWIO) prepared as the kernel reads them.
+#[allow(clippy::too_many_arguments)]
+fn conv_forward_into(
+    forward: ConvForward,
+    conv: &ConvKernels,
+    x: ArrayView4<f32>,
+    w: &[f32],
+    bias: *mut f32,
+    y: *mut f32,
+    sums: *mut f32,
+) {
+    let s = &conv.shape;
+    let n = x.dim().0;
+    let [top, bottom, left, right] = conv.pads;
+    let pads = match forward {
+        ConvForward::Direct(_) => conv.pads,
+        ConvForward::Winograd(shape, _) => {
+            [top, bottom + shape.conv.hp - s.hp, left, right + shape.conv.wp - s.wp]
+        }
+    };
+    let xp = padded(x, pads);
+    let weights = forward.weights(s, w);
+    let buffers = vec![ptr(&xp), weights.as_ptr() as *mut f32, bias, y, sums];
+    run_conv(forward, buffers, n);
+}
+
+/// Runs a convolution's forward kernel over `n` samples: `buffers` as the kernel takes them,
+/// but for Winograd's scratch, which each shard allocates.
+fn run_conv(forward: ConvForward, buffers: Vec<*mut f32>, n: usize) {
+    match forward {
+        ConvForward::Direct(kernel) => run(kernel, &Buffers(buffers), n, n),
+        ConvForward::Winograd(shape, kernel) => {
+            let buffers = Buffers(buffers);
+            let shards = rayon::current_num_threads().min(n).max(1);
+            (0..shards).into_par_iter().for_each(|shard| {
+                let (lo, hi) = (n * shard / shards, n * (shard + 1) / shards);
+                let mut scratch = vec![0.0f32; shape.scratch()];
+                let all = buffers.with(scratch.as_mut_ptr());
+                // SAFETY: the buffers have the shapes the kernel was compiled for, samples lo..hi
+                // lie within them, and the scratch is this shard's alone.
+                unsafe { kernel(all.as_ptr(), lo as i64, hi as i64, n as i64) };
+            });
+        }
+    }
 }
 
 /// Runs `kernel` over `items` work items, split into one contiguous shard per thread.
@@ -752,11 +977,12 @@ fn run(kernel: KernelFn, buffers: &Buffers, items: usize, batch: usize) {
     });
 }
 
-/// A pooled block at inference: for each sample, the convolution (`kernels[0]`, buffers x, w,
-/// b) into a scratch buffer of one sample, then the pool (`kernels[1]`) from it into y. The
-/// scratch stays in cache: the convolution's output never goes to memory.
+/// A pooled block at inference: for each sample, the convolution (`conv`, buffers x, w, b)
+/// into a scratch buffer of one sample, then the pool (`pool`) from it into y. The scratch
+/// stays in cache: the convolution's output never goes to memory.
 fn run_pooled(
-    kernels: [KernelFn; 2],
+    conv: ConvForward,
+    pool: KernelFn,
     [x, w, b, y]: [*mut f32; 4],
     x_sample: usize,
     shape: PooledShape,
@@ -767,16 +993,28 @@ fn run_pooled(
     (0..shards).into_par_iter().for_each(|shard| {
         let (lo, hi) = (n * shard / shards, n * (shard + 1) / shards);
         let mut scratch = vec![0.0f32; shape.scratch];
+        let mut tiles = vec![0.0f32; conv.scratch()];
         let [x, w, b, y] = [0, 1, 2, 3].map(|i| buffers.get(i));
+        let kernel = match conv {
+            ConvForward::Direct(k) | ConvForward::Winograd(_, k) => k,
+        };
         for i in lo..hi {
             // SAFETY: x holds n samples of `x_sample` elements and y n of `shape.output`, so both
             // offsets stay inside them; the kernels were compiled for one sample of these
-            // shapes (the convolution's output is `shape.scratch` elements: the scratch).
+            // shapes (the convolution's output is `shape.scratch` elements: the scratch; a
+            // Winograd kernel's own scratch is `tiles`).
             unsafe {
-                let conv = [x.add(i * x_sample), w, b, scratch.as_mut_ptr()];
-                kernels[0](conv.as_ptr(), 0, 1, 1);
-                let pool = [scratch.as_mut_ptr(), y.add(i * shape.output)];
-                kernels[1](pool.as_ptr(), 0, 1, 1);
+                let buffers = [
+                    x.add(i * x_sample),
+                    w,
+                    b,
+                    scratch.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                    tiles.as_mut_ptr(),
+                ];
+                kernel(buffers.as_ptr(), 0, 1, 1);
+                let pool_buffers = [scratch.as_mut_ptr(), y.add(i * shape.output)];
+                pool(pool_buffers.as_ptr(), 0, 1, 1);
             }
         }
     });
@@ -845,17 +1083,18 @@ impl Kernels<f32> for JitKernels {
         let Some(k) = self.convs.get(&node) else { return reference::ops::conv2d_forward(x, w, b, g) };
         let s = &k.shape;
         let n = x.dim().0;
-        let xp = padded(x, k.pads);
         let w = w.as_standard_layout();
         let b = b.map(|b| b.as_standard_layout().to_owned());
-        assert_eq!((xp.dim().1, xp.dim().2, xp.dim().3), (s.hp, s.wp, s.c));
+        let [top, bottom, left, right] = k.pads;
+        assert_eq!((x.dim().1 + top + bottom, x.dim().2 + left + right, x.dim().3), (s.hp, s.wp, s.c));
         assert_eq!(w.dim(), (s.kh, s.kw, s.c, s.f));
-        let w = conv::pack_weights(w.as_slice().expect("row-major"), s.kh * s.kw * s.c, s.f);
         assert_eq!(b.is_some(), s.bias, "the kernel was compiled for this node's bias");
         assert!(b.as_ref().is_none_or(|b| b.len() == s.f));
         let bias = b.as_ref().map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut f32);
+        let forward = ConvForward::of(k.forward, self.winograd.get(&node).map(|wk| wk.forward));
+        let w = w.as_slice().expect("row-major");
         written(Ix4(n, s.oh, s.ow, s.f), |y| {
-            run(k.forward, &Buffers(vec![ptr(&xp), w.as_ptr() as *mut f32, bias, y]), n, n)
+            conv_forward_into(forward, k, x, w, bias, y, std::ptr::null_mut())
         })
     }
 
@@ -877,12 +1116,8 @@ impl Kernels<f32> for JitKernels {
         let wt = w.permuted_axes([0, 1, 3, 2]).as_standard_layout().to_owned();
         let wt = conv::pack_weights(wt.as_slice().expect("row-major"), s.kh * s.kw * s.f, s.c);
         let dxp = Array4::<f32>::zeros((n, s.hp, s.wp, s.c));
-        run(
-            k.backward_input,
-            &Buffers(vec![dy.as_ptr() as *mut f32, wt.as_ptr() as *mut f32, ptr(&dxp)]),
-            n,
-            n,
-        );
+        let buffers = vec![dy.as_ptr() as *mut f32, wt.as_ptr() as *mut f32, ptr(&dxp)];
+        run(k.backward_input, &Buffers(buffers), n, n);
         let [top, _, left, _] = k.pads;
         if k.pads == [0; 4] {
             dxp
@@ -1106,11 +1341,10 @@ impl Kernels<f32> for JitKernels {
                 s.c,
             ))
             .expect("the block's input");
-        let xp = padded(x4, conv.pads);
         let indices = &program.node_params[block.linear.index()];
         let w = params[indices[0]].as_standard_layout();
         assert_eq!(w.len(), s.kh * s.kw * s.c * s.f, "the kernel was compiled for this weight");
-        let pack = |w: &[f32]| conv::pack_weights(w, s.kh * s.kw * s.c, s.f);
+        let wino = self.block_winograd.get(&block.output());
         let b = s.bias.then(|| params[indices[1]].as_standard_layout());
         let bias_ptr = b.as_ref().map_or(std::ptr::null_mut(), |b| ptr(b));
         let dims = |id: NodeId| {
@@ -1143,31 +1377,39 @@ impl Kernels<f32> for JitKernels {
                     .collect();
                 (weights, bias)
             });
-            let packed = pack(folded.as_ref().map_or_else(|| w.as_slice().expect("row-major"), |(w, _)| w));
-            let wp = packed.as_ptr() as *mut f32;
+            let weights = folded.as_ref().map_or_else(|| w.as_slice().expect("row-major"), |(w, _)| w);
             let bp = folded.as_ref().map_or(bias_ptr, |(_, b)| b.as_ptr() as *mut f32);
-            if let (Some(pool), Some((shape, fns))) = (block.pool, k.pooled) {
+            if let (Some(pool), Some((shape, [direct, pool_kernel]))) = (block.pool, k.pooled) {
+                let conv_kernel = ConvForward::of(direct, wino.and_then(|wk| wk.pooled));
+                let prepared = conv_kernel.weights(s, weights);
+                let xp = padded(x4, conv.pads);
                 let x_sample = s.hp * s.wp * s.c;
-                let y = written(dims(pool), |y| run_pooled(fns, [ptr(&xp), wp, bp, y], x_sample, shape, n));
+                let buffers = |y| [ptr(&xp), prepared.as_ptr() as *mut f32, bp, y];
+                let y = written(dims(pool), |y| {
+                    run_pooled(conv_kernel, pool_kernel, buffers(y), x_sample, shape, n)
+                });
                 return Some(BlockForward { value: y, linear: None, stats: None });
             }
-            let kernel = k.norm.map_or(k.forward, |[infer, ..]| infer);
-            let y = written(dims(block.output()), |y| run(kernel, &Buffers(vec![ptr(&xp), wp, bp, y]), n, n));
+            let forward = match k.norm {
+                Some([infer, ..]) => ConvForward::of(infer, wino.and_then(|wk| wk.infer)),
+                None => ConvForward::of(k.forward, wino.map(|wk| wk.forward)),
+            };
+            let y = written(dims(block.output()), |y| {
+                conv_forward_into(forward, conv, x4, weights, bp, y, std::ptr::null_mut())
+            });
             return Some(BlockForward { value: y, linear: None, stats: None });
         }
         let out = dims(block.output());
         assert_eq!(ndarray::Dimension::size(&out), n * s.oh * s.ow * s.f);
-        let w = pack(w.as_slice().expect("row-major"));
+        let forward = ConvForward::of(k.forward, wino.map(|wk| wk.forward));
+        let w = w.as_slice().expect("row-major");
         let (Some((epsilon, p)), Some([_, normalize, ..])) = (norm, k.norm) else {
-            let y = written(out, |y| {
-                run(k.forward, &Buffers(vec![ptr(&xp), w.as_ptr() as *mut f32, bias_ptr, y]), n, n)
-            });
+            let y =
+                written(out, |y| conv_forward_into(forward, conv, x4, w, bias_ptr, y, std::ptr::null_mut()));
             return Some(BlockForward { value: y, linear: None, stats: None });
         };
         let sums = Array3::<f32>::zeros((n, 2, s.f));
-        let y = written(out, |y| {
-            run(k.forward, &Buffers(vec![ptr(&xp), w.as_ptr() as *mut f32, bias_ptr, y, ptr(&sums)]), n, n)
-        });
+        let y = written(out, |y| conv_forward_into(forward, conv, x4, w, bias_ptr, y, ptr(&sums)));
         let stats = statistics(&sums, n * k.shape.pixels);
         let z = self.affine(normalize, k.shape, &y, &stats, [p(0), p(1)], epsilon);
         Some(BlockForward { value: z, linear: Some(y), stats: Some(stats) })
