@@ -128,7 +128,9 @@ fn winograd_for_wide_3x3_stride_1_layers() {
                  flatten dense(3, activation=softmax)";
     let jit = JitKernels::compile(&program(model), Listing::default()).unwrap();
     for node in [1, 2] {
-        assert!(jit.winograd(NodeId::from_index(node)).is_some(), "conv %{node} runs Winograd");
+        let kernels = jit.winograd(NodeId::from_index(node)).expect("Winograd kernels");
+        assert!(kernels.forward.is_some(), "conv %{node}'s forward pass runs Winograd");
+        assert!(kernels.weight_gradient.is_some(), "conv %{node}'s weight gradient runs Winograd");
     }
     differential(model, 1);
     differential(model, 5);

@@ -599,7 +599,11 @@ fn winograd_kernels_stay_inside_their_buffers() {
     let batch = 3;
     let block = jit_fused.block_winograd(node(4)).expect("conv → batchnorm → relu runs Winograd");
     let cases = [
-        (jit.winograd(node(1)).expect("conv2d runs Winograd").forward, jit.conv(node(1)).unwrap(), false),
+        (
+            jit.winograd(node(1)).and_then(|k| k.forward).expect("conv2d runs Winograd"),
+            jit.conv(node(1)).unwrap(),
+            false,
+        ),
         (block.forward, jit_fused.conv(node(2)).unwrap(), true),
     ];
     for ((shape, kernel), conv, stats) in cases {
@@ -641,5 +645,37 @@ fn winograd_kernels_stay_inside_their_buffers() {
                 close("winograd batch sums", &sums, &out[4]);
             }
         }
+    }
+}
+
+/// Winograd's weight-gradient kernel (odd outputs: partial last tiles) on guarded buffers,
+/// its tasks split over two calls as shards would be, each with a scratch of its own.
+#[test]
+fn winograd_weight_gradient_stays_inside_its_buffers() {
+    let text = "model m { input 8x9x16 conv2d(21, kernel=3) flatten dense(3, activation=softmax) }
+                train { loss = categorical_crossentropy }";
+    let program = autodiff::build(&cnnc::check(&SourceFile::new("guard.cnn", text)).unwrap()).unwrap();
+    let jit = JitKernels::compile(&program, Listing::default()).unwrap();
+    let node = cnnc::ir::NodeId::from_index(1);
+    let (shape, kernel) =
+        jit.winograd(node).and_then(|k| k.weight_gradient).expect("the weight gradient runs Winograd");
+    let s = shape.conv;
+    let batch = 3;
+    let mut rng = Rng::new(41, &[]);
+    let x = random(batch * s.hp * s.wp * s.c, &mut rng);
+    let dy = random(batch * s.oh * s.ow * s.f, &mut rng);
+    let x4 = Array4::from_shape_vec((batch, s.hp, s.wp, s.c), x.clone()).unwrap();
+    let dy4 = Array4::from_shape_vec((batch, s.oh, s.ow, s.f), dy.clone()).unwrap();
+    let g = Geometry { kernel: [3, 3], stride: [1, 1], pad_before: [0, 0], out: [s.oh, s.ow] };
+    let (dw_ref, _) = Plain.conv2d_backward_weights(node, x4.view(), dy4.view(), [3, 3, s.c, s.f], &g);
+    let tasks = shape.weight_tasks();
+    for flush in [true, false] {
+        let mut m = vec![0.0f32; 16 * s.c * s.f];
+        for (lo, hi) in [(0, tasks / 2), (tasks / 2, tasks)] {
+            let buffers: [&[f32]; 4] = [&x, &dy, &m, &vec![0.0; shape.scratch()]];
+            m = run_guarded(kernel, &buffers, [lo, hi, batch], flush).swap_remove(2);
+        }
+        let dw = cnnc::backend::jit::winograd::weight_gradient_output(&m, s.c, s.f);
+        close("winograd weight gradient", dw_ref.as_slice().unwrap(), &dw);
     }
 }

@@ -116,7 +116,7 @@ impl Width {
         }
     }
 
-    fn ty(self) -> cranelift_codegen::ir::Type {
+    pub(super) fn ty(self) -> cranelift_codegen::ir::Type {
         if self == Width::Scalar { F32 } else { F32X4 }
     }
 }

@@ -63,13 +63,15 @@ pub struct ConvKernels {
     pub backward_weights: KernelFn,
 }
 
-/// The Winograd kernel of a conv2d node whose layer the cost model gave it
-/// ([`winograd::chosen`]); the runtime uses it instead of the direct forward kernel.
+/// The Winograd kernels of a conv2d node whose layer the cost model gave them
+/// ([`winograd::chosen`]); the runtime uses them instead of the direct ones.
 #[derive(Debug, Clone, Copy)]
 pub struct WinogradKernels {
     /// The forward pass: buffers as [`winograd::forward`]'s, the input padded as the layer
     /// pads it and further bottom/right up to the shape's HP x WP (odd output sizes).
-    pub forward: (WinogradShape, KernelFn),
+    pub forward: Option<(WinogradShape, KernelFn)>,
+    /// The weight gradient in the transformed domain ([`winograd::weight_gradient`]).
+    pub weight_gradient: Option<(WinogradShape, KernelFn)>,
 }
 
 /// The Winograd kernels of a fused block's convolution, with the block's epilogues.
@@ -484,7 +486,11 @@ impl JitKernels {
             + self.softmaxes.len()
             + usize::from(self.loss.is_some())
             + usize::from(self.optimizer.is_some())
-            + self.winograd.len()
+            + self
+                .winograd
+                .values()
+                .map(|k| usize::from(k.forward.is_some()) + usize::from(k.weight_gradient.is_some()))
+                .sum::<usize>()
             + self
                 .block_winograd
                 .values()
@@ -688,12 +694,18 @@ fn compile_rest(
 /// `CNNC_WINOGRAD=0`, which keeps every layer direct, for comparisons): the input buffer
 /// grown bottom/right to hold every tile.
 fn winograd_shape(conv: &ConvShape) -> Option<WinogradShape> {
-    if std::env::var("CNNC_WINOGRAD").is_ok_and(|v| v == "0") || !winograd::chosen(conv.c, conv.f) {
+    if !winograd_wanted(conv) {
         return None;
     }
     let hp = conv.hp.max(2 * conv.oh.div_ceil(2) + 2);
     let wp = conv.wp.max(2 * conv.ow.div_ceil(2) + 2);
     WinogradShape::new(ConvShape { hp, wp, ..*conv })
+}
+
+/// Whether the cost model gives `conv` Winograd's kernels (and `CNNC_WINOGRAD=0` does not
+/// take them away).
+fn winograd_wanted(conv: &ConvShape) -> bool {
+    !std::env::var("CNNC_WINOGRAD").is_ok_and(|v| v == "0") && winograd::chosen(conv.c, conv.f)
 }
 
 /// Compiles the Winograd kernels of every conv2d node and block whose layer the cost model
@@ -707,12 +719,28 @@ fn compile_winograd(
     let mut convs = Vec::new();
     for (id, node) in program.graph.nodes() {
         let Some((conv, _)) = conv_shape(program, id, &node.op) else { continue };
-        let Some(shape) = winograd_shape(&conv) else { continue };
         let name = program.graph.layer_of(id).name.clone();
-        let f = define(compiler, &mut ids, &format!("{name}_winograd_forward"), |e| {
-            winograd::forward(e, &shape, conv::Epilogue::default())
-        })?;
-        convs.push((id, (shape, f)));
+        let forward = match winograd_shape(&conv) {
+            Some(shape) => Some((
+                shape,
+                define(compiler, &mut ids, &format!("{name}_winograd_forward"), |e| {
+                    winograd::forward(e, &shape, conv::Epilogue::default())
+                })?,
+            )),
+            None => None,
+        };
+        let weights = match WinogradShape::for_weights(conv).filter(|_| winograd_wanted(&conv)) {
+            Some(shape) => Some((
+                shape,
+                define(compiler, &mut ids, &format!("{name}_winograd_backward_weights"), |e| {
+                    winograd::weight_gradient(e, &shape)
+                })?,
+            )),
+            None => None,
+        };
+        if forward.is_some() || weights.is_some() {
+            convs.push((id, forward, weights));
+        }
     }
     let mut blocks = Vec::new();
     for block in &program.blocks {
@@ -763,7 +791,13 @@ fn compile_winograd(
     let code = compiler.finish(&ids)?;
     let convs = convs
         .into_iter()
-        .map(|(id, (shape, f))| (id, WinogradKernels { forward: (shape, code[f]) }))
+        .map(|(id, forward, weights)| {
+            let kernels = WinogradKernels {
+                forward: forward.map(|(shape, f)| (shape, code[f])),
+                weight_gradient: weights.map(|(shape, w)| (shape, code[w])),
+            };
+            (id, kernels)
+        })
         .collect();
     let blocks = blocks
         .into_iter()
@@ -951,19 +985,23 @@ fn conv_forward_into(
 fn run_conv(forward: ConvForward, buffers: Vec<*mut f32>, n: usize) {
     match forward {
         ConvForward::Direct(kernel) => run(kernel, &Buffers(buffers), n, n),
-        ConvForward::Winograd(shape, kernel) => {
-            let buffers = Buffers(buffers);
-            let shards = rayon::current_num_threads().min(n).max(1);
-            (0..shards).into_par_iter().for_each(|shard| {
-                let (lo, hi) = (n * shard / shards, n * (shard + 1) / shards);
-                let mut scratch = vec![0.0f32; shape.scratch()];
-                let all = buffers.with(scratch.as_mut_ptr());
-                // SAFETY: the buffers have the shapes the kernel was compiled for, samples lo..hi
-                // lie within them, and the scratch is this shard's alone.
-                unsafe { kernel(all.as_ptr(), lo as i64, hi as i64, n as i64) };
-            });
-        }
+        ConvForward::Winograd(shape, kernel) => run_with_scratch(kernel, buffers, shape.scratch(), n, n),
     }
+}
+
+/// [`run`] for a kernel whose last buffer is a scratch of `scratch` elements: each shard
+/// allocates its own.
+fn run_with_scratch(kernel: KernelFn, buffers: Vec<*mut f32>, scratch: usize, items: usize, batch: usize) {
+    let buffers = Buffers(buffers);
+    let shards = rayon::current_num_threads().min(items).max(1);
+    (0..shards).into_par_iter().for_each(|shard| {
+        let (lo, hi) = (items * shard / shards, items * (shard + 1) / shards);
+        let mut own = vec![0.0f32; scratch];
+        let all = buffers.with(own.as_mut_ptr());
+        // SAFETY: the buffers have the shapes the kernel was compiled for, the items lo..hi lie
+        // within them, and the scratch is this shard's alone.
+        unsafe { kernel(all.as_ptr(), lo as i64, hi as i64, batch as i64) };
+    });
 }
 
 /// Runs `kernel` over `items` work items, split into one contiguous shard per thread.
@@ -1091,7 +1129,7 @@ impl Kernels<f32> for JitKernels {
         assert_eq!(b.is_some(), s.bias, "the kernel was compiled for this node's bias");
         assert!(b.as_ref().is_none_or(|b| b.len() == s.f));
         let bias = b.as_ref().map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut f32);
-        let forward = ConvForward::of(k.forward, self.winograd.get(&node).map(|wk| wk.forward));
+        let forward = ConvForward::of(k.forward, self.winograd.get(&node).and_then(|wk| wk.forward));
         let w = w.as_slice().expect("row-major");
         written(Ix4(n, s.oh, s.ow, s.f), |y| {
             conv_forward_into(forward, k, x, w, bias, y, std::ptr::null_mut())
@@ -1142,13 +1180,18 @@ impl Kernels<f32> for JitKernels {
         let xp = padded(x, k.pads);
         let dy = dy.as_standard_layout();
         assert_eq!(dy.dim(), (n, s.oh, s.ow, s.f));
-        let dw = Array4::<f32>::zeros((s.kh, s.kw, s.c, s.f));
-        run(
-            k.backward_weights,
-            &Buffers(vec![ptr(&xp), dy.as_ptr() as *mut f32, ptr(&dw)]),
-            s.weight_tasks(),
-            n,
-        );
+        let dw = if let Some((shape, kernel)) = self.winograd.get(&node).and_then(|wk| wk.weight_gradient) {
+            let m = vec![0.0f32; 16 * s.c * s.f];
+            let buffers = vec![ptr(&xp), dy.as_ptr() as *mut f32, m.as_ptr() as *mut f32];
+            run_with_scratch(kernel, buffers, shape.scratch(), shape.weight_tasks(), n);
+            let dw = winograd::weight_gradient_output(&m, s.c, s.f);
+            Array4::from_shape_vec((s.kh, s.kw, s.c, s.f), dw).expect("a 3x3 kernel's gradient")
+        } else {
+            let dw = Array4::<f32>::zeros((s.kh, s.kw, s.c, s.f));
+            let buffers = vec![ptr(&xp), dy.as_ptr() as *mut f32, ptr(&dw)];
+            run(k.backward_weights, &Buffers(buffers), s.weight_tasks(), n);
+            dw
+        };
         let db =
             dy.view().into_shape_with_order((n * s.oh * s.ow, s.f)).expect("row-major").sum_axis(Axis(0));
         (dw, db)

@@ -1,26 +1,30 @@
-//! Winograd convolution F(2x2, 3x3) for 3x3 stride-1 layers: each 2x2 block of outputs costs
-//! 16 multiply-adds per (input, output) channel pair instead of 36, at the price of
-//! transforming the input into tiles and the products back into pixels (Lavin & Gray 2015).
+//! Winograd convolution for 3x3 stride-1 layers (Lavin & Gray 2015): the forward pass by
+//! F(2x2, 3x3), each 2x2 block of outputs costing 16 multiply-adds per (input, output)
+//! channel pair instead of 36, and the weight gradient by F(3x3, 2x2), 2x2 tiles of dy as
+//! the filter, 16 per tile instead of 36; each at the price of transforming into tiles and
+//! back.
 //!
 //! ```text
-//!   per sample, vectors over channels (NHWC keeps them contiguous):
+//!   forward, per sample, vectors over channels (NHWC keeps them contiguous):
 //!     V[ξ][t][c] = (Bᵀ d B)[ξ]       d: the 4x4 input tile t, ξ one of its 16 positions
 //!     M[ξ][t][f] = Σ_c V[ξ][t][c] · U[ξ][c][f]     16 matrix products (tiles x C) x (C x F)
 //!     y[tile t]  = Aᵀ M[·][t] A  (+ bias, epilogue)   2x2 pixels, those inside the output
 //!   U[ξ][c][f] = (G w[·][·][c][f] Gᵀ)[ξ], computed once a step by [`transform_weights`]
+//!
+//!   weight gradient: V as above (its own Bᵀ), D[ξ][t][f] = (G g Gᵀ)[ξ] for dy's 2x2 tile g,
+//!     M[ξ][c][f] = Σ_samples Σ_t V[ξ][t][c] · D[ξ][t][f],   dw = Aᵀ M A (3x3), in Rust
 //! ```
 //!
-//! The products run on the register-blocked kernel of conv.rs (4 tiles x 8 channels).
-//!
-//! Only the forward pass (training and inference) uses it. The input gradient is the same
-//! operation (a valid convolution of dy padded by 2 with the kernel flipped and transposed),
-//! but measured on mnist.cnn's conv2d_1 (batch 128, 2 threads) it took 8.3 ms against the
-//! direct kernel's 7.6: 13x13 outputs are 49 tiles (a partial register block of one), the
-//! padded copy of dy and the larger scratch ate the saving.
+//! The products run on the register-blocked kernel of conv.rs (4 rows x 8 channels). The input
+//! gradient stays direct: the same operation as the forward pass (a valid convolution of dy
+//! padded by 2 with the kernel flipped and transposed), but measured on mnist.cnn's conv2d_1
+//! (batch 128, 2 threads) it took 8.3 ms against the direct kernel's 7.6: 13x13 outputs are
+//! 49 tiles (a partial register block of one), and the padded copy of dy and the larger
+//! scratch ate the saving.
 //!
 //! Numerically the transforms add and subtract values of the input's magnitude, and G's
 //! halves are exact in f32, so the result differs from the direct sum only by rounding
-//! (measured in tests/jit.rs against the reference: within its 1e-4 tolerance).
+//! (measured in the tests here and in tests/jit.rs against the reference: within 1e-4).
 
 use cranelift_codegen::ir::{InstBuilder as _, Value};
 
@@ -29,9 +33,12 @@ use super::conv::{
     pack_weights, store_chunk,
 };
 use super::emit::Emit;
+use super::math::constant;
 
 /// Positions of a 4x4 tile.
 const XI: usize = 16;
+/// Input channels per task of the weight gradient (rows of its register block).
+const WEIGHT_ROWS: usize = 4;
 
 /// A 3x3 stride-1 convolution computed by tiles of 2x2 outputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +60,21 @@ impl WinogradShape {
         let (th, tw) = (conv.oh.div_ceil(2), conv.ow.div_ceil(2));
         let fits = 2 * th + 2 <= conv.hp && 2 * tw + 2 <= conv.wp;
         (square && fits && conv.oh > 0 && conv.ow > 0).then_some(WinogradShape { conv, th, tw })
+    }
+
+    /// The weight gradient's tiles: 2x2 blocks of dy (a partial last row or column where OH or
+    /// OW is odd) over 4x4 windows of the layer's padded input, which a 3x3 stride-1 layer has
+    /// exactly OH + 2 rows and OW + 2 columns of. `None` for other layers.
+    pub fn for_weights(conv: ConvShape) -> Option<Self> {
+        let square = conv.kh == 3 && conv.kw == 3 && conv.sh == 1 && conv.sw == 1;
+        let exact = conv.hp == conv.oh + 2 && conv.wp == conv.ow + 2;
+        let (th, tw) = (conv.oh.div_ceil(2), conv.ow.div_ceil(2));
+        (square && exact && conv.oh > 0 && conv.ow > 0).then_some(WinogradShape { conv, th, tw })
+    }
+
+    /// Work items of [`weight_gradient`]: one per position ξ and group of 4 input channels.
+    pub fn weight_tasks(&self) -> usize {
+        XI * self.conv.c.div_ceil(WEIGHT_ROWS)
     }
 
     /// Tiles per sample.
@@ -132,59 +154,116 @@ pub fn forward(e: &mut Emit, shape: &WinogradShape, epilogue: Epilogue) {
             let off = e.mul_k(n, 2 * s.f as i64);
             e.at(sums, off)
         });
-        transform_input(e, shape, xn, v);
+        let missing = [false; 2];
+        transform_input(e, Algorithm::Forward, [shape.th, shape.tw], [s.wp, s.c], missing, xn, v);
         multiply(e, shape, v, u, m);
         let out = Output { bias, yn, sums_n, epilogue };
         transform_output(e, shape, m, out);
     });
 }
 
-/// V[ξ][t][c] = (Bᵀ d B)[ξ] for every tile t of the sample at `xn`.
+/// The two Winograd algorithms: F(2x2, 3x3) for the forward pass, and F(3x3, 2x2) for the
+/// weight gradient (3x3 outputs, the taps, from 2x2 tiles of dy as the filter). They share
+/// the points 0, 1, −1, ∞ and differ in the last row of Bᵀ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Algorithm {
+    Forward,
+    WeightGradient,
+}
+
+/// Calls `body(ty, tx, [last row, last column])` for every tile of a th x tw grid; where
+/// `partial` says that the last tile row (column) is partial, its tiles' body is emitted
+/// separately, with the flag set.
+fn for_tiles(
+    e: &mut Emit,
+    [th, tw]: [usize; 2],
+    partial: [bool; 2],
+    mut body: impl FnMut(&mut Emit, Value, Value, [bool; 2]),
+) {
+    let full = [th - usize::from(partial[0]), tw - usize::from(partial[1])];
+    let mut row = |e: &mut Emit, ty: Value, last_row: bool| {
+        e.for_n(full[1], |e, tx| body(e, ty, tx, [last_row, false]));
+        if partial[1] {
+            let tx = e.int(full[1] as i64);
+            body(e, ty, tx, [last_row, true]);
+        }
+    };
+    e.for_n(full[0], |e, ty| row(e, ty, false));
+    if partial[0] {
+        let ty = e.int(full[0] as i64);
+        row(e, ty, true);
+    }
+}
+
+/// V[ξ][t][c] = (Bᵀ d B)[ξ] for every 4x4 tile d of a sample at `xn` (rows WP·C apart, C
+/// channels; tile (ty, tx) at (2·ty, 2·tx)). With `missing`, the last tile row (column) has
+/// no fourth input row (column): it is taken as zeros (the weight gradient's, where that
+/// input meets only zeros of dy).
+#[allow(clippy::too_many_arguments)]
 // Tile positions are indices in the transforms' formulas: loops over them read as the math.
 #[allow(clippy::needless_range_loop)]
-fn transform_input(e: &mut Emit, shape: &WinogradShape, xn: Value, v: Value) {
-    let s = shape.conv;
-    let tiles = shape.tiles();
-    e.for_n(shape.th, |e, ty| {
-        e.for_n(shape.tw, |e, tx| {
-            // the tile's top-left input pixel: (2·ty, 2·tx)
-            let row = e.mul_k(ty, (2 * s.wp) as i64);
-            let col = e.mul_k(tx, 2);
-            let pixel = e.add(row, col);
-            let origin = e.mul_k(pixel, s.c as i64);
-            let t = e.mul_k(ty, shape.tw as i64);
-            let t = e.add(t, tx);
-            for_chunks(e, s.c, |e, c0, width| {
-                let base = e.add(origin, c0);
-                let base = e.at(xn, base);
-                // d[i][j]: one chunk of channels per position
-                let d: Vec<Vec<Vec<Value>>> = (0..4)
-                    .map(|i| {
-                        (0..4).map(|j| load_chunk(e, base, ((i * s.wp + j) * s.c) as i64, width)).collect()
-                    })
-                    .collect();
-                let rows: Vec<Vec<Vec<Value>>> =
-                    (0..4).map(|j| bt_column(e, [0, 1, 2, 3].map(|i| &d[i][j]))).collect();
-                // rows[j][a] = (Bᵀ d)[a][j]; now the columns: V[a][b] = Σ_j (Bᵀ d)[a][j] B[j][b]
-                for a in 0..4 {
-                    let out = bt_column(e, [0, 1, 2, 3].map(|j| &rows[j][a]));
-                    for (b, values) in out.iter().enumerate() {
-                        let xi = a * 4 + b;
-                        let off = e.mul_k(t, s.c as i64);
-                        let off = e.add_k(off, (xi * tiles * s.c) as i64);
-                        let off = e.add(off, c0);
-                        let addr = e.at(v, off);
-                        store_chunk(e, values, addr, 0);
-                    }
+fn transform_input(
+    e: &mut Emit,
+    algorithm: Algorithm,
+    [th, tw]: [usize; 2],
+    [wp, c]: [usize; 2],
+    missing: [bool; 2],
+    xn: Value,
+    v: Value,
+) {
+    let tiles = th * tw;
+    for_tiles(e, [th, tw], missing, |e, ty, tx, last| {
+        let row = e.mul_k(ty, (2 * wp) as i64);
+        let col = e.mul_k(tx, 2);
+        let pixel = e.add(row, col);
+        let origin = e.mul_k(pixel, c as i64);
+        let t = e.mul_k(ty, tw as i64);
+        let t = e.add(t, tx);
+        for_chunks(e, c, |e, c0, width| {
+            let base = e.add(origin, c0);
+            let base = e.at(xn, base);
+            let zero = vec![e.zero(width.ty()); width.parts()];
+            // d[i][j]: one chunk of channels per position
+            let d: Vec<Vec<Vec<Value>>> = (0..4)
+                .map(|i| {
+                    (0..4)
+                        .map(|j| {
+                            let absent = (i == 3 && last[0]) || (j == 3 && last[1]);
+                            if absent {
+                                zero.clone()
+                            } else {
+                                load_chunk(e, base, ((i * wp + j) * c) as i64, width)
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
+            let rows: Vec<Vec<Vec<Value>>> =
+                (0..4).map(|j| bt_column(e, algorithm, [0, 1, 2, 3].map(|i| &d[i][j]))).collect();
+            // rows[j][a] = (Bᵀ d)[a][j]; now the columns: V[a][b] = Σ_j (Bᵀ d)[a][j] B[j][b]
+            for a in 0..4 {
+                let out = bt_column(e, algorithm, [0, 1, 2, 3].map(|j| &rows[j][a]));
+                for (b, values) in out.iter().enumerate() {
+                    let xi = a * 4 + b;
+                    let off = e.mul_k(t, c as i64);
+                    let off = e.add_k(off, (xi * tiles * c) as i64);
+                    let off = e.add(off, c0);
+                    let addr = e.at(v, off);
+                    store_chunk(e, values, addr, 0);
                 }
-            });
+            }
         });
     });
 }
 
-/// Bᵀ applied to four values (each a chunk of channels): [d0 − d2, d1 + d2, d2 − d1, d1 − d3].
-fn bt_column(e: &mut Emit, d: [&Vec<Value>; 4]) -> Vec<Vec<Value>> {
-    let terms: [(usize, usize, bool); 4] = [(0, 2, false), (1, 2, true), (2, 1, false), (1, 3, false)];
+/// Bᵀ applied to four values (each a chunk of channels): [d0 − d2, d1 + d2, d2 − d1, ·] with
+/// d1 − d3 last for the forward algorithm and d3 − d1 for the weight gradient's.
+fn bt_column(e: &mut Emit, algorithm: Algorithm, d: [&Vec<Value>; 4]) -> Vec<Vec<Value>> {
+    let last = match algorithm {
+        Algorithm::Forward => (1, 3, false),
+        Algorithm::WeightGradient => (3, 1, false),
+    };
+    let terms: [(usize, usize, bool); 4] = [(0, 2, false), (1, 2, true), (2, 1, false), last];
     terms
         .iter()
         .map(|&(a, b, add)| {
@@ -248,19 +327,10 @@ struct Output {
 /// the last tile row (column) holds one row (column) of them when OH (OW) is odd.
 fn transform_output(e: &mut Emit, shape: &WinogradShape, m: Value, out: Output) {
     let s = shape.conv;
-    let (full_rows, full_cols) = (s.oh / 2, s.ow / 2);
-    let tile_rows = |e: &mut Emit, ty: Value, valid_rows: usize| {
-        e.for_n(full_cols, |e, tx| output_tile(e, shape, m, out, [ty, tx], [valid_rows, 2]));
-        if s.ow % 2 == 1 {
-            let tx = e.int(full_cols as i64);
-            output_tile(e, shape, m, out, [ty, tx], [valid_rows, 1]);
-        }
-    };
-    e.for_n(full_rows, |e, ty| tile_rows(e, ty, 2));
-    if s.oh % 2 == 1 {
-        let ty = e.int(full_rows as i64);
-        tile_rows(e, ty, 1);
-    }
+    for_tiles(e, [shape.th, shape.tw], [s.oh % 2 == 1, s.ow % 2 == 1], |e, ty, tx, last| {
+        let valid = last.map(|partial| if partial { 1 } else { 2 });
+        output_tile(e, shape, m, out, [ty, tx], valid);
+    });
 }
 
 /// One tile's output pixels, `valid` rows and columns of its 2x2.
@@ -333,6 +403,188 @@ fn output_tile(
             add_sums(e, &stored, base, s.f, width);
         }
     });
+}
+
+/// The weight gradient of a 3x3 stride-1 convolution by F(3x3, 2x2), in the transformed
+/// domain: per sample, the input's 4x4 tiles V = Bᵀ d B and dy's 2x2 tiles D = G g Gᵀ, then
+/// for each task (a position ξ and 4 input channels) M[ξ][c][f] += Σ_t V[ξ][t][c]·D[ξ][t][f],
+/// summed over samples in order, then tiles in order: each M element belongs to one task, so
+/// the result does not depend on how tasks are spread over threads. dw = Aᵀ M A is taken by
+/// [`weight_gradient_output`]. Every call transforms every sample (into its own scratch):
+/// the transforms are a few percent of the products, cheaper than a pass through memory.
+/// Buffers: [x (N, HP, WP, C) padded as the layer pads it, dy (N, OH, OW, F), M (16, C, F)
+/// zeroed, scratch ([`WinogradShape::scratch`])]; items: [`WinogradShape::weight_tasks`];
+/// batch: samples.
+pub fn weight_gradient(e: &mut Emit, shape: &WinogradShape) {
+    let s = shape.conv;
+    let (x, dy, m, scratch) = (e.buf(0), e.buf(1), e.buf(2), e.buf(3));
+    let tiles = shape.tiles();
+    let v = scratch;
+    let d = e.at_k(scratch, (XI * tiles * s.c) as i64);
+    let groups = s.c.div_ceil(WEIGHT_ROWS);
+    let rows_last = s.c - (groups - 1) * WEIGHT_ROWS;
+    let missing = [s.oh % 2 == 1, s.ow % 2 == 1];
+    let (start, end, batch) = (e.start, e.end, e.batch);
+    let zero = e.int(0);
+    e.for_range(zero, batch, |e, n| {
+        let xn_off = e.mul_k(n, (s.hp * s.wp * s.c) as i64);
+        let xn = e.at(x, xn_off);
+        let dyn_off = e.mul_k(n, (s.oh * s.ow * s.f) as i64);
+        let dyn_ = e.at(dy, dyn_off);
+        let grid = [shape.th, shape.tw];
+        transform_input(e, Algorithm::WeightGradient, grid, [s.wp, s.c], missing, xn, v);
+        transform_gradient(e, shape, dyn_, d);
+        e.for_range(start, end, |e, task| {
+            let bound = shape.weight_tasks() as u64;
+            let xi = e.div_k(task, groups as u64, bound);
+            let group = e.rem_k(task, groups as u64, bound);
+            let c0 = e.mul_k(group, WEIGHT_ROWS as i64);
+            let place = [v, d, m];
+            if rows_last == WEIGHT_ROWS {
+                weight_block(e, shape, place, [xi, c0], WEIGHT_ROWS);
+            } else {
+                let last = e.int(groups as i64 - 1);
+                let is_last = e.icmp(cranelift_codegen::ir::condcodes::IntCC::Equal, group, last);
+                let not_last = e.icmp(cranelift_codegen::ir::condcodes::IntCC::NotEqual, group, last);
+                e.when(not_last, |e| weight_block(e, shape, place, [xi, c0], WEIGHT_ROWS));
+                e.when(is_last, |e| weight_block(e, shape, place, [xi, c0], rows_last));
+            }
+        });
+    });
+}
+
+/// D[ξ][t][f] = (G g Gᵀ)[ξ] for every 2x2 tile g of one sample's dy at `dyn_` (a partial last
+/// tile row or column is completed with zeros).
+// Tile positions are indices in the transforms' formulas: loops over them read as the math.
+#[allow(clippy::needless_range_loop)]
+fn transform_gradient(e: &mut Emit, shape: &WinogradShape, dyn_: Value, d: Value) {
+    let s = shape.conv;
+    let tiles = shape.tiles();
+    let partial = [s.oh % 2 == 1, s.ow % 2 == 1];
+    for_tiles(e, [shape.th, shape.tw], partial, |e, ty, tx, last| {
+        let row = e.mul_k(ty, (2 * s.ow) as i64);
+        let col = e.mul_k(tx, 2);
+        let pixel = e.add(row, col);
+        let origin = e.mul_k(pixel, s.f as i64);
+        let t = e.mul_k(ty, shape.tw as i64);
+        let t = e.add(t, tx);
+        for_chunks(e, s.f, |e, f0, width| {
+            let base = e.add(origin, f0);
+            let base = e.at(dyn_, base);
+            let zero = vec![e.zero(width.ty()); width.parts()];
+            let g: Vec<Vec<Vec<Value>>> = (0..2)
+                .map(|u| {
+                    (0..2)
+                        .map(|w| {
+                            let absent = (u == 1 && last[0]) || (w == 1 && last[1]);
+                            if absent {
+                                zero.clone()
+                            } else {
+                                load_chunk(e, base, ((u * s.ow + w) * s.f) as i64, width)
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
+            let half = constant(e, 0.5, width != Width::Scalar);
+            // G on two values: [g0, (g0 + g1)/2, (g0 − g1)/2, g1]
+            let g_pair = |e: &mut Emit, a: &Vec<Value>, b: &Vec<Value>| -> [Vec<Value>; 4] {
+                let mut out: [Vec<Value>; 4] = Default::default();
+                for p in 0..a.len() {
+                    let sum = e.ins().fadd(a[p], b[p]);
+                    let diff = e.ins().fsub(a[p], b[p]);
+                    out[0].push(a[p]);
+                    out[1].push(e.ins().fmul(sum, half));
+                    out[2].push(e.ins().fmul(diff, half));
+                    out[3].push(b[p]);
+                }
+                out
+            };
+            // columns[w][a] = (G g)[a][w]; then D[a][b] = (G (G g)ᵀ)[b][a]
+            let columns: Vec<[Vec<Value>; 4]> = (0..2).map(|w| g_pair(e, &g[0][w], &g[1][w])).collect();
+            for a in 0..4 {
+                let row = g_pair(e, &columns[0][a], &columns[1][a]);
+                for (b, values) in row.iter().enumerate() {
+                    let xi = a * 4 + b;
+                    let off = e.mul_k(t, s.f as i64);
+                    let off = e.add_k(off, (xi * tiles * s.f) as i64);
+                    let off = e.add(off, f0);
+                    let addr = e.at(d, off);
+                    store_chunk(e, values, addr, 0);
+                }
+            }
+        });
+    });
+}
+
+/// One task's share of one sample: M[ξ][c0 + r][f] += Σ_t V[ξ][t][c0 + r]·D[ξ][t][f] for
+/// `rows` input channels, every chunk of output channels, accumulators loaded from M and
+/// stored back.
+fn weight_block(
+    e: &mut Emit,
+    shape: &WinogradShape,
+    [v, d, m]: [Value; 3],
+    [xi, c0]: [Value; 2],
+    rows: usize,
+) {
+    let s = shape.conv;
+    let tiles = shape.tiles();
+    let v_off = e.mul_k(xi, (tiles * s.c) as i64);
+    let v_off = e.add(v_off, c0);
+    let vrows = e.at(v, v_off);
+    let d_off = e.mul_k(xi, (tiles * s.f) as i64);
+    let dxi = e.at(d, d_off);
+    let m_off = e.mul_k(xi, (s.c * s.f) as i64);
+    let m_row = e.mul_k(c0, s.f as i64);
+    let m_off = e.add(m_off, m_row);
+    let mrows = e.at(m, m_off);
+    for_chunks(e, s.f, |e, f0, width| {
+        let parts = width.parts();
+        let base = e.at(mrows, f0);
+        let mut acc = Vec::with_capacity(rows * parts);
+        for r in 0..rows {
+            for value in load_chunk(e, base, (r * s.f) as i64, width) {
+                acc.push(e.var(width.ty(), value));
+            }
+        }
+        let dchunk = e.at(dxi, f0);
+        e.for_n_unrolled(tiles, 4, |e, t| {
+            let d_t = e.mul_k(t, s.f as i64);
+            let daddr = e.at(dchunk, d_t);
+            let dv = load_chunk(e, daddr, 0, width);
+            let v_t = e.mul_k(t, s.c as i64);
+            let vaddr = e.at(vrows, v_t);
+            accumulate(e, &acc, &dv, |e, r| e.at_k(vaddr, r as i64), width);
+        });
+        for r in 0..rows {
+            let values: Vec<Value> = (0..parts).map(|p| e.use_var(acc[r * parts + p])).collect();
+            store_chunk(e, &values, base, (r * s.f) as i64);
+        }
+    });
+}
+
+/// Aᵀ (3x4) of the weight gradient's algorithm: dw = Aᵀ M A.
+const AT_WEIGHTS: [[f64; 4]; 3] = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, 0.0], [0.0, 1.0, 1.0, 1.0]];
+
+/// dw (3, 3, C, F) = Aᵀ M A from [`weight_gradient`]'s M (16, C, F), summed in f64.
+pub fn weight_gradient_output(m: &[f32], c: usize, f: usize) -> Vec<f32> {
+    assert_eq!(m.len(), XI * c * f, "16 positions of (C, F)");
+    let plane = c * f;
+    let mut dw = vec![0.0f32; 9 * plane];
+    for (tap, out) in dw.chunks_exact_mut(plane).enumerate() {
+        let (i, j) = (tap / 3, tap % 3);
+        for (k, value) in out.iter_mut().enumerate() {
+            let mut sum = 0.0;
+            for (xi, row) in m.chunks_exact(plane).enumerate() {
+                let weight = AT_WEIGHTS[i][xi / 4] * AT_WEIGHTS[j][xi % 4];
+                if weight != 0.0 {
+                    sum += weight * f64::from(row[k]);
+                }
+            }
+            *value = sum as f32;
+        }
+    }
+    dw
 }
 
 #[cfg(test)]
@@ -421,6 +673,39 @@ mod tests {
                 expected[sample * 2 * f + f + channel] += v * v;
             }
             close("batch sums", &expected, &sums);
+        }
+    }
+
+    #[test]
+    fn weight_gradient_matches_the_direct_sum() {
+        let mut rng = Rng::new(12, &[]);
+        // (n, h, w, c, f): odd and even outputs, channel counts off 4
+        for (n, h, w, c, f) in [(3, 7, 9, 5, 7), (2, 6, 6, 8, 12), (1, 5, 4, 13, 3), (2, 4, 3, 1, 9)] {
+            let x = Array4::from_shape_vec((n, h, w, c), random(n * h * w * c, &mut rng)).unwrap();
+            let (oh, ow) = (h - 2, w - 2);
+            let dy = Array4::from_shape_vec((n, oh, ow, f), random(n * oh * ow * f, &mut rng)).unwrap();
+            let g = Geometry { kernel: [3, 3], stride: [1, 1], pad_before: [0, 0], out: [oh, ow] };
+            let (dw_ref, _) = ops::conv2d_backward_weights(x.view(), dy.view(), [3, 3, c, f], &g);
+            let conv = ConvShape { hp: h, wp: w, c, kh: 3, kw: 3, f, oh, ow, sh: 1, sw: 1, bias: false };
+            let shape = WinogradShape::for_weights(conv).expect("3x3 stride 1");
+            let mut compiler = Compiler::new("none").unwrap();
+            let id = compiler.kernel("weights", |e| weight_gradient(e, &shape)).unwrap();
+            let kernel = compiler.finish(&[id]).unwrap()[0];
+            let tasks = shape.weight_tasks();
+            let (xs, dys): (Vec<f32>, Vec<f32>) = (x.iter().copied().collect(), dy.iter().copied().collect());
+            // all tasks in one call, then split in two calls with scratches of their own
+            for split in [tasks, tasks / 3] {
+                let m = vec![0.0f32; XI * c * f];
+                for (lo, hi) in [(0, split), (split, tasks)] {
+                    let scratch = vec![0.0f32; shape.scratch()];
+                    let buffers =
+                        [xs.as_ptr(), dys.as_ptr(), m.as_ptr(), scratch.as_ptr()].map(|p| p as *mut f32);
+                    // SAFETY: every buffer has the size the kernel was compiled for.
+                    unsafe { kernel(buffers.as_ptr(), lo as i64, hi as i64, n as i64) };
+                }
+                let dw = weight_gradient_output(&m, c, f);
+                close(&format!("weight gradient {n}x{h}x{w}x{c} -> {f}"), dw_ref.as_slice().unwrap(), &dw);
+            }
         }
     }
 
