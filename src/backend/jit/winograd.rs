@@ -213,31 +213,14 @@ fn transform_input(
 ) {
     let tiles = th * tw;
     for_tiles(e, [th, tw], missing, |e, ty, tx, last| {
-        let row = e.mul_k(ty, (2 * wp) as i64);
-        let col = e.mul_k(tx, 2);
-        let pixel = e.add(row, col);
-        let origin = e.mul_k(pixel, c as i64);
+        let origin = tile_origin(e, [ty, tx], [wp, c]);
         let t = e.mul_k(ty, tw as i64);
         let t = e.add(t, tx);
         for_chunks(e, c, |e, c0, width| {
             let base = e.add(origin, c0);
             let base = e.at(xn, base);
-            let zero = vec![e.zero(width.ty()); width.parts()];
             // d[i][j]: one chunk of channels per position
-            let d: Vec<Vec<Vec<Value>>> = (0..4)
-                .map(|i| {
-                    (0..4)
-                        .map(|j| {
-                            let absent = (i == 3 && last[0]) || (j == 3 && last[1]);
-                            if absent {
-                                zero.clone()
-                            } else {
-                                load_chunk(e, base, ((i * wp + j) * c) as i64, width)
-                            }
-                        })
-                        .collect()
-                })
-                .collect();
+            let d = load_tile(e, base, 4, [wp, c], last, width);
             let rows: Vec<Vec<Vec<Value>>> =
                 (0..4).map(|j| bt_column(e, algorithm, [0, 1, 2, 3].map(|i| &d[i][j]))).collect();
             // rows[j][a] = (Bᵀ d)[a][j]; now the columns: V[a][b] = Σ_j (Bᵀ d)[a][j] B[j][b]
@@ -254,6 +237,43 @@ fn transform_input(
             }
         });
     });
+}
+
+/// The element offset of tile (ty, tx)'s first pixel, (2·ty, 2·tx), in a sample of rows
+/// `width` pixels wide of `channels` channels.
+fn tile_origin(e: &mut Emit, [ty, tx]: [Value; 2], [width, channels]: [usize; 2]) -> Value {
+    let row = e.mul_k(ty, (2 * width) as i64);
+    let col = e.mul_k(tx, 2);
+    let pixel = e.add(row, col);
+    e.mul_k(pixel, channels as i64)
+}
+
+/// One chunk of channels at each of a size x size tile's pixels from `base` (rows `width`
+/// pixels of `channels` apart): [row][column]. Where `last` flags it, the tile's last row
+/// (column) lies outside the sample and is zeros.
+fn load_tile(
+    e: &mut Emit,
+    base: Value,
+    size: usize,
+    [width, channels]: [usize; 2],
+    last: [bool; 2],
+    chunk: Width,
+) -> Vec<Vec<Vec<Value>>> {
+    let zero = if last.contains(&true) { vec![e.zero(chunk.ty()); chunk.parts()] } else { Vec::new() };
+    (0..size)
+        .map(|i| {
+            (0..size)
+                .map(|j| {
+                    let absent = (i == size - 1 && last[0]) || (j == size - 1 && last[1]);
+                    if absent {
+                        zero.clone()
+                    } else {
+                        load_chunk(e, base, ((i * width + j) * channels) as i64, chunk)
+                    }
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// Bᵀ applied to four values (each a chunk of channels): [d0 − d2, d1 + d2, d2 − d1, ·] with
@@ -351,10 +371,7 @@ fn output_tile(
     let m_t = e.mul_k(t, s.f as i64);
     let mt = e.at(m, m_t);
     // y at (2ty, 2tx)
-    let row = e.mul_k(ty, (2 * s.ow) as i64);
-    let col = e.mul_k(tx, 2);
-    let pixel = e.add(row, col);
-    let y_off = e.mul_k(pixel, s.f as i64);
+    let y_off = tile_origin(e, [ty, tx], [s.ow, s.f]);
     let ybase = e.at(out.yn, y_off);
     for_chunks(e, s.f, |e, f0, width| {
         let parts = width.parts();
@@ -462,30 +479,13 @@ fn transform_gradient(e: &mut Emit, shape: &WinogradShape, dyn_: Value, d: Value
     let tiles = shape.tiles();
     let partial = [s.oh % 2 == 1, s.ow % 2 == 1];
     for_tiles(e, [shape.th, shape.tw], partial, |e, ty, tx, last| {
-        let row = e.mul_k(ty, (2 * s.ow) as i64);
-        let col = e.mul_k(tx, 2);
-        let pixel = e.add(row, col);
-        let origin = e.mul_k(pixel, s.f as i64);
+        let origin = tile_origin(e, [ty, tx], [s.ow, s.f]);
         let t = e.mul_k(ty, shape.tw as i64);
         let t = e.add(t, tx);
         for_chunks(e, s.f, |e, f0, width| {
             let base = e.add(origin, f0);
             let base = e.at(dyn_, base);
-            let zero = vec![e.zero(width.ty()); width.parts()];
-            let g: Vec<Vec<Vec<Value>>> = (0..2)
-                .map(|u| {
-                    (0..2)
-                        .map(|w| {
-                            let absent = (u == 1 && last[0]) || (w == 1 && last[1]);
-                            if absent {
-                                zero.clone()
-                            } else {
-                                load_chunk(e, base, ((u * s.ow + w) * s.f) as i64, width)
-                            }
-                        })
-                        .collect()
-                })
-                .collect();
+            let g = load_tile(e, base, 2, [s.ow, s.f], last, width);
             let half = constant(e, 0.5, width != Width::Scalar);
             // G on two values: [g0, (g0 + g1)/2, (g0 − g1)/2, g1]
             let g_pair = |e: &mut Emit, a: &Vec<Value>, b: &Vec<Value>| -> [Vec<Value>; 4] {
