@@ -269,6 +269,11 @@ impl Report {
                 speedup(row.unfused_ms, row.fused_ms)
             );
         }
+        let _ = writeln!(
+            out,
+            "(GFLOP/s counts a direct convolution's FLOPs: on Winograd's kernels, 3x3 stride-1 layers\n\
+             do fewer, and theirs is the rate a direct kernel would need to match them)"
+        );
         out.push('\n');
         for (what, [fused, unfused], batch) in [
             ("training step", self.train, self.batch_size),

@@ -360,6 +360,29 @@ fn pool_and_rectifier_kernels_stay_inside_their_buffers() {
 #[test]
 fn dense_kernels_stay_inside_their_buffers() {
     check("input 37 dense(21) dense(9, bias=false) dense(3, activation=softmax)", 5);
+
+    // the forward kernel over groups of 4 samples: 2 groups of a batch of 8
+    let text = "model m { input 37 dense(21) dense(3, activation=softmax) }
+                train { loss = categorical_crossentropy }";
+    let program = autodiff::build(&cnnc::check(&SourceFile::new("guard.cnn", text)).unwrap()).unwrap();
+    let jit = JitKernels::compile(&program, Listing::default()).unwrap();
+    let node = cnnc::ir::NodeId::from_index(1);
+    let by_4 = jit.dense_by_4(node).expect("a dense layer has the grouped kernel");
+    let mut rng = Rng::new(51, &[]);
+    let (batch, inputs, units) = (8, 37, 21);
+    let x = random(batch * inputs, &mut rng);
+    let w = random(inputs * units, &mut rng);
+    let b = random(units, &mut rng);
+    let x4 = Array4::from_shape_vec((batch, 1, 1, inputs), x.clone()).unwrap();
+    let w4 = Array4::from_shape_vec((1, 1, inputs, units), w.clone()).unwrap();
+    let g = Geometry { kernel: [1, 1], stride: [1, 1], pad_before: [0, 0], out: [1, 1] };
+    let bias = Array1::from(b.clone());
+    let y_ref = Plain.conv2d_forward(node, x4.view(), w4.view(), Some(bias.view()), &g);
+    let packed = pack_weights(&w, inputs, units);
+    for flush in [true, false] {
+        let out = run_guarded(by_4, &[&x, &packed, &b, &vec![0.0; batch * units]], [0, 2, 2], flush);
+        close("dense forward by 4 samples", y_ref.as_slice().unwrap(), &out[3]);
+    }
 }
 
 #[test]

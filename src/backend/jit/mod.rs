@@ -215,6 +215,8 @@ pub struct OptimizerKernel {
 pub struct JitKernels {
     convs: HashMap<NodeId, ConvKernels>,
     winograd: HashMap<NodeId, WinogradKernels>,
+    /// Dense layers' forward kernel over groups of 4 samples ([`compile_dense_groups`]).
+    dense_by_4: HashMap<NodeId, KernelFn>,
     /// By the block's output node.
     block_winograd: HashMap<NodeId, BlockWinograd>,
     norms: HashMap<NodeId, NormKernels>,
@@ -428,11 +430,13 @@ impl JitKernels {
             .collect();
         let rest = compile_rest(&mut compiler, program, optimizer)?;
         let (winograd, block_winograd) = compile_winograd(&mut compiler, program)?;
+        let dense_by_4 = compile_dense_groups(&mut compiler, program)?;
         let listings = std::mem::take(&mut compiler.listings);
         Ok(JitKernels {
             convs,
             winograd,
             block_winograd,
+            dense_by_4,
             norms,
             blocks,
             pools,
@@ -465,6 +469,11 @@ impl JitKernels {
         self.block_winograd.get(&node).copied()
     }
 
+    /// A dense node's forward kernel over groups of 4 samples, to call directly.
+    pub fn dense_by_4(&self, node: NodeId) -> Option<KernelFn> {
+        self.dense_by_4.get(&node).copied()
+    }
+
     /// The kernels of a max-pooling node, to call directly.
     pub fn pool(&self, node: NodeId) -> Option<PoolKernels> {
         self.pools.get(&node).copied()
@@ -486,6 +495,7 @@ impl JitKernels {
             + self.softmaxes.len()
             + usize::from(self.loss.is_some())
             + usize::from(self.optimizer.is_some())
+            + self.dense_by_4.len()
             + self
                 .winograd
                 .values()
@@ -700,6 +710,30 @@ fn winograd_shape(conv: &ConvShape) -> Option<WinogradShape> {
     let hp = conv.hp.max(2 * conv.oh.div_ceil(2) + 2);
     let wp = conv.wp.max(2 * conv.ow.div_ceil(2) + 2);
     WinogradShape::new(ConvShape { hp, wp, ..*conv })
+}
+
+/// A dense layer's forward kernel for groups of 4 samples: the 1x1 convolution of a 1x4
+/// "image" of samples, so that 4 samples share each weight load (4 x 8 accumulators) where
+/// one sample alone has a chain of C multiply-adds per accumulator, bound by the FMA's
+/// latency. Each output still sums over its inputs in the same order: the same bits.
+fn compile_dense_groups(
+    compiler: &mut Compiler,
+    program: &Program,
+) -> anyhow::Result<HashMap<NodeId, KernelFn>> {
+    let mut ids = Vec::new();
+    let mut nodes = Vec::new();
+    for (id, node) in program.graph.nodes() {
+        let Op::Dense(_) = node.op else { continue };
+        let Some((shape, _)) = conv_shape(program, id, &node.op) else { continue };
+        let group = ConvShape { wp: 4, ow: 4, ..shape };
+        let name = format!("{}_forward_by_4", program.graph.layer_of(id).name);
+        nodes.push((
+            id,
+            define(compiler, &mut ids, &name, |e| conv::forward(e, &group, conv::Epilogue::default()))?,
+        ));
+    }
+    let code = compiler.finish(&ids)?;
+    Ok(nodes.into_iter().map(|(id, i)| (id, code[i])).collect())
 }
 
 /// Whether the cost model gives `conv` Winograd's kernels (and `CNNC_WINOGRAD=0` does not
@@ -1129,8 +1163,24 @@ impl Kernels<f32> for JitKernels {
         assert_eq!(b.is_some(), s.bias, "the kernel was compiled for this node's bias");
         assert!(b.as_ref().is_none_or(|b| b.len() == s.f));
         let bias = b.as_ref().map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut f32);
-        let forward = ConvForward::of(k.forward, self.winograd.get(&node).and_then(|wk| wk.forward));
         let w = w.as_slice().expect("row-major");
+        if let Some(by_4) = self.dense_by_4.get(&node) {
+            // groups of 4 samples, then the rest one by one
+            let x = x.as_standard_layout();
+            let packed = conv::pack_weights(w, s.c, s.f);
+            let (groups, rest) = (n / 4, n % 4);
+            return written(Ix4(n, 1, 1, s.f), |y| {
+                let wp = packed.as_ptr() as *mut f32;
+                run(*by_4, &Buffers(vec![ptr(&x), wp, bias, y]), groups, groups);
+                if rest > 0 {
+                    // SAFETY: x holds n samples of C inputs and y n of F outputs; the last `rest`
+                    // start after the 4·groups done.
+                    let (xr, yr) = unsafe { (ptr(&x).add(4 * groups * s.c), y.add(4 * groups * s.f)) };
+                    run(k.forward, &Buffers(vec![xr, wp, bias, yr]), rest, rest);
+                }
+            });
+        }
+        let forward = ConvForward::of(k.forward, self.winograd.get(&node).and_then(|wk| wk.forward));
         written(Ix4(n, s.oh, s.ow, s.f), |y| {
             conv_forward_into(forward, k, x, w, bias, y, std::ptr::null_mut())
         })
