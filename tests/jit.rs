@@ -136,6 +136,33 @@ fn winograd_for_wide_3x3_stride_1_layers() {
     differential(model, 5);
 }
 
+/// Winograd's weight gradient splits its tasks over threads: the same bits on 1 thread and 3.
+#[test]
+fn winograd_gradients_do_not_depend_on_the_thread_count() {
+    let model = "input 8x9x16 conv2d(21, kernel=3, activation=relu) flatten dense(3, activation=softmax)";
+    let program = program(model);
+    let jit = JitKernels::compile(&program, Listing::default()).unwrap();
+    assert!(jit.winograd(NodeId::from_index(1)).is_some_and(|k| k.weight_gradient.is_some()));
+    let mut rng = Rng::new(23, &[]);
+    let params: Vec<ArrayD<f32>> = program
+        .params
+        .iter()
+        .map(|p| ArrayD::from_shape_vec(p.spec.shape.clone(), random(p.spec.numel(), &mut rng)).unwrap())
+        .collect();
+    let input = reference::batch_array(&program, &random(7 * 8 * 9 * 16, &mut rng));
+    let labels = [0, 1, 2, 0, 1, 2, 0];
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let mode = Mode::Train { seed: 1, step: 0 };
+        pool.install(|| reference::gradients_with(&jit, &program, &params, input.clone(), &labels, mode))
+    };
+    let (one, three) = (run(1), run(3));
+    assert_eq!(one.loss_sum.to_bits(), three.loss_sum.to_bits());
+    for (a, b) in one.grads.iter().zip(&three.grads) {
+        assert_eq!(a, b);
+    }
+}
+
 #[test]
 fn dense_layers_of_awkward_widths() {
     differential("input 37 dense(21) dense(9, activation=relu) dense(3, activation=softmax)", 7);
