@@ -754,7 +754,9 @@ fn compile_winograd(
     for (id, node) in program.graph.nodes() {
         let Some((conv, _)) = conv_shape(program, id, &node.op) else { continue };
         let name = program.graph.layer_of(id).name.clone();
-        let forward = match winograd_shape(&conv) {
+        // A block's convolution runs forward in the block's own kernels (compiled below).
+        let in_block = program.blocks.iter().any(|b| b.linear == id);
+        let forward = match winograd_shape(&conv).filter(|_| !in_block) {
             Some(shape) => Some((
                 shape,
                 define(compiler, &mut ids, &format!("{name}_winograd_forward"), |e| {
