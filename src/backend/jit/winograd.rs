@@ -82,7 +82,8 @@ impl WinogradShape {
         self.th * self.tw
     }
 
-    /// Elements of the kernel's scratch: V (16·tiles·C) then M (16·tiles·F), for one sample.
+    /// Elements of a kernel's scratch for one sample: V (16·tiles·C), then M (forward) or D
+    /// (weight gradient), 16·tiles·F.
     pub fn scratch(&self) -> usize {
         XI * self.tiles() * (self.conv.c + self.conv.f)
     }
