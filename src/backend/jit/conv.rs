@@ -31,6 +31,9 @@ const UNROLL: usize = 4;
 /// spills); 36.8 ms before, with 6 channels of one tap per block.
 const WEIGHT_ROWS: usize = 4;
 
+/// Below this many groups of rows, the weight gradient's tasks also split the output channels.
+const FEW_GROUPS: usize = 8;
+
 /// One convolution's shapes, as its kernels bake them in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvShape {
@@ -59,9 +62,20 @@ impl ConvShape {
     }
 
     /// Work items of the weight-gradient kernel: one per group of [`WEIGHT_ROWS`] rows of dw,
-    /// a row being one (kh, kw, ci) and its F output channels.
+    /// a row being one (kh, kw, ci), and part of its output channels ([`Self::weight_parts`]).
     pub fn weight_tasks(&self) -> usize {
+        self.weight_groups() * self.weight_parts()
+    }
+
+    fn weight_groups(&self) -> usize {
         (self.kh * self.kw * self.c).div_ceil(WEIGHT_ROWS)
+    }
+
+    /// Parts of 8 output channels that a weight-gradient task covers one of: all F channels
+    /// in one part, unless there are fewer than [`FEW_GROUPS`] groups of rows, too few tasks
+    /// to spread over threads (a first layer with one input channel has 3).
+    pub fn weight_parts(&self) -> usize {
+        if self.weight_groups() < FEW_GROUPS { self.f.div_ceil(8) } else { 1 }
     }
 }
 
@@ -413,31 +427,58 @@ pub fn backward_input(e: &mut Emit, s: &ConvShape) {
 /// Buffers: [x (padded), dy, dw (KH,KW,C,F)].
 pub fn backward_weights(e: &mut Emit, s: &ConvShape) {
     let (x, dy, dw) = (e.buf(0), e.buf(1), e.buf(2));
-    let groups = s.weight_tasks();
+    let (groups, parts) = (s.weight_groups(), s.weight_parts());
     let rows_last = s.kh * s.kw * s.c - (groups - 1) * WEIGHT_ROWS;
+    let channels_last = s.f - (parts - 1) * 8;
     let (start, end, batch) = (e.start, e.end, e.batch);
     let zero = e.int(0);
     e.for_range(zero, batch, |e, n| {
         e.for_range(start, end, |e, task| {
-            let k0 = e.mul_k(task, WEIGHT_ROWS as i64);
-            if rows_last == WEIGHT_ROWS {
-                weight_rows(e, s, [x, dy, dw], k0, n, WEIGHT_ROWS);
-            } else {
-                let last = e.int(groups as i64 - 1);
-                let is_last = e.icmp(cranelift_codegen::ir::condcodes::IntCC::Equal, task, last);
-                let not_last = e.icmp(cranelift_codegen::ir::condcodes::IntCC::NotEqual, task, last);
-                e.when(not_last, |e| weight_rows(e, s, [x, dy, dw], k0, n, WEIGHT_ROWS));
-                e.when(is_last, |e| weight_rows(e, s, [x, dy, dw], k0, n, rows_last));
-            }
+            let bound = s.weight_tasks() as u64;
+            let group = e.div_k(task, parts as u64, bound);
+            let part = e.rem_k(task, parts as u64, bound);
+            let k0 = e.mul_k(group, WEIGHT_ROWS as i64);
+            let f0 = e.mul_k(part, 8);
+            // the last group (part) may be shorter: a variant for it, chosen at run time
+            let split = |e: &mut Emit,
+                         index: Value,
+                         count: usize,
+                         full: usize,
+                         last: usize,
+                         body: &mut dyn FnMut(&mut Emit, usize)| {
+                if last == full {
+                    body(e, full);
+                    return;
+                }
+                let final_index = e.int(count as i64 - 1);
+                let is_last = e.icmp(cranelift_codegen::ir::condcodes::IntCC::Equal, index, final_index);
+                let not_last = e.icmp(cranelift_codegen::ir::condcodes::IntCC::NotEqual, index, final_index);
+                e.when(not_last, |e| body(e, full));
+                e.when(is_last, |e| body(e, last));
+            };
+            split(e, group, groups, WEIGHT_ROWS, rows_last, &mut |e, rows| {
+                let channels_full = if parts == 1 { s.f } else { 8 };
+                split(e, part, parts, channels_full, channels_last, &mut |e, channels| {
+                    weight_rows(e, s, [x, dy, dw], k0, n, rows, (f0, channels));
+                });
+            });
         });
     });
 }
 
-/// Sample n's part of `rows` rows of the weight gradient from row k0 (a row is one kh, kw, c),
-/// added into dw (zeroed by the caller): each chunk's accumulators are loaded from dw, run over
-/// the sample's output pixels, and stored back. Each dw element sums over samples, then
-/// output rows, then columns, in order.
-fn weight_rows(e: &mut Emit, s: &ConvShape, [x, dy, dw]: [Value; 3], k0: Value, n: Value, rows: usize) {
+/// Sample n's part of `rows` rows of the weight gradient from row k0 (a row is one kh, kw, c)
+/// and `channels` output channels from `first`, added into dw (zeroed by the caller): each
+/// chunk's accumulators are loaded from dw, run over the sample's output pixels, and stored
+/// back. Each dw element sums over samples, then output rows, then columns, in order.
+fn weight_rows(
+    e: &mut Emit,
+    s: &ConvShape,
+    [x, dy, dw]: [Value; 3],
+    k0: Value,
+    n: Value,
+    rows: usize,
+    (first, channels): (Value, usize),
+) {
     // Row k reads x at (n, oh·sh + kh, ow·sw + kw, c), (kh, kw, c) from k = (kh·KW + kw)·C + c:
     // its base is sample n's x plus (kh·WP + kw)·C + c.
     let xn_off = e.mul_k(n, (s.hp * s.wp * s.c) as i64);
@@ -459,7 +500,8 @@ fn weight_rows(e: &mut Emit, s: &ConvShape, [x, dy, dw]: [Value; 3], k0: Value, 
         .collect();
     let w_off = e.mul_k(k0, s.f as i64);
     let dwbase = e.at(dw, w_off);
-    for_chunks(e, s.f, |e, f0, width| {
+    for_chunks(e, channels, |e, f0, width| {
+        let f0 = e.add(first, f0);
         let parts = width.parts();
         let base = e.at(dwbase, f0);
         let mut acc: Vec<Variable> = Vec::with_capacity(rows * parts);
