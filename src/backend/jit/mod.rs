@@ -217,6 +217,8 @@ pub struct JitKernels {
     winograd: HashMap<NodeId, WinogradKernels>,
     /// Dense layers' forward kernel over groups of 4 samples ([`compile_dense_groups`]).
     dense_by_4: HashMap<NodeId, KernelFn>,
+    /// Blocks (by output) whose gradient arrives through the relu already ([`relu_pools`]).
+    masked_blocks: std::collections::HashSet<NodeId>,
     /// By the block's output node.
     block_winograd: HashMap<NodeId, BlockWinograd>,
     norms: HashMap<NodeId, NormKernels>,
@@ -265,6 +267,7 @@ impl JitKernels {
         let mut pending = Vec::new();
         let mut pending_pools = Vec::new();
         let mut pending_rectifiers = Vec::new();
+        let relu_pools = relu_pools(program);
         for (id, node) in program.graph.nodes() {
             let alpha = match node.op {
                 Op::Activation(Activation::Relu) => Some(0.0),
@@ -281,7 +284,9 @@ impl JitKernels {
             if let Some((shape, pads)) = pool_shape(program, id, &node.op) {
                 let name = program.graph.layer_of(id).name.clone();
                 let f = compiler.kernel(&format!("{name}_forward"), |e| pool::forward(e, &shape))?;
-                let b = compiler.kernel(&format!("{name}_backward"), |e| pool::backward(e, &shape))?;
+                let masked = relu_pools.contains_key(&id);
+                let b =
+                    compiler.kernel(&format!("{name}_backward"), |e| pool::backward(e, &shape, masked))?;
                 pending_pools.push((id, shape, pads, [f, b]));
             }
             let Some((shape, pads)) = conv_shape(program, id, &node.op) else { continue };
@@ -437,6 +442,7 @@ impl JitKernels {
             winograd,
             block_winograd,
             dense_by_4,
+            masked_blocks: relu_pools.values().copied().collect(),
             norms,
             blocks,
             pools,
@@ -710,6 +716,29 @@ fn winograd_shape(conv: &ConvShape) -> Option<WinogradShape> {
     let hp = conv.hp.max(2 * conv.oh.div_ceil(2) + 2);
     let wp = conv.wp.max(2 * conv.ow.div_ceil(2) + 2);
     WinogradShape::new(ConvShape { hp, wp, ..*conv })
+}
+
+/// Max pools (with the block they read) whose input is a fused block's relu output and which
+/// are its only reader: their backward kernel passes the gradient through the relu too (the
+/// window's maximum is positive exactly where the relu's input is), and the block skips its
+/// own pass over the relu's mask: one pass over the block's output less.
+fn relu_pools(program: &Program) -> HashMap<NodeId, NodeId> {
+    let mut pools = HashMap::new();
+    for block in &program.blocks {
+        let relu = block.act.map(|a| fuse::fusable_rectifier(&program.graph.node(a).op));
+        if block.norm.is_some() || relu != Some(Some(0.0)) {
+            continue;
+        }
+        let out = block.output();
+        let readers: Vec<NodeId> =
+            program.graph.nodes().filter(|(_, node)| node.inputs.contains(&out)).map(|(id, _)| id).collect();
+        if let [reader] = readers[..]
+            && matches!(program.graph.node(reader).op, Op::Pool(p) if p.kind == PoolKind::Max)
+        {
+            pools.insert(reader, out);
+        }
+    }
+    pools
 }
 
 /// A dense layer's forward kernel for groups of 4 samples: the 1x1 convolution of a 1x4
@@ -1548,13 +1577,17 @@ impl Kernels<f32> for JitKernels {
                 );
                 grads.push((indices[0], dgamma.into_dyn()));
                 grads.push((indices[1], dbeta.into_dyn()));
-                dc
+                CowArray::from(dc)
             }
+            // the max pool after the block passed its gradient through the relu already
+            _ if self.masked_blocks.contains(&block.output()) => CowArray::from(dz.view()),
             _ => {
                 let act = block.act.expect("a block without batchnorm ends in a rectifier");
                 let r = self.rectifiers.get(&act)?;
                 assert_eq!(z.len(), n * r.len);
-                written(z.raw_dim(), |dc| run(r.backward, &Buffers(vec![ptr(z), ptr(&dz), dc]), n, n))
+                CowArray::from(written(z.raw_dim(), |dc| {
+                    run(r.backward, &Buffers(vec![ptr(z), ptr(&dz), dc]), n, n)
+                }))
             }
         };
         let dc4 = dc.view().into_shape_with_order((n, s.oh, s.ow, s.f)).expect("row-major");

@@ -101,9 +101,11 @@ pub fn forward(e: &mut Emit, s: &PoolShape) {
     });
 }
 
-/// dx (padded, zeroed) += dy at each window's first maximum. Buffers: [x (padded with -inf),
-/// dy, dx]; items: samples.
-pub fn backward(e: &mut Emit, s: &PoolShape) {
+/// dx (padded, zeroed) += dy at each window's first maximum. With `through_relu` (x is a
+/// relu's output, whose backward pass the caller then skips), only where that maximum is
+/// positive: dx is then the gradient of the relu's input. Buffers: [x (padded with -inf), dy,
+/// dx]; items: samples.
+pub fn backward(e: &mut Emit, s: &PoolShape, through_relu: bool) {
     let (x, dy, dx) = (e.buf(0), e.buf(1), e.buf(2));
     for_each_window(e, s, |e, out, offsets, c0, width| {
         let loads: Vec<Vec<Value>> = offsets
@@ -120,8 +122,24 @@ pub fn backward(e: &mut Emit, s: &PoolShape) {
         }
         let at = e.add(out, c0);
         let addr = e.at(dy, at);
-        let grad = load_chunk(e, addr, 0, width);
+        let mut grad = load_chunk(e, addr, 0, width);
         let zero = e.zero(if width == Width::Scalar { types::F32 } else { types::F32X4 });
+        if through_relu {
+            // the gradient continues through the relu that made x: none where the maximum is 0
+            grad = grad
+                .iter()
+                .zip(&best)
+                .map(|(g, b)| {
+                    let positive = e.ins().fcmp(FloatCC::GreaterThan, *b, zero);
+                    if width == Width::Scalar {
+                        e.ins().select(positive, *g, zero)
+                    } else {
+                        let mask = e.ins().bitcast(types::F32X4, MemFlagsData::new(), positive);
+                        e.ins().bitselect(mask, *g, zero)
+                    }
+                })
+                .collect();
+        }
         // Lanes whose maximum has been found: no gradient for later equal pixels.
         let mut done: Option<Vec<Value>> = None;
         for (offset, v) in offsets.iter().zip(&loads) {
