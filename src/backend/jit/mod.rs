@@ -356,14 +356,8 @@ impl JitKernels {
             let mut pooled = None;
             if let Some(pool) = block.pool {
                 let (ps, _) = pool_shape(program, pool, &program.graph.node(pool).op).expect("a max pool");
-                let rows = (ps.oh - 1) * ps.sh + ps.kh;
-                let cols = (ps.ow - 1) * ps.sw + ps.kw;
-                let conv_part = ConvShape {
-                    oh: rows,
-                    ow: cols,
-                    bias: conv_shape.bias || block.norm.is_some(),
-                    ..conv_shape
-                };
+                let conv_part = pooled_conv_shape(&conv_shape, &ps, block);
+                let (rows, cols) = (conv_part.oh, conv_part.ow);
                 let pool_part = PoolShape { hp: rows, wp: cols, ..ps };
                 let epilogue = conv::Epilogue { rectify, stats: false };
                 ids.push(
@@ -706,6 +700,20 @@ fn compile_rest(
     })
 }
 
+/// A pooled block's convolution at inference: only the rows and columns some window of the
+/// pool `ps` reads (a `floor` drops the rest), with a bias when batchnorm is folded in.
+fn pooled_conv_shape(conv: &ConvShape, ps: &PoolShape, block: &Block) -> ConvShape {
+    let rows = (ps.oh - 1) * ps.sh + ps.kh;
+    let cols = (ps.ow - 1) * ps.sw + ps.kw;
+    ConvShape { oh: rows, ow: cols, bias: conv.bias || block.norm.is_some(), ..*conv }
+}
+
+/// Whether `id` is the convolution (or dense layer) of a fused block, whose forward pass the
+/// block's own kernels run.
+fn in_block(program: &Program, id: NodeId) -> bool {
+    program.blocks.iter().any(|b| b.linear == id)
+}
+
 /// The Winograd shape of a 3x3 stride-1 convolution that the cost model gives it (unless
 /// `CNNC_WINOGRAD=0`, which keeps every layer direct, for comparisons): the input buffer
 /// grown bottom/right to hold every tile.
@@ -753,7 +761,9 @@ fn compile_dense_groups(
     let mut nodes = Vec::new();
     for (id, node) in program.graph.nodes() {
         let Op::Dense(_) = node.op else { continue };
-        let Some((shape, _)) = conv_shape(program, id, &node.op) else { continue };
+        let Some((shape, _)) = conv_shape(program, id, &node.op).filter(|_| !in_block(program, id)) else {
+            continue;
+        };
         let group = ConvShape { wp: 4, ow: 4, ..shape };
         let name = format!("{}_forward_by_4", program.graph.layer_of(id).name);
         nodes.push((
@@ -784,8 +794,7 @@ fn compile_winograd(
         let Some((conv, _)) = conv_shape(program, id, &node.op) else { continue };
         let name = program.graph.layer_of(id).name.clone();
         // A block's convolution runs forward in the block's own kernels (compiled below).
-        let in_block = program.blocks.iter().any(|b| b.linear == id);
-        let forward = match winograd_shape(&conv).filter(|_| !in_block) {
+        let forward = match winograd_shape(&conv).filter(|_| !in_block(program, id)) {
             Some(shape) => Some((
                 shape,
                 define(compiler, &mut ids, &format!("{name}_winograd_forward"), |e| {
@@ -835,20 +844,15 @@ fn compile_winograd(
         // The pooled block at inference reads one sample of the layer's padded input as it is.
         let pooled = match block.pool.and_then(|pool| pool_shape(program, pool, &program.graph.node(pool).op))
         {
-            Some((ps, _)) => {
-                let rows = (ps.oh - 1) * ps.sh + ps.kh;
-                let cols = (ps.ow - 1) * ps.sw + ps.kw;
-                let part = ConvShape { oh: rows, ow: cols, bias: conv.bias || block.norm.is_some(), ..conv };
-                match WinogradShape::new(part) {
-                    Some(pooled_shape) => {
-                        let i = define(compiler, &mut ids, &format!("{name}_winograd_infer_pooled"), |e| {
-                            winograd::forward(e, &pooled_shape, folded)
-                        })?;
-                        Some((pooled_shape, i))
-                    }
-                    None => None,
+            Some((ps, _)) => match WinogradShape::new(pooled_conv_shape(&conv, &ps, block)) {
+                Some(pooled_shape) => {
+                    let i = define(compiler, &mut ids, &format!("{name}_winograd_infer_pooled"), |e| {
+                        winograd::forward(e, &pooled_shape, folded)
+                    })?;
+                    Some((pooled_shape, i))
                 }
-            }
+                None => None,
+            },
             None => None,
         };
         blocks.push((block.output(), (shape, forward), infer, pooled));
@@ -1054,13 +1058,17 @@ fn run_conv(forward: ConvForward, buffers: Vec<*mut f32>, n: usize) {
     }
 }
 
+/// `items` work items split into one contiguous range per thread, in parallel.
+fn shards(items: usize) -> impl ParallelIterator<Item = (usize, usize)> {
+    let shards = rayon::current_num_threads().min(items).max(1);
+    (0..shards).into_par_iter().map(move |shard| (items * shard / shards, items * (shard + 1) / shards))
+}
+
 /// [`run`] for a kernel whose last buffer is a scratch of `scratch` elements: each shard
 /// allocates its own.
 fn run_with_scratch(kernel: KernelFn, buffers: Vec<*mut f32>, scratch: usize, items: usize, batch: usize) {
     let buffers = Buffers(buffers);
-    let shards = rayon::current_num_threads().min(items).max(1);
-    (0..shards).into_par_iter().for_each(|shard| {
-        let (lo, hi) = (items * shard / shards, items * (shard + 1) / shards);
+    shards(items).for_each(|(lo, hi)| {
         let mut own = vec![0.0f32; scratch];
         let all = buffers.with(own.as_mut_ptr());
         // SAFETY: the buffers have the shapes the kernel was compiled for, the items lo..hi lie
@@ -1071,9 +1079,7 @@ fn run_with_scratch(kernel: KernelFn, buffers: Vec<*mut f32>, scratch: usize, it
 
 /// Runs `kernel` over `items` work items, split into one contiguous shard per thread.
 fn run(kernel: KernelFn, buffers: &Buffers, items: usize, batch: usize) {
-    let shards = rayon::current_num_threads().min(items).max(1);
-    (0..shards).into_par_iter().for_each(|shard| {
-        let (lo, hi) = (items * shard / shards, items * (shard + 1) / shards);
+    shards(items).for_each(|(lo, hi)| {
         // SAFETY: the buffers have the shapes the kernel was compiled for (checked by the
         // callers' asserts), and the items lo..hi lie within them.
         unsafe { kernel(buffers.0.as_ptr(), lo as i64, hi as i64, batch as i64) }
@@ -1092,9 +1098,7 @@ fn run_pooled(
     n: usize,
 ) {
     let buffers = Buffers(vec![x, w, b, y]);
-    let shards = rayon::current_num_threads().min(n).max(1);
-    (0..shards).into_par_iter().for_each(|shard| {
-        let (lo, hi) = (n * shard / shards, n * (shard + 1) / shards);
+    shards(n).for_each(|(lo, hi)| {
         let mut scratch = vec![0.0f32; shape.scratch];
         let mut tiles = vec![0.0f32; conv.scratch()];
         let [x, w, b, y] = [0, 1, 2, 3].map(|i| buffers.get(i));
