@@ -206,17 +206,5 @@ fn fused_training_does_not_depend_on_the_thread_count() {
     let params = parameters(&fused, &mut rng);
     let input = reference::batch_array(&fused, &random(7 * 128, &mut rng));
     let labels = [0, 1, 2, 0, 1, 2, 0];
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        let mode = Mode::Train { seed: 1, step: 0 };
-        pool.install(|| reference::gradients_with(&jit, &fused, &params, input.clone(), &labels, mode))
-    };
-    let (one, three) = (run(1), run(3));
-    assert_eq!(one.loss_sum.to_bits(), three.loss_sum.to_bits());
-    for (a, b) in one.grads.iter().zip(&three.grads) {
-        assert_eq!(a, b);
-    }
-    for ((_, a), (_, b)) in one.moving.iter().zip(&three.moving) {
-        assert_eq!(a, b);
-    }
+    common::assert_same_on_1_and_3_threads(&jit, &fused, &params, &input, &labels);
 }

@@ -151,16 +151,7 @@ fn winograd_gradients_do_not_depend_on_the_thread_count() {
         .collect();
     let input = reference::batch_array(&program, &random(7 * 8 * 9 * 16, &mut rng));
     let labels = [0, 1, 2, 0, 1, 2, 0];
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        let mode = Mode::Train { seed: 1, step: 0 };
-        pool.install(|| reference::gradients_with(&jit, &program, &params, input.clone(), &labels, mode))
-    };
-    let (one, three) = (run(1), run(3));
-    assert_eq!(one.loss_sum.to_bits(), three.loss_sum.to_bits());
-    for (a, b) in one.grads.iter().zip(&three.grads) {
-        assert_eq!(a, b);
-    }
+    common::assert_same_on_1_and_3_threads(&jit, &program, &params, &input, &labels);
 }
 
 #[test]

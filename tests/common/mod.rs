@@ -32,3 +32,28 @@ pub fn assert_within(tolerance: f32, what: &str, expected: &ArrayD<f32>, actual:
         assert!((x - y).abs() <= tolerance * x.abs().max(1.0), "{what}[{i}]: expected {x}, got {y}");
     }
 }
+
+/// A training step's loss, gradients and new moving statistics on 1 thread and on 3: the same
+/// bits, since every sum runs in a fixed order.
+pub fn assert_same_on_1_and_3_threads(
+    kernels: &cnnc::backend::jit::JitKernels,
+    program: &Program,
+    params: &[ArrayD<f32>],
+    input: &ArrayD<f32>,
+    labels: &[u8],
+) {
+    use cnnc::backend::reference::{self, Mode};
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let mode = Mode::Train { seed: 1, step: 0 };
+        pool.install(|| reference::gradients_with(kernels, program, params, input.clone(), labels, mode))
+    };
+    let (one, three) = (run(1), run(3));
+    assert_eq!(one.loss_sum.to_bits(), three.loss_sum.to_bits());
+    for (a, b) in one.grads.iter().zip(&three.grads) {
+        assert_eq!(a, b);
+    }
+    for ((_, a), (_, b)) in one.moving.iter().zip(&three.moving) {
+        assert_eq!(a, b);
+    }
+}
