@@ -12,7 +12,7 @@ use cnnc::autodiff::{self, Program};
 use cnnc::backend::Backend;
 use cnnc::backend::jit::{Jit, JitKernels, Listing};
 use cnnc::backend::reference::ops::Geometry;
-use cnnc::backend::reference::{Kernels, Plain, Reference};
+use cnnc::backend::reference::{Kernels, KernelsExt as _, Plain, Reference};
 use cnnc::diagnostic::SourceFile;
 use cnnc::ir::{Op, Shape};
 use cnnc::rng::Rng;

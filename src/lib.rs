@@ -12,6 +12,7 @@ pub mod data;
 pub mod diagnostic;
 pub mod fsutil;
 pub mod ir;
+pub mod memory;
 pub mod report;
 pub mod rng;
 pub mod syntax;

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+use cnnc::autodiff::Program;
 use cnnc::diagnostic::{Diagnostic, SourceFile, render_all};
+use cnnc::memory::{Pass, Plan};
 use cnnc::train::driver::{self, RunConfig, RunFiles};
 use cnnc::train::metrics::EpochRecord;
 
@@ -41,14 +43,15 @@ enum Command {
         deny_warnings: bool,
     },
     /// Print the model's layers, output shapes, parameters, FLOPs, memory, padding and
-    /// receptive fields.
+    /// receptive fields, and the size of the arena its compiled training step and inference
+    /// run in (for the train block's batch size, 32 without one, on this many threads).
     Summary {
         /// The .cnn file.
         file: PathBuf,
         /// Print the summary as JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Also compile the model's kernels and report how long that took.
+        /// Also report how many kernels the model compiles to and how long that took.
         #[arg(long)]
         compile: bool,
         /// Treat warnings as errors (non-zero exit when there are any).
@@ -60,7 +63,9 @@ enum Command {
         /// The .cnn file.
         file: PathBuf,
         /// What to print. `ir`: the forward IR graph, one op a line, with every shape;
-        /// `clif`: the Cranelift IR of the compiled kernels; `asm`: their machine code.
+        /// `clif`: the Cranelift IR of the compiled kernels; `asm`: their machine code;
+        /// `memory`: the memory plan of the training step and of inference, buffer by buffer
+        /// (for the train block's batch size, 32 without one).
         #[arg(long, value_enum, default_value = "ir")]
         emit: Emit,
         /// With clif or asm: only the kernels whose name contains this (e.g. conv2d_1_forward).
@@ -184,6 +189,7 @@ enum Emit {
     Ir,
     Clif,
     Asm,
+    Memory,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -213,25 +219,40 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Command::Summary { file, json, compile, deny_warnings } => run(&file, deny_warnings, |checked, _| {
-            let compiled = if compile {
-                let program = cnnc::autodiff::build_with(checked, fuse)?;
-                let optimizer = checked.model.train.as_ref().map(|t| &t.optimizer);
-                let kernels =
-                    cnnc::backend::jit::JitKernels::compile_with(&program, Default::default(), optimizer)?;
-                Some((kernels.kernel_count(), kernels.compile_ms))
-            } else {
-                None
-            };
+            let program = cnnc::autodiff::build_with(checked, fuse)?;
+            let optimizer = checked.model.train.as_ref().map(|t| &t.optimizer);
+            let kernels =
+                cnnc::backend::jit::JitKernels::compile_with(&program, Default::default(), optimizer)?;
+            let batch = checked.model.train.as_ref().map_or(32, |t| t.batch_size);
+            let plans = memory_plans(&kernels, &program, batch);
             if json {
                 let mut value = cnnc::report::summary_json(checked);
-                if let Some((count, ms)) = compiled {
+                if compile {
+                    let (count, ms) = (kernels.kernel_count(), kernels.compile_ms);
                     value["compile"] = serde_json::json!({"kernels": count, "milliseconds": ms});
                 }
+                value["arena"] = plans
+                    .iter()
+                    .map(|plan| {
+                        let pass = if plan.pass == Pass::Train { "train" } else { "inference" };
+                        let bytes = serde_json::json!({
+                            "batch": plan.batch,
+                            "threads": rayon::current_num_threads(),
+                            "bytes": 4 * plan.len,
+                            "unshared_bytes": 4 * plan.unshared,
+                        });
+                        (pass.to_string(), bytes)
+                    })
+                    .collect::<serde_json::Map<_, _>>()
+                    .into();
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 print!("{}", cnnc::report::summary_text(checked));
-                if let Some((count, ms)) = compiled {
-                    println!(" Compiled {count} kernels in {ms:.1} ms");
+                for plan in &plans {
+                    println!(" Memory: {plan}, {} thread(s)", rayon::current_num_threads());
+                }
+                if compile {
+                    println!(" Compiled {} kernels in {:.1} ms", kernels.kernel_count(), kernels.compile_ms);
                 }
             }
             Ok(())
@@ -312,6 +333,16 @@ fn print_diagnostics(diagnostics: &[Diagnostic], source: &SourceFile) {
     if !diagnostics.is_empty() {
         eprintln!("{}", render_all(diagnostics, source));
     }
+}
+
+/// The memory plans of the JIT's training step (when the model trains) and inference, for
+/// batches of `batch`.
+fn memory_plans(kernels: &cnnc::backend::jit::JitKernels, program: &Program, batch: usize) -> Vec<Plan> {
+    let passes = if program.steps.is_empty() { vec![Pass::Infer] } else { vec![Pass::Train, Pass::Infer] };
+    passes
+        .into_iter()
+        .map(|pass| cnnc::backend::reference::plan(kernels, program, pass, batch, true))
+        .collect()
 }
 
 fn with_threads(threads: Option<usize>, f: impl FnOnce() -> anyhow::Result<()> + Send) -> anyhow::Result<()> {
@@ -422,6 +453,13 @@ fn compile(checked: &cnnc::Checked, emit: Emit, kernel: Option<&str>, fuse: bool
     let listing = cnnc::backend::jit::Listing { clif: emit == Emit::Clif, asm: emit == Emit::Asm };
     let optimizer = checked.model.train.as_ref().map(|t| &t.optimizer);
     let kernels = cnnc::backend::jit::JitKernels::compile_with(&program, listing, optimizer)?;
+    if emit == Emit::Memory {
+        let batch = checked.model.train.as_ref().map_or(32, |t| t.batch_size);
+        for plan in memory_plans(&kernels, &program, batch) {
+            println!("{}", plan.describe(&program));
+        }
+        return Ok(());
+    }
     let mut shown = 0;
     for (name, text) in kernels.listings.iter().filter(|(name, _)| kernel.is_none_or(|k| name.contains(k))) {
         println!("; kernel {name}\n{text}");

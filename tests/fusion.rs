@@ -165,7 +165,7 @@ fn winograd_blocks_with_batchnorm_relu_and_pools() {
 /// The JIT's separate batchnorm kernels (outside any block), against the reference op by op.
 #[test]
 fn unfused_batchnorm_kernels_match_the_reference() {
-    use cnnc::backend::reference::{Kernels as _, Plain};
+    use cnnc::backend::reference::{KernelsExt as _, Plain};
     use ndarray::{Array1, Array2};
     let program = program("input 5x3x13 batchnorm flatten dense(3, activation=softmax)");
     let jit = JitKernels::compile(&program, Listing::default()).unwrap();

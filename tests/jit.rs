@@ -12,7 +12,7 @@ use cnnc::autodiff::Program;
 use cnnc::backend::Backend as _;
 use cnnc::backend::jit::{Jit, JitKernels, Listing};
 use cnnc::backend::reference::ops::Geometry;
-use cnnc::backend::reference::{self, Kernels as _, Mode, Plain, Reference};
+use cnnc::backend::reference::{self, Kernels as _, KernelsExt as _, Mode, Plain, Reference};
 use cnnc::ir::{Activation, NodeId, Op};
 use cnnc::rng::Rng;
 use cnnc::train::state::State;

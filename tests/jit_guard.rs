@@ -10,7 +10,7 @@ use cnnc::backend::jit::activation::Sigmoidal;
 use cnnc::backend::jit::conv::pack_weights;
 use cnnc::backend::jit::{JitKernels, Listing};
 use cnnc::backend::reference::ops::Geometry;
-use cnnc::backend::reference::{Kernels as _, Plain};
+use cnnc::backend::reference::{KernelsExt as _, Plain};
 use cnnc::diagnostic::SourceFile;
 use cnnc::ir::Activation;
 use cnnc::rng::Rng;

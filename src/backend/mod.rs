@@ -4,6 +4,7 @@
 //! Architecture invariant: a backend takes a compiled program and buffers; it knows nothing of
 //! the syntax, the data files or the training loop.
 
+pub mod arena;
 pub mod jit;
 pub mod reference;
 
@@ -24,6 +25,11 @@ pub trait Backend {
 
     /// What was compiled for this model, and how long it took, for the log.
     fn compile_report(&self) -> Option<String> {
+        None
+    }
+
+    /// The memory plan of `pass` for batches of `batch`, for the log.
+    fn memory_plan(&self, _pass: crate::memory::Pass, _batch: usize) -> Option<crate::memory::Plan> {
         None
     }
 

@@ -187,6 +187,9 @@ pub fn train(
     if let Some(report) = backend.compile_report() {
         observer.message(&report);
     }
+    if let Some(plan) = backend.memory_plan(crate::memory::Pass::Train, config.batch_size) {
+        observer.message(&format!("memory: {plan}"));
+    }
     std::fs::create_dir_all(&files.out_dir)
         .with_context(|| format!("cannot create the output directory `{}`", files.out_dir.display()))?;
 

@@ -1,6 +1,6 @@
 //! Optimizer steps, as Keras 3 computes them.
 
-use ndarray::{ArrayD, Zip};
+use ndarray::{ArrayD, ArrayRef, IxDyn, Zip};
 
 use crate::ir::train::Optimizer;
 
@@ -9,7 +9,7 @@ use crate::ir::train::Optimizer;
 pub fn update(
     optimizer: &Optimizer,
     param: &mut ArrayD<f32>,
-    grad: &ArrayD<f32>,
+    grad: &ArrayRef<f32, IxDyn>,
     slots: &mut [ArrayD<f32>],
     iteration: u64,
 ) {

@@ -87,16 +87,28 @@ impl ConvShape {
 /// N·4-byte row.
 pub fn pack_weights(w: &[f32], k: usize, n: usize) -> Vec<f32> {
     assert_eq!(w.len(), k * n, "a (K, N) kernel");
-    let mut packed = Vec::with_capacity(w.len());
+    let mut packed = vec![0.0; w.len()];
+    pack_into(k, n, |row, col| w[row * n + col], &mut packed);
+    packed
+}
+
+/// [`pack_weights`] of the (K, N) matrix whose element (row, col) is `at(row, col)`, into
+/// `out` (K·N elements): the input-gradient kernel's transposed weights are packed straight
+/// from the layer's.
+pub fn pack_into(k: usize, n: usize, at: impl Fn(usize, usize) -> f32, out: &mut [f32]) {
+    assert_eq!(out.len(), k * n, "a (K, N) kernel");
+    let mut i = 0;
     let mut n0 = 0;
     while n0 < n {
         let width = chunk_width(n - n0);
-        for row in w.chunks_exact(n) {
-            packed.extend_from_slice(&row[n0..n0 + width]);
+        for row in 0..k {
+            for col in n0..n0 + width {
+                out[i] = at(row, col);
+                i += 1;
+            }
         }
         n0 += width;
     }
-    packed
 }
 
 /// The width of the next chunk when `left` channels remain (see [`for_chunks`]).

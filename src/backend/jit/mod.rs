@@ -21,17 +21,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use ndarray::{
-    Array, Array1, Array2, Array3, Array4, ArrayD, ArrayRef, ArrayView1, ArrayView2, ArrayView4, ArrayViewD,
-    Axis, CowArray, Ix1, Ix4, IxDyn, s,
+    ArrayD, ArrayRef, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut2,
+    ArrayViewMut4, ArrayViewMutD, Ix1, IxDyn, s,
 };
 use rayon::prelude::*;
 
-use super::reference::ops::{BatchStats, Geometry};
-use super::reference::{self, BlockBackward, BlockForward, Interpreter, Kernels, Mode, Tape};
-use crate::autodiff::Program;
+use super::arena::Scratch;
+use super::reference::ops::Geometry;
+use super::reference::{self, BlockGrads, BlockOut, BlockTape, Interpreter, Kernels, KernelsExt as _, Mode};
+use crate::autodiff::{Program, Step};
 use crate::ir::fuse::{self, Block};
 use crate::ir::train::{Loss, Optimizer};
 use crate::ir::{Activation, NodeId, Op, PoolKind, Shape};
+use crate::memory::Pass;
 use activation::Sigmoidal;
 use conv::ConvShape;
 use cranelift_module::FuncId;
@@ -559,18 +561,6 @@ impl JitKernels {
     pub fn runs(&self) -> usize {
         self.runs.load(Ordering::Relaxed)
     }
-
-    /// [`run`], counted in [`JitKernels::runs`].
-    fn run(&self, kernel: KernelFn, buffers: &Buffers, items: usize, batch: usize) {
-        self.runs.fetch_add(1, Ordering::Relaxed);
-        run(kernel, buffers, items, batch);
-    }
-
-    /// [`map_samples`], counted in [`JitKernels::runs`].
-    fn map_samples(&self, kernel: KernelFn, len: usize, inputs: &[ArrayViewD<f32>]) -> ArrayD<f32> {
-        self.runs.fetch_add(1, Ordering::Relaxed);
-        map_samples(kernel, len, inputs)
-    }
 }
 
 /// The kernels [`compile_rest`] adds to the convolutions, max pools and rectifiers.
@@ -971,23 +961,49 @@ fn pool_shape_of(program: &Program, id: NodeId, op: &Op, kind: PoolKind) -> Opti
     Some((shape, pads))
 }
 
-/// Buffer pointers handed to kernels running on several threads.
-struct Buffers(Vec<*mut f32>);
+/// Buffer pointers handed to kernels running on several threads: up to eight, in place (a
+/// step allocates nothing).
+#[derive(Clone, Copy)]
+struct Buffers {
+    ptrs: [*mut f32; 8],
+    len: usize,
+}
 // SAFETY: each kernel call writes only the part of its output that belongs to its own range
-// of work items (samples, or weight-gradient tasks); everything else it only reads.
+// of work items (samples, or weight-gradient tasks), or its shard's own scratch; everything
+// else it only reads.
 unsafe impl Sync for Buffers {}
+unsafe impl Send for Buffers {}
 
 impl Buffers {
-    /// Buffer `i` (a method, so that closures capture the whole `Sync` list, not its `Vec`).
+    fn new(ptrs: &[*mut f32]) -> Self {
+        let mut all = Buffers { ptrs: [std::ptr::null_mut(); 8], len: 0 };
+        for &p in ptrs {
+            all = all.with(p);
+        }
+        all
+    }
+
+    /// Buffer `i` (a method, so that closures capture the whole `Sync` list).
     fn get(&self, i: usize) -> *mut f32 {
-        self.0[i]
+        self.ptrs[i]
     }
 
     /// The buffers and one more.
-    fn with(&self, last: *mut f32) -> Vec<*mut f32> {
-        let mut all = self.0.clone();
-        all.push(last);
-        all
+    fn with(mut self, last: *mut f32) -> Self {
+        assert!(self.len < self.ptrs.len(), "kernels take at most eight buffers");
+        self.ptrs[self.len] = last;
+        self.len += 1;
+        self
+    }
+
+    /// The last buffer replaced by `last`.
+    fn with_last(mut self, last: *mut f32) -> Self {
+        self.ptrs[self.len - 1] = last;
+        self
+    }
+
+    fn as_ptr(&self) -> *const *mut f32 {
+        self.ptrs.as_ptr()
     }
 }
 
@@ -1004,26 +1020,69 @@ impl ConvForward {
         winograd.map_or(ConvForward::Direct(direct), |(shape, kernel)| ConvForward::Winograd(shape, kernel))
     }
 
-    /// The weights as this kernel reads them, from the layer's HWIO kernel `w`.
-    fn weights(self, conv: &ConvShape, w: &[f32]) -> Vec<f32> {
+    fn kernel(self) -> KernelFn {
         match self {
-            ConvForward::Direct(_) => conv::pack_weights(w, conv.kh * conv.kw * conv.c, conv.f),
-            ConvForward::Winograd(shape, _) => winograd::transform_weights(w, &shape),
+            ConvForward::Direct(k) | ConvForward::Winograd(_, k) => k,
         }
     }
 
-    /// Elements of scratch a call needs.
+    /// Elements of the weights as this kernel reads them.
+    fn weights_len(self, conv: &ConvShape) -> usize {
+        match self {
+            ConvForward::Direct(_) => conv.kh * conv.kw * conv.c * conv.f,
+            ConvForward::Winograd(..) => 16 * conv.c * conv.f,
+        }
+    }
+
+    /// The weights as this kernel reads them, from the layer's HWIO kernel `w`, into `out`.
+    fn prepare_weights(self, conv: &ConvShape, w: &[f32], out: &mut [f32]) {
+        match self {
+            ConvForward::Direct(_) => {
+                let (k, n) = (conv.kh * conv.kw * conv.c, conv.f);
+                conv::pack_into(k, n, |row, col| w[row * n + col], out)
+            }
+            ConvForward::Winograd(shape, _) => winograd::transform_weights_into(w, &shape, out),
+        }
+    }
+
+    /// Elements of scratch one call (one shard) needs.
     fn scratch(self) -> usize {
         match self {
             ConvForward::Direct(_) => 0,
             ConvForward::Winograd(shape, _) => shape.scratch(),
         }
     }
+
+    /// The padding of the kernel's input: the layer's, and for Winograd's tiles further
+    /// bottom/right.
+    fn pads(self, conv: &ConvKernels) -> [usize; 4] {
+        let [top, bottom, left, right] = conv.pads;
+        match self {
+            ConvForward::Direct(_) => conv.pads,
+            ConvForward::Winograd(shape, _) => {
+                [top, bottom + shape.conv.hp - conv.shape.hp, left, right + shape.conv.wp - conv.shape.wp]
+            }
+        }
+    }
+
+    /// Scratch of [`conv_forward_into`] for `n` samples.
+    fn scratch_for(self, conv: &ConvKernels, n: usize) -> usize {
+        padded_len(n, input_hwc(conv), self.pads(conv))
+            + self.weights_len(&conv.shape)
+            + shard_count(n) * self.scratch()
+    }
+}
+
+/// The unpadded input (H, W, C) of a convolution's kernels.
+fn input_hwc(conv: &ConvKernels) -> [usize; 3] {
+    let s = &conv.shape;
+    [s.hp - conv.pads[0] - conv.pads[1], s.wp - conv.pads[2] - conv.pads[3], s.c]
 }
 
 /// `x` (N, H, W, C) through a convolution's forward pass into `y`, with its bias and batch
 /// sums (null when the kernel has none): padded as the layer pads it (and further
-/// bottom/right for Winograd's tiles), the weights `w` (HWIO) prepared as the kernel reads them.
+/// bottom/right for Winograd's tiles), the weights `w` (HWIO) prepared as the kernel reads
+/// them, both in scratch ([`ConvForward::scratch_for`]).
 #[allow(clippy::too_many_arguments)]
 fn conv_forward_into(
     forward: ConvForward,
@@ -1033,62 +1092,66 @@ fn conv_forward_into(
     bias: *mut f32,
     y: *mut f32,
     sums: *mut f32,
+    s: &mut Scratch<f32>,
 ) {
-    let s = &conv.shape;
     let n = x.dim().0;
-    let [top, bottom, left, right] = conv.pads;
-    let pads = match forward {
-        ConvForward::Direct(_) => conv.pads,
-        ConvForward::Winograd(shape, _) => {
-            [top, bottom + shape.conv.hp - s.hp, left, right + shape.conv.wp - s.wp]
-        }
-    };
-    let xp = padded(x, pads);
-    let weights = forward.weights(s, w);
-    let buffers = vec![ptr(&xp), weights.as_ptr() as *mut f32, bias, y, sums];
-    run_conv(forward, buffers, n);
-}
-
-/// Runs a convolution's forward kernel over `n` samples: `buffers` as the kernel takes them,
-/// but for Winograd's scratch, which each shard allocates.
-fn run_conv(forward: ConvForward, buffers: Vec<*mut f32>, n: usize) {
+    let xp = padded_into(x, forward.pads(conv), 0.0, s);
+    let weights = s.take(forward.weights_len(&conv.shape));
+    forward.prepare_weights(&conv.shape, w, weights);
+    let buffers = Buffers::new(&[xp, weights.as_mut_ptr(), bias, y, sums]);
     match forward {
-        ConvForward::Direct(kernel) => run(kernel, &Buffers(buffers), n, n),
-        ConvForward::Winograd(shape, kernel) => run_with_scratch(kernel, buffers, shape.scratch(), n, n),
+        ConvForward::Direct(kernel) => run(kernel, buffers, n, n),
+        ConvForward::Winograd(shape, kernel) => run_with_scratch(kernel, buffers, shape.scratch(), n, n, s),
     }
 }
 
-/// `items` work items split into one contiguous range per thread, in parallel.
-fn shards(items: usize) -> impl ParallelIterator<Item = (usize, usize)> {
-    let shards = rayon::current_num_threads().min(items).max(1);
-    (0..shards).into_par_iter().map(move |shard| (items * shard / shards, items * (shard + 1) / shards))
+/// How many shards [`shards`] splits `items` into.
+fn shard_count(items: usize) -> usize {
+    rayon::current_num_threads().min(items).max(1)
 }
 
-/// [`run`] for a kernel whose last buffer is a scratch of `scratch` elements: each shard
-/// allocates its own.
-fn run_with_scratch(kernel: KernelFn, buffers: Vec<*mut f32>, scratch: usize, items: usize, batch: usize) {
-    let buffers = Buffers(buffers);
-    shards(items).for_each(|(lo, hi)| {
-        let mut own = vec![0.0f32; scratch];
-        let all = buffers.with(own.as_mut_ptr());
+/// `items` work items split into one contiguous range per thread, in parallel: (shard, lo, hi).
+fn shards(items: usize) -> impl ParallelIterator<Item = (usize, usize, usize)> {
+    let shards = shard_count(items);
+    (0..shards)
+        .into_par_iter()
+        .map(move |shard| (shard, items * shard / shards, items * (shard + 1) / shards))
+}
+
+/// [`run`] for a kernel whose last buffer is a scratch of `per_shard` elements: each shard
+/// gets its own, zeroed, from `s` (`shard_count(items) · per_shard` elements).
+fn run_with_scratch(
+    kernel: KernelFn,
+    buffers: Buffers,
+    per_shard: usize,
+    items: usize,
+    batch: usize,
+    s: &mut Scratch<f32>,
+) {
+    let own = s.zeroed(shard_count(items) * per_shard);
+    let buffers = buffers.with(own.as_mut_ptr());
+    shards(items).for_each(|(shard, lo, hi)| {
+        // SAFETY: the scratch holds shard_count(items) pieces of `per_shard` elements.
+        let all = buffers.with_last(unsafe { buffers.get(buffers.len - 1).add(shard * per_shard) });
         // SAFETY: the buffers have the shapes the kernel was compiled for, the items lo..hi lie
-        // within them, and the scratch is this shard's alone.
+        // within them, and the scratch piece is this shard's alone.
         unsafe { kernel(all.as_ptr(), lo as i64, hi as i64, batch as i64) };
     });
 }
 
 /// Runs `kernel` over `items` work items, split into one contiguous shard per thread.
-fn run(kernel: KernelFn, buffers: &Buffers, items: usize, batch: usize) {
-    shards(items).for_each(|(lo, hi)| {
+fn run(kernel: KernelFn, buffers: Buffers, items: usize, batch: usize) {
+    shards(items).for_each(|(_, lo, hi)| {
         // SAFETY: the buffers have the shapes the kernel was compiled for (checked by the
         // callers' asserts), and the items lo..hi lie within them.
-        unsafe { kernel(buffers.0.as_ptr(), lo as i64, hi as i64, batch as i64) }
+        unsafe { kernel(buffers.as_ptr(), lo as i64, hi as i64, batch as i64) }
     });
 }
 
 /// A pooled block at inference: for each sample, the convolution (`conv`, buffers x, w, b)
 /// into a scratch buffer of one sample, then the pool (`pool`) from it into y. The scratch
-/// stays in cache: the convolution's output never goes to memory.
+/// stays in cache: the convolution's output never goes to memory. Each shard's scratch
+/// (`shape.scratch + conv.scratch()` elements) comes from `s`.
 fn run_pooled(
     conv: ConvForward,
     pool: KernelFn,
@@ -1096,602 +1159,895 @@ fn run_pooled(
     x_sample: usize,
     shape: PooledShape,
     n: usize,
+    s: &mut Scratch<f32>,
 ) {
-    let buffers = Buffers(vec![x, w, b, y]);
-    shards(n).for_each(|(lo, hi)| {
-        let mut scratch = vec![0.0f32; shape.scratch];
-        let mut tiles = vec![0.0f32; conv.scratch()];
-        let [x, w, b, y] = [0, 1, 2, 3].map(|i| buffers.get(i));
-        let kernel = match conv {
-            ConvForward::Direct(k) | ConvForward::Winograd(_, k) => k,
-        };
+    let per_shard = shape.scratch + conv.scratch();
+    let own = s.zeroed(shard_count(n) * per_shard);
+    let buffers = Buffers::new(&[x, w, b, y, own.as_mut_ptr()]);
+    let kernel = conv.kernel();
+    shards(n).for_each(|(shard, lo, hi)| {
+        let [x, w, b, y, own] = [0, 1, 2, 3, 4].map(|i| buffers.get(i));
+        // SAFETY: the shard's piece of the scratch: the convolution's output, then its tiles.
+        let (scratch, tiles) =
+            unsafe { (own.add(shard * per_shard), own.add(shard * per_shard + shape.scratch)) };
         for i in lo..hi {
             // SAFETY: x holds n samples of `x_sample` elements and y n of `shape.output`, so both
             // offsets stay inside them; the kernels were compiled for one sample of these
-            // shapes (the convolution's output is `shape.scratch` elements: the scratch; a
-            // Winograd kernel's own scratch is `tiles`).
+            // shapes (the convolution's output is `shape.scratch` elements; a Winograd
+            // kernel's own scratch is `tiles`).
             unsafe {
-                let buffers = [
-                    x.add(i * x_sample),
-                    w,
-                    b,
-                    scratch.as_mut_ptr(),
-                    std::ptr::null_mut(),
-                    tiles.as_mut_ptr(),
-                ];
+                let buffers = [x.add(i * x_sample), w, b, scratch, std::ptr::null_mut(), tiles];
                 kernel(buffers.as_ptr(), 0, 1, 1);
-                let pool_buffers = [scratch.as_mut_ptr(), y.add(i * shape.output)];
+                let pool_buffers = [scratch, y.add(i * shape.output)];
                 pool(pool_buffers.as_ptr(), 0, 1, 1);
             }
         }
     });
 }
 
-/// `x` (N,H,W,C) inside a zero border of `pads`.
-fn padded(x: ArrayView4<'_, f32>, pads: [usize; 4]) -> CowArray<'_, f32, Ix4> {
-    padded_with(x, pads, 0.0)
+/// Elements of [`padded_into`]'s copy of `n` samples of (H, W, C) inside `pads`.
+fn padded_len(n: usize, [h, w, c]: [usize; 3], pads: [usize; 4]) -> usize {
+    if pads == [0; 4] { 0 } else { n * (h + pads[0] + pads[1]) * (w + pads[2] + pads[3]) * c }
 }
 
-/// `x` inside a border of `pads` filled with `border`: `x` itself when there is no border and
-/// it is row-major already (no copy: a full pass over memory saved), else a copy.
-fn padded_with(x: ArrayView4<'_, f32>, pads: [usize; 4], border: f32) -> CowArray<'_, f32, Ix4> {
-    if pads == [0; 4] && x.is_standard_layout() {
-        return CowArray::from(x);
+/// `x` (N,H,W,C) inside a border of `pads` filled with `border`, in scratch; `x` itself when
+/// there is no border (no copy: a full pass over memory saved).
+fn padded_into(x: ArrayView4<f32>, pads: [usize; 4], border: f32, s: &mut Scratch<f32>) -> *mut f32 {
+    if pads == [0; 4] {
+        return contiguous(&x);
     }
     let (n, h, w, c) = x.dim();
-    let mut out = Array4::from_elem((n, h + pads[0] + pads[1], w + pads[2] + pads[3], c), border);
-    out.slice_mut(s![.., pads[0]..pads[0] + h, pads[2]..pads[2] + w, ..]).assign(&x);
-    CowArray::from(out)
+    let dims = (n, h + pads[0] + pads[1], w + pads[2] + pads[3], c);
+    let out = s.take(padded_len(n, [h, w, c], pads));
+    let mut padded = ArrayViewMut4::from_shape(dims, out).expect("the padded size");
+    padded.fill(border);
+    padded.slice_mut(s![.., pads[0]..pads[0] + h, pads[2]..pads[2] + w, ..]).assign(&x);
+    padded.as_mut_ptr()
 }
 
-fn ptr<D: ndarray::Dimension>(a: &ndarray::ArrayRef<f32, D>) -> *mut f32 {
+/// The pointer of a row-major array (kernels index their buffers as dense arrays).
+fn contiguous<D: ndarray::Dimension>(a: &ArrayRef<f32, D>) -> *mut f32 {
+    assert!(a.is_standard_layout(), "kernels read row-major buffers");
     a.as_ptr() as *mut f32
 }
 
-/// An output that `fill` has a kernel write in full: allocated but not zeroed (zeroing would
-/// be one more pass over memory). `fill` gets the buffer's pointer.
-fn written<D: ndarray::Dimension>(dim: D, fill: impl FnOnce(*mut f32)) -> Array<f32, D> {
-    let mut y = Array::<f32, D>::uninit(dim);
-    fill(y.as_mut_ptr() as *mut f32);
-    // SAFETY: every caller's kernel writes each element of its output (the forward kernels
-    // store every output pixel and channel; the element-wise kernels every element).
-    unsafe { y.assume_init() }
+/// The pointer of an output view (row-major).
+fn out_ptr<D: ndarray::Dimension>(a: &mut ArrayRef<f32, D>) -> *mut f32 {
+    assert!(a.is_standard_layout(), "kernels write row-major buffers");
+    a.as_mut_ptr()
 }
 
-/// Runs an element-wise kernel over whole samples: buffers [inputs…, output], the inputs of
-/// one shape, each sample `len` elements.
-fn map_samples(kernel: KernelFn, len: usize, inputs: &[ArrayViewD<f32>]) -> ArrayD<f32> {
-    let inputs: Vec<_> = inputs.iter().map(|a| a.as_standard_layout()).collect();
-    let n = inputs[0].shape()[0];
-    for a in &inputs {
-        assert_eq!(a.shape(), inputs[0].shape());
-        assert_eq!(a.len(), n * len, "the kernel was compiled for this sample size");
+/// A gradient kernel's output `dx` (N,H,W,C), written through a zeroed buffer padded by
+/// `pads` (in scratch; `dx` itself, zeroed, without padding), then cropped into `dx` by
+/// [`crop_into`].
+fn padded_output(dx: &mut ArrayViewMut4<f32>, pads: [usize; 4], s: &mut Scratch<f32>) -> *mut f32 {
+    if pads == [0; 4] {
+        dx.fill(0.0);
+        return out_ptr(dx);
     }
-    let mut out = ArrayD::<f32>::zeros(inputs[0].raw_dim());
-    let mut buffers: Vec<*mut f32> = inputs.iter().map(|a| a.as_ptr() as *mut f32).collect();
-    buffers.push(out.as_mut_ptr());
-    run(kernel, &Buffers(buffers), n, n);
-    out
+    let (n, h, w, c) = dx.dim();
+    s.zeroed(padded_len(n, [h, w, c], pads)).as_mut_ptr()
 }
+
+/// The inside of the padded buffer `dxp` that [`padded_output`] gave into `dx`.
+fn crop_into(dxp: *mut f32, pads: [usize; 4], dx: &mut ArrayViewMut4<f32>) {
+    if pads == [0; 4] {
+        return;
+    }
+    let (n, h, w, c) = dx.dim();
+    let dims = (n, h + pads[0] + pads[1], w + pads[2] + pads[3], c);
+    // SAFETY: `dxp` is the scratch buffer of these dims that `padded_output` returned.
+    let padded = unsafe { ArrayView4::from_shape_ptr(dims, dxp) };
+    dx.assign(&padded.slice(s![.., pads[0]..pads[0] + h, pads[2]..pads[2] + w, ..]));
+}
+
+/// How many samples of `len` elements `total` elements hold (whole samples only).
+fn samples(len: usize, total: usize) -> usize {
+    assert_eq!(total % len.max(1), 0, "the kernel was compiled for this sample size");
+    total / len.max(1)
+}
+
+impl JitKernels {
+    /// [`run`], counted in [`JitKernels::runs`].
+    fn run_counted(&self, kernel: KernelFn, buffers: Buffers, items: usize, batch: usize) {
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        run(kernel, buffers, items, batch);
+    }
+
+    /// The forward kernel of conv or dense `node` as it runs.
+    fn conv_forward_kernel(&self, node: NodeId, k: &ConvKernels) -> ConvForward {
+        ConvForward::of(k.forward, self.winograd.get(&node).and_then(|wk| wk.forward))
+    }
+
+    /// Scratch of [`Kernels::conv2d_forward_into`] (and dense) for `n` samples.
+    fn conv_forward_scratch(&self, node: NodeId, n: usize) -> usize {
+        let Some(k) = self.convs.get(&node) else { return 0 };
+        if self.dense_by_4.contains_key(&node) {
+            return k.shape.c * k.shape.f;
+        }
+        self.conv_forward_kernel(node, k).scratch_for(k, n)
+    }
+
+    /// Scratch of [`Kernels::conv2d_backward_weights_into`] for `n` samples.
+    fn conv_weights_scratch(&self, node: NodeId, n: usize) -> usize {
+        let Some(k) = self.convs.get(&node) else { return 0 };
+        let s = &k.shape;
+        let padded = padded_len(n, input_hwc(k), k.pads);
+        match self.winograd.get(&node).and_then(|wk| wk.weight_gradient) {
+            Some((shape, _)) => padded + 16 * s.c * s.f + shard_count(shape.weight_tasks()) * shape.scratch(),
+            None => padded,
+        }
+    }
+
+    /// Scratch of [`Kernels::conv2d_backward_input_into`] for `n` samples.
+    fn conv_input_scratch(&self, node: NodeId, n: usize) -> usize {
+        let Some(k) = self.convs.get(&node) else { return 0 };
+        let s = &k.shape;
+        s.kh * s.kw * s.c * s.f + padded_len(n, input_hwc(k), k.pads)
+    }
+
+    /// Scratch of a node's forward kernel in `pass` (unfused) for `n` samples.
+    fn node_forward_scratch(&self, program: &Program, id: NodeId, pass: Pass, n: usize) -> usize {
+        match program.graph.node(id).op {
+            Op::Conv2d(_) | Op::Dense(_) => self.conv_forward_scratch(id, n),
+            Op::Pool(p) => {
+                let found = match p.kind {
+                    PoolKind::Max => self.pools.get(&id).map(|k| (k.pads, k.shape)),
+                    PoolKind::Avg => self.avgpools.get(&id).map(|k| (k.pads, k.shape)),
+                };
+                found.map_or(0, |(pads, shape)| padded_len(n, pool_input(&shape, pads), pads))
+            }
+            Op::BatchNorm(_) => match (self.norms.get(&id), pass) {
+                (Some(k), Pass::Train) => 2 * n * k.shape.channels + 2 * k.shape.channels,
+                (Some(k), Pass::Infer) => 4 * k.shape.channels,
+                (None, _) => 0,
+            },
+            _ => 0,
+        }
+    }
+
+    /// Scratch of a node's backward kernels (unfused) for `n` samples.
+    fn node_backward_scratch(&self, program: &Program, id: NodeId, n: usize) -> usize {
+        let node = program.graph.node(id);
+        let need_dx = program.needs_grad[node.inputs[0].index()];
+        match node.op {
+            Op::Conv2d(_) | Op::Dense(_) => {
+                self.conv_weights_scratch(id, n) + if need_dx { self.conv_input_scratch(id, n) } else { 0 }
+            }
+            Op::Pool(p) => match p.kind {
+                PoolKind::Max => {
+                    self.pools.get(&id).map_or(0, |k| 2 * padded_len(n, pool_input(&k.shape, k.pads), k.pads))
+                }
+                PoolKind::Avg => {
+                    self.avgpools.get(&id).map_or(0, |k| padded_len(n, pool_input(&k.shape, k.pads), k.pads))
+                }
+            },
+            Op::BatchNorm(_) => {
+                self.norms.get(&id).map_or(0, |k| 2 * n * k.shape.channels + 3 * k.shape.channels)
+            }
+            _ => 0,
+        }
+    }
+
+    /// The kernels of a fused block, when this backend runs it as one.
+    fn block_kernels(&self, block: &Block) -> Option<(&BlockKernels, &ConvKernels)> {
+        let k = self.blocks.get(&block.output())?;
+        let conv = self.convs.get(&block.linear)?;
+        let backward_ready = block.norm.is_some()
+            || self.masked_blocks.contains(&block.output())
+            || block.act.is_some_and(|act| self.rectifiers.contains_key(&act));
+        backward_ready.then_some((k, conv))
+    }
+
+    /// Scratch of a fused block's forward pass.
+    fn block_forward_scratch(&self, block: &Block, pass: Pass, n: usize) -> usize {
+        let Some((k, conv)) = self.block_kernels(block) else { return 0 };
+        let s = &conv.shape;
+        let wino = self.block_winograd.get(&block.output());
+        match pass {
+            Pass::Infer => {
+                let folded = if block.norm.is_some() { s.kh * s.kw * s.c * s.f + s.f } else { 0 };
+                if let (Some(_), Some((shape, [direct, _]))) = (block.pool, k.pooled) {
+                    let forward = ConvForward::of(direct, wino.and_then(|wk| wk.pooled));
+                    let per_shard = shape.scratch + forward.scratch();
+                    return folded
+                        + forward.weights_len(s)
+                        + padded_len(n, input_hwc(conv), conv.pads)
+                        + shard_count(n) * per_shard;
+                }
+                folded + self.block_infer_kernel(block, k).scratch_for(conv, n)
+            }
+            Pass::Train => {
+                let forward = ConvForward::of(k.forward, wino.map(|wk| wk.forward));
+                let norm = if block.norm.is_some() { 2 * n * s.f + 2 * s.f } else { 0 };
+                forward.scratch_for(conv, n) + norm
+            }
+        }
+    }
+
+    /// The inference kernel of a block without a pool.
+    fn block_infer_kernel(&self, block: &Block, k: &BlockKernels) -> ConvForward {
+        let wino = self.block_winograd.get(&block.output());
+        match k.norm {
+            Some([infer, ..]) => ConvForward::of(infer, wino.and_then(|wk| wk.infer)),
+            None => ConvForward::of(k.forward, wino.map(|wk| wk.forward)),
+        }
+    }
+
+    /// Scratch of a fused block's backward pass.
+    fn block_backward_scratch(&self, program: &Program, block: &Block, n: usize) -> usize {
+        let Some((_, conv)) = self.block_kernels(block) else { return 0 };
+        let s = &conv.shape;
+        let dc = n * s.oh * s.ow * s.f;
+        let epilogue = match block.norm {
+            Some(_) => 2 * n * s.f + 3 * s.f + dc,
+            None if self.masked_blocks.contains(&block.output()) => 0,
+            None => dc,
+        };
+        let input = program.graph.node(block.linear).inputs[0];
+        let dx = if program.needs_grad[input.index()] { self.conv_input_scratch(block.linear, n) } else { 0 };
+        epilogue + self.conv_weights_scratch(block.linear, n) + dx
+    }
+}
+
+/// The unpadded input (H, W, C) of a pooling kernel.
+fn pool_input(shape: &PoolShape, pads: [usize; 4]) -> [usize; 3] {
+    [shape.hp - pads[0] - pads[1], shape.wp - pads[2] - pads[3], shape.c]
+}
+
+/// A dense layer as the 1x1 convolution of a 1x1 image.
+const POINT: Geometry = Geometry { kernel: [1, 1], stride: [1, 1], pad_before: [0, 0], out: [1, 1] };
 
 impl Kernels<f32> for JitKernels {
     fn compile_report(&self) -> Option<String> {
         Some(format!("compiled {} kernels in {:.1} ms", self.kernel_count(), self.compile_ms))
     }
 
-    fn conv2d_forward(
+    fn fuses(&self, block: &Block, _pass: Pass) -> bool {
+        self.block_kernels(block).is_some()
+    }
+
+    fn scratch(&self, program: &Program, step: Step, pass: Pass, n: usize) -> usize {
+        let nodes = |id: NodeId, training: bool| -> Vec<NodeId> {
+            match program.block_ending_at(id, training) {
+                Some(b) if training => b.nodes().collect(),
+                Some(b) => b.inference_nodes().collect(),
+                None => vec![id],
+            }
+        };
+        match step {
+            Step::Forward(id) => match program.block_ending_at(id, pass == Pass::Train) {
+                Some(b) if self.fuses(b, pass) => self.block_forward_scratch(b, pass, n),
+                _ => nodes(id, pass == Pass::Train)
+                    .into_iter()
+                    .map(|node| self.node_forward_scratch(program, node, pass, n))
+                    .max()
+                    .unwrap_or(0),
+            },
+            Step::Backward(id) => match program.block_ending_at(id, true) {
+                Some(b) if self.fuses(b, pass) => self.block_backward_scratch(program, b, n),
+                _ => nodes(id, true)
+                    .into_iter()
+                    .map(|node| self.node_backward_scratch(program, node, n))
+                    .max()
+                    .unwrap_or(0),
+            },
+            Step::Loss => self.loss.map_or(0, |_| 3 * n),
+            Step::Update => 0,
+        }
+    }
+
+    fn conv2d_forward_into(
         &self,
         node: NodeId,
         x: ArrayView4<f32>,
         w: ArrayView4<f32>,
         b: Option<ArrayView1<f32>>,
         g: &Geometry,
-    ) -> Array4<f32> {
-        let Some(k) = self.convs.get(&node) else { return reference::ops::conv2d_forward(x, w, b, g) };
-        let s = &k.shape;
+        mut y: ArrayViewMut4<f32>,
+        s: &mut Scratch<f32>,
+    ) {
+        let Some(k) = self.convs.get(&node) else {
+            return y.assign(&reference::ops::conv2d_forward(x, w, b, g));
+        };
+        let sh = &k.shape;
         let n = x.dim().0;
-        let w = w.as_standard_layout();
-        let b = b.map(|b| b.as_standard_layout().to_owned());
         let [top, bottom, left, right] = k.pads;
-        assert_eq!((x.dim().1 + top + bottom, x.dim().2 + left + right, x.dim().3), (s.hp, s.wp, s.c));
-        assert_eq!(w.dim(), (s.kh, s.kw, s.c, s.f));
-        assert_eq!(b.is_some(), s.bias, "the kernel was compiled for this node's bias");
-        assert!(b.as_ref().is_none_or(|b| b.len() == s.f));
-        let bias = b.as_ref().map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut f32);
+        assert_eq!((x.dim().1 + top + bottom, x.dim().2 + left + right, x.dim().3), (sh.hp, sh.wp, sh.c));
+        assert_eq!(w.dim(), (sh.kh, sh.kw, sh.c, sh.f));
+        assert_eq!(y.dim(), (n, sh.oh, sh.ow, sh.f));
+        assert_eq!(b.is_some(), sh.bias, "the kernel was compiled for this node's bias");
+        assert!(b.as_ref().is_none_or(|b| b.len() == sh.f));
+        let bias = b.as_ref().map_or(std::ptr::null_mut(), |b| contiguous(b));
         let w = w.as_slice().expect("row-major");
+        let yp = out_ptr(&mut y);
         if let Some(by_4) = self.dense_by_4.get(&node) {
             // groups of 4 samples, then the rest one by one
-            let x = x.as_standard_layout();
-            let packed = conv::pack_weights(w, s.c, s.f);
+            let xp = contiguous(&x);
+            let packed = s.take(sh.c * sh.f);
+            conv::pack_into(sh.c, sh.f, |row, col| w[row * sh.f + col], packed);
+            let wp = packed.as_mut_ptr();
             let (groups, rest) = (n / 4, n % 4);
-            return written(Ix4(n, 1, 1, s.f), |y| {
-                let wp = packed.as_ptr() as *mut f32;
-                run(*by_4, &Buffers(vec![ptr(&x), wp, bias, y]), groups, groups);
-                if rest > 0 {
-                    // SAFETY: x holds n samples of C inputs and y n of F outputs; the last `rest`
-                    // start after the 4·groups done.
-                    let (xr, yr) = unsafe { (ptr(&x).add(4 * groups * s.c), y.add(4 * groups * s.f)) };
-                    run(k.forward, &Buffers(vec![xr, wp, bias, yr]), rest, rest);
-                }
-            });
+            run(*by_4, Buffers::new(&[xp, wp, bias, yp]), groups, groups);
+            if rest > 0 {
+                // SAFETY: x holds n samples of C inputs and y n of F outputs; the last `rest`
+                // start after the 4·groups done.
+                let (xr, yr) = unsafe { (xp.add(4 * groups * sh.c), yp.add(4 * groups * sh.f)) };
+                run(k.forward, Buffers::new(&[xr, wp, bias, yr]), rest, rest);
+            }
+            return;
         }
-        let forward = ConvForward::of(k.forward, self.winograd.get(&node).and_then(|wk| wk.forward));
-        written(Ix4(n, s.oh, s.ow, s.f), |y| {
-            conv_forward_into(forward, k, x, w, bias, y, std::ptr::null_mut())
-        })
+        let forward = self.conv_forward_kernel(node, k);
+        conv_forward_into(forward, k, x, w, bias, yp, std::ptr::null_mut(), s);
     }
 
-    fn conv2d_backward_input(
+    fn conv2d_backward_input_into(
         &self,
         node: NodeId,
         dy: ArrayView4<f32>,
         w: ArrayView4<f32>,
-        input_hw: [usize; 2],
         g: &Geometry,
-    ) -> Array4<f32> {
+        mut dx: ArrayViewMut4<f32>,
+        s: &mut Scratch<f32>,
+    ) {
         let Some(k) = self.convs.get(&node) else {
-            return reference::ops::conv2d_backward_input(dy, w, input_hw, g);
+            let (_, h, width, _) = dx.dim();
+            return dx.assign(&reference::ops::conv2d_backward_input(dy, w, [h, width], g));
         };
-        let s = &k.shape;
+        let sh = &k.shape;
         let n = dy.dim().0;
-        let dy = dy.as_standard_layout();
-        assert_eq!(dy.dim(), (n, s.oh, s.ow, s.f));
-        let wt = w.permuted_axes([0, 1, 3, 2]).as_standard_layout().to_owned();
-        let wt = conv::pack_weights(wt.as_slice().expect("row-major"), s.kh * s.kw * s.f, s.c);
-        let dxp = Array4::<f32>::zeros((n, s.hp, s.wp, s.c));
-        let buffers = vec![dy.as_ptr() as *mut f32, wt.as_ptr() as *mut f32, ptr(&dxp)];
-        run(k.backward_input, &Buffers(buffers), n, n);
-        let [top, _, left, _] = k.pads;
-        if k.pads == [0; 4] {
-            dxp
-        } else {
-            dxp.slice(s![.., top..top + input_hw[0], left..left + input_hw[1], ..]).to_owned()
-        }
+        assert_eq!(dy.dim(), (n, sh.oh, sh.ow, sh.f));
+        assert_eq!(w.dim(), (sh.kh, sh.kw, sh.c, sh.f));
+        let [h, width, c] = input_hwc(k);
+        assert_eq!(dx.dim(), (n, h, width, c));
+        // The weights transposed to (KH, KW, F, C), packed by chunks of input channels.
+        let w = w.as_slice().expect("row-major");
+        let wt = s.take(w.len());
+        let (taps, c, f) = (sh.kh * sh.kw, sh.c, sh.f);
+        conv::pack_into(taps * f, c, |row, ci| w[((row / f) * c + ci) * f + row % f], wt);
+        let dxp = padded_output(&mut dx, k.pads, s);
+        run(k.backward_input, Buffers::new(&[contiguous(&dy), wt.as_mut_ptr(), dxp]), n, n);
+        crop_into(dxp, k.pads, &mut dx);
     }
 
-    fn conv2d_backward_weights(
+    fn conv2d_backward_weights_into(
         &self,
         node: NodeId,
         x: ArrayView4<f32>,
         dy: ArrayView4<f32>,
-        kernel_shape: [usize; 4],
         g: &Geometry,
-    ) -> (Array4<f32>, Array1<f32>) {
+        mut dw: ArrayViewMut4<f32>,
+        db: Option<ArrayViewMut1<f32>>,
+        s: &mut Scratch<f32>,
+    ) {
         let Some(k) = self.convs.get(&node) else {
-            return reference::ops::conv2d_backward_weights(x, dy, kernel_shape, g);
+            let (w_grad, b_grad) = reference::ops::conv2d_backward_weights(x, dy, dw.dim().into(), g);
+            dw.assign(&w_grad);
+            if let Some(mut db) = db {
+                db.assign(&b_grad);
+            }
+            return;
         };
-        let s = &k.shape;
+        let sh = &k.shape;
         let n = x.dim().0;
-        let xp = padded(x, k.pads);
-        let dy = dy.as_standard_layout();
-        assert_eq!(dy.dim(), (n, s.oh, s.ow, s.f));
-        let dw = if let Some((shape, kernel)) = self.winograd.get(&node).and_then(|wk| wk.weight_gradient) {
-            let m = vec![0.0f32; 16 * s.c * s.f];
-            let buffers = vec![ptr(&xp), dy.as_ptr() as *mut f32, m.as_ptr() as *mut f32];
-            run_with_scratch(kernel, buffers, shape.scratch(), shape.weight_tasks(), n);
-            let dw = winograd::weight_gradient_output(&m, s.c, s.f);
-            Array4::from_shape_vec((s.kh, s.kw, s.c, s.f), dw).expect("a 3x3 kernel's gradient")
+        assert_eq!(dy.dim(), (n, sh.oh, sh.ow, sh.f));
+        assert_eq!(dw.dim(), (sh.kh, sh.kw, sh.c, sh.f));
+        let xp = padded_into(x, k.pads, 0.0, s);
+        let dyp = contiguous(&dy);
+        let dwp = out_ptr(&mut dw);
+        if let Some((shape, kernel)) = self.winograd.get(&node).and_then(|wk| wk.weight_gradient) {
+            let m = s.zeroed(16 * sh.c * sh.f);
+            let buffers = Buffers::new(&[xp, dyp, m.as_mut_ptr()]);
+            run_with_scratch(kernel, buffers, shape.scratch(), shape.weight_tasks(), n, s);
+            let dw = dw.as_slice_mut().expect("row-major");
+            winograd::weight_gradient_output_into(m, sh.c, sh.f, dw);
         } else {
-            let dw = Array4::<f32>::zeros((s.kh, s.kw, s.c, s.f));
-            let buffers = vec![ptr(&xp), dy.as_ptr() as *mut f32, ptr(&dw)];
-            run(k.backward_weights, &Buffers(buffers), s.weight_tasks(), n);
-            dw
-        };
-        let db =
-            dy.view().into_shape_with_order((n * s.oh * s.ow, s.f)).expect("row-major").sum_axis(Axis(0));
-        (dw, db)
-    }
-
-    fn activation_forward(&self, node: NodeId, act: Activation, x: ArrayViewD<f32>) -> ArrayD<f32> {
-        if let Some(k) = self.sigmoidals.get(&node) {
-            return self.map_samples(k.forward, k.len, &[x]);
+            dw.fill(0.0);
+            run(k.backward_weights, Buffers::new(&[xp, dyp, dwp]), sh.weight_tasks(), n);
         }
-        let Some(k) = self.rectifiers.get(&node) else { return x.mapv(|v| reference::activate(act, v)) };
-        let x = x.as_standard_layout();
-        let n = x.shape()[0];
-        assert_eq!(x.len(), n * k.len);
-        written(x.raw_dim(), |y| run(k.forward, &Buffers(vec![x.as_ptr() as *mut f32, y]), n, n))
+        if let Some(mut db) = db {
+            // Σ over every pixel of every sample, in order.
+            db.fill(0.0);
+            let rows = dy.as_slice().expect("row-major").chunks_exact(sh.f);
+            let db = db.as_slice_mut().expect("contiguous");
+            for row in rows {
+                for (acc, v) in db.iter_mut().zip(row) {
+                    *acc += v;
+                }
+            }
+        }
     }
 
-    fn activation_backward(
+    fn activation_forward_into(
+        &self,
+        node: NodeId,
+        act: Activation,
+        x: ArrayViewD<f32>,
+        mut y: ArrayViewMutD<f32>,
+        _s: &mut Scratch<f32>,
+    ) {
+        let kernel = match (self.sigmoidals.get(&node), self.rectifiers.get(&node)) {
+            (Some(k), _) => Some((k.forward, k.len, true)),
+            (None, Some(k)) => Some((k.forward, k.len, false)),
+            (None, None) => None,
+        };
+        let Some((kernel, len, counted)) = kernel else {
+            return y.zip_mut_with(&x, |y, &x| *y = reference::activate(act, x));
+        };
+        assert_eq!(x.shape(), y.shape());
+        let n = samples(len, x.len());
+        let buffers = Buffers::new(&[contiguous(&x), out_ptr(&mut y)]);
+        if counted { self.run_counted(kernel, buffers, n, n) } else { run(kernel, buffers, n, n) }
+    }
+
+    fn activation_backward_into(
         &self,
         node: NodeId,
         act: Activation,
         x: ArrayViewD<f32>,
         y: ArrayViewD<f32>,
         dy: ArrayViewD<f32>,
-    ) -> ArrayD<f32> {
+        mut dx: ArrayViewMutD<f32>,
+        _s: &mut Scratch<f32>,
+    ) {
+        assert_eq!((x.shape(), y.shape()), (dy.shape(), dy.shape()));
+        assert_eq!(dx.shape(), dy.shape());
         if let Some(k) = self.sigmoidals.get(&node) {
-            return self.map_samples(k.backward, k.len, &[y, dy]);
+            let n = samples(k.len, y.len());
+            let buffers = Buffers::new(&[contiguous(&y), contiguous(&dy), out_ptr(&mut dx)]);
+            return self.run_counted(k.backward, buffers, n, n);
         }
         let Some(k) = self.rectifiers.get(&node) else {
-            return reference::activation_gradient(act, x, y, dy);
+            return dx.assign(&reference::activation_gradient(act, x, y, dy));
         };
-        let x = x.as_standard_layout();
-        let dy = dy.as_standard_layout();
-        let n = x.shape()[0];
-        assert_eq!((x.len(), dy.len()), (n * k.len, n * k.len));
-        written(x.raw_dim(), |dx| {
-            run(k.backward, &Buffers(vec![x.as_ptr() as *mut f32, dy.as_ptr() as *mut f32, dx]), n, n)
-        })
+        let n = samples(k.len, x.len());
+        run(k.backward, Buffers::new(&[contiguous(&x), contiguous(&dy), out_ptr(&mut dx)]), n, n);
     }
 
-    fn maxpool_forward(&self, node: NodeId, x: ArrayView4<f32>, g: &Geometry) -> Array4<f32> {
-        let Some(k) = self.pools.get(&node) else { return reference::ops::maxpool_forward(x, g) };
-        let s = &k.shape;
+    fn maxpool_forward_into(
+        &self,
+        node: NodeId,
+        x: ArrayView4<f32>,
+        g: &Geometry,
+        mut y: ArrayViewMut4<f32>,
+        s: &mut Scratch<f32>,
+    ) {
+        let Some(k) = self.pools.get(&node) else { return y.assign(&reference::ops::maxpool_forward(x, g)) };
+        let sh = &k.shape;
         let n = x.dim().0;
-        let xp = padded_with(x, k.pads, f32::NEG_INFINITY);
-        assert_eq!((xp.dim().1, xp.dim().2, xp.dim().3), (s.hp, s.wp, s.c));
-        written(Ix4(n, s.oh, s.ow, s.c), |y| run(k.forward, &Buffers(vec![ptr(&xp), y]), n, n))
+        assert_eq!((x.dim().1, x.dim().2, x.dim().3), pool_input(sh, k.pads).into());
+        assert_eq!(y.dim(), (n, sh.oh, sh.ow, sh.c));
+        let xp = padded_into(x, k.pads, f32::NEG_INFINITY, s);
+        run(k.forward, Buffers::new(&[xp, out_ptr(&mut y)]), n, n);
     }
 
-    fn maxpool_backward(
+    fn maxpool_backward_into(
         &self,
         node: NodeId,
         x: ArrayView4<f32>,
         dy: ArrayView4<f32>,
         g: &Geometry,
-    ) -> Array4<f32> {
-        let Some(k) = self.pools.get(&node) else { return reference::ops::maxpool_backward(x, dy, g) };
-        let s = &k.shape;
-        let (n, h, w, _) = x.dim();
-        let xp = padded_with(x, k.pads, f32::NEG_INFINITY);
-        let dy = dy.as_standard_layout();
-        assert_eq!(dy.dim(), (n, s.oh, s.ow, s.c));
-        let dxp = Array4::<f32>::zeros((n, s.hp, s.wp, s.c));
-        run(k.backward, &Buffers(vec![ptr(&xp), dy.as_ptr() as *mut f32, ptr(&dxp)]), n, n);
-        let [top, _, left, _] = k.pads;
-        if k.pads == [0; 4] { dxp } else { dxp.slice(s![.., top..top + h, left..left + w, ..]).to_owned() }
+        mut dx: ArrayViewMut4<f32>,
+        s: &mut Scratch<f32>,
+    ) {
+        let Some(k) = self.pools.get(&node) else {
+            return dx.assign(&reference::ops::maxpool_backward(x, dy, g));
+        };
+        let sh = &k.shape;
+        let n = x.dim().0;
+        assert_eq!((x.dim().1, x.dim().2, x.dim().3), pool_input(sh, k.pads).into());
+        assert_eq!(dy.dim(), (n, sh.oh, sh.ow, sh.c));
+        assert_eq!(dx.dim(), x.dim());
+        let xp = padded_into(x, k.pads, f32::NEG_INFINITY, s);
+        let dxp = padded_output(&mut dx, k.pads, s);
+        run(k.backward, Buffers::new(&[xp, contiguous(&dy), dxp]), n, n);
+        crop_into(dxp, k.pads, &mut dx);
     }
 
-    fn dense_forward(
+    fn dense_forward_into(
         &self,
         node: NodeId,
         x: ArrayView2<f32>,
         w: ArrayView2<f32>,
         b: Option<ArrayView1<f32>>,
-    ) -> Array2<f32> {
+        mut y: ArrayViewMut2<f32>,
+        s: &mut Scratch<f32>,
+    ) {
         if !self.convs.contains_key(&node) {
-            return reference::ops::dense_forward(x, w, b);
+            return y.assign(&reference::ops::dense_forward(x, w, b));
         }
         let (n, inputs) = x.dim();
         let units = w.dim().1;
         let x4 = x.into_shape_with_order((n, 1, 1, inputs)).expect("row-major input");
         let w4 = w.into_shape_with_order((1, 1, inputs, units)).expect("row-major kernel");
-        let g = Geometry { kernel: [1, 1], stride: [1, 1], pad_before: [0, 0], out: [1, 1] };
-        let y = self.conv2d_forward(node, x4, w4, b, &g);
-        y.into_shape_with_order((n, units)).expect("row-major output")
+        let y4 = y.view_mut().into_shape_with_order((n, 1, 1, units)).expect("row-major output");
+        self.conv2d_forward_into(node, x4, w4, b, &POINT, y4, s);
     }
 
-    fn dense_backward(
+    fn dense_backward_into(
         &self,
         node: NodeId,
         x: ArrayView2<f32>,
         w: ArrayView2<f32>,
         dy: ArrayView2<f32>,
-    ) -> (Array2<f32>, Array2<f32>, Array1<f32>) {
+        dx: Option<ArrayViewMut2<f32>>,
+        mut dw: ArrayViewMut2<f32>,
+        db: Option<ArrayViewMut1<f32>>,
+        s: &mut Scratch<f32>,
+    ) {
         if !self.convs.contains_key(&node) {
-            return reference::ops::dense_backward(x, w, dy);
+            let (x_grad, w_grad, b_grad) = reference::ops::dense_backward(x, w, dy);
+            dw.assign(&w_grad);
+            if let Some(mut dx) = dx {
+                dx.assign(&x_grad);
+            }
+            if let Some(mut db) = db {
+                db.assign(&b_grad);
+            }
+            return;
         }
         let (n, inputs) = x.dim();
         let units = w.dim().1;
-        let g = Geometry { kernel: [1, 1], stride: [1, 1], pad_before: [0, 0], out: [1, 1] };
-        let x = x.as_standard_layout();
-        let w = w.as_standard_layout();
-        let dy = dy.as_standard_layout();
-        let x4 = x.view().into_shape_with_order((n, 1, 1, inputs)).expect("row-major");
-        let w4 = w.view().into_shape_with_order((1, 1, inputs, units)).expect("row-major");
-        let dy4 = dy.view().into_shape_with_order((n, 1, 1, units)).expect("row-major");
-        let dx = self.conv2d_backward_input(node, dy4, w4, [1, 1], &g);
-        let (dw, db) = self.conv2d_backward_weights(node, x4, dy4, [1, 1, inputs, units], &g);
-        (
-            dx.into_shape_with_order((n, inputs)).expect("row-major"),
-            dw.into_shape_with_order((inputs, units)).expect("row-major"),
-            db,
-        )
+        let x4 = x.into_shape_with_order((n, 1, 1, inputs)).expect("row-major");
+        let w4 = w.into_shape_with_order((1, 1, inputs, units)).expect("row-major");
+        let dy4 = dy.into_shape_with_order((n, 1, 1, units)).expect("row-major");
+        let dw4 = dw.view_mut().into_shape_with_order((1, 1, inputs, units)).expect("row-major");
+        self.conv2d_backward_weights_into(node, x4, dy4, &POINT, dw4, db, s);
+        if let Some(dx) = dx {
+            let dx4 = dx.into_shape_with_order((n, 1, 1, inputs)).expect("row-major");
+            self.conv2d_backward_input_into(node, dy4, w4, &POINT, dx4, s);
+        }
     }
 
-    fn batchnorm_forward_train(
+    fn batchnorm_forward_train_into(
         &self,
         node: NodeId,
         x: ArrayView2<f32>,
-        gamma: ArrayView1<f32>,
-        beta: ArrayView1<f32>,
+        affine: [ArrayView1<f32>; 2],
         epsilon: f32,
-    ) -> (Array2<f32>, BatchStats<f32>) {
+        mut y: ArrayViewMut2<f32>,
+        mut stats: ArrayViewMut1<f32>,
+        s: &mut Scratch<f32>,
+    ) {
         let Some(k) = self.norms.get(&node) else {
-            return reference::ops::batchnorm_forward_train(x, gamma, beta, epsilon);
+            let (out, batch) = reference::ops::batchnorm_forward_train(x, affine[0], affine[1], epsilon);
+            y.assign(&out);
+            let c = batch.mean.len();
+            stats.slice_mut(s![..c]).assign(&batch.mean);
+            stats.slice_mut(s![c..]).assign(&batch.var);
+            return;
         };
-        let dim = x.dim();
-        let x = x.as_standard_layout().into_dyn();
-        let (y, stats) = self.normalize([k.stats, k.affine], k.shape, &x, [gamma, beta], epsilon);
-        (y.into_shape_with_order(dim).expect("row-major"), stats)
+        let n = samples(k.shape.pixels * k.shape.channels, x.len());
+        let sums = s.zeroed(n * 2 * k.shape.channels);
+        run(k.stats, Buffers::new(&[contiguous(&x), sums.as_mut_ptr()]), n, n);
+        let stats = stats.as_slice_mut().expect("contiguous");
+        statistics_into(sums, n, k.shape.channels, n * k.shape.pixels, stats);
+        affine_into(k.affine, k.shape, contiguous(&x), stats, affine, epsilon, out_ptr(&mut y), n, s);
     }
 
-    fn batchnorm_forward_infer(
+    fn batchnorm_forward_infer_into(
         &self,
         node: NodeId,
         x: ArrayView2<f32>,
         [gamma, beta]: [ArrayView1<f32>; 2],
         [mean, var]: [ArrayView1<f32>; 2],
         epsilon: f32,
-    ) -> Array2<f32> {
+        mut y: ArrayViewMut2<f32>,
+        s: &mut Scratch<f32>,
+    ) {
         let Some(k) = self.norms.get(&node) else {
-            return reference::ops::batchnorm_forward_infer(x, gamma, beta, mean, var, epsilon);
+            return y.assign(&reference::ops::batchnorm_forward_infer(x, gamma, beta, mean, var, epsilon));
         };
-        let dim = x.dim();
-        let x = x.as_standard_layout().into_dyn();
-        let stats = BatchStats { mean: mean.to_owned(), var: var.to_owned() };
-        let y = self.affine(k.affine, k.shape, &x, &stats, [gamma, beta], epsilon);
-        y.into_shape_with_order(dim).expect("row-major")
+        let c = k.shape.channels;
+        let n = samples(k.shape.pixels * c, x.len());
+        let moving = s.take(2 * c);
+        moving[..c].copy_from_slice(mean.as_slice().expect("contiguous"));
+        moving[c..].copy_from_slice(var.as_slice().expect("contiguous"));
+        affine_into(k.affine, k.shape, contiguous(&x), moving, [gamma, beta], epsilon, out_ptr(&mut y), n, s);
     }
 
-    fn batchnorm_backward(
+    fn batchnorm_backward_into(
         &self,
         node: NodeId,
         x: ArrayView2<f32>,
         dy: ArrayView2<f32>,
         gamma: ArrayView1<f32>,
-        stats: &BatchStats<f32>,
+        stats: ArrayView1<f32>,
         epsilon: f32,
-    ) -> (Array2<f32>, Array1<f32>, Array1<f32>) {
+        dx: Option<ArrayViewMut2<f32>>,
+        [mut dgamma, mut dbeta]: [ArrayViewMut1<f32>; 2],
+        s: &mut Scratch<f32>,
+    ) {
         let Some(k) = self.norms.get(&node) else {
-            return reference::ops::batchnorm_backward(x, dy, gamma, stats, epsilon);
+            let batch = reference::read_stats(stats);
+            let (x_grad, g, b) = reference::ops::batchnorm_backward(x, dy, gamma, &batch, epsilon);
+            if let Some(mut dx) = dx {
+                dx.assign(&x_grad);
+            }
+            dgamma.assign(&g);
+            dbeta.assign(&b);
+            return;
         };
-        let dim = x.dim();
-        let x = x.as_standard_layout().into_dyn();
-        let dy = dy.as_standard_layout().into_dyn();
-        let kernels = [k.grad_reduce, k.grad_apply];
-        let (dx, dgamma, dbeta) =
-            self.normalize_backward(kernels, k.shape, &x, None, &dy, gamma, stats, epsilon);
-        (dx.into_shape_with_order(dim).expect("row-major"), dgamma, dbeta)
+        let n = samples(k.shape.pixels * k.shape.channels, x.len());
+        let dx = dx.map(|mut dx| out_ptr(&mut dx));
+        let grads = [out_ptr(&mut dgamma), out_ptr(&mut dbeta)];
+        let (x, dy, stats) = (contiguous(&x), contiguous(&dy), stats.as_slice().expect("contiguous"));
+        normalize_backward(
+            [k.grad_reduce, k.grad_apply],
+            k.shape,
+            [x, std::ptr::null_mut(), dy],
+            gamma,
+            stats,
+            epsilon,
+            dx,
+            grads,
+            n,
+            s,
+        );
     }
 
-    fn block_forward(
+    fn block_forward_into(
         &self,
         program: &Program,
         block: &Block,
         params: &[ArrayD<f32>],
         x: ArrayViewD<f32>,
         mode: Mode,
-    ) -> Option<BlockForward<f32>> {
-        let k = self.blocks.get(&block.output())?;
-        let conv = self.convs.get(&block.linear)?;
-        let s = &conv.shape;
+        out: BlockOut<'_, f32>,
+        s: &mut Scratch<f32>,
+    ) {
+        let (k, conv) = self.block_kernels(block).expect("the backend said it fuses this block");
+        let sh = &conv.shape;
         let n = x.shape()[0];
-        let x4 = x.as_standard_layout();
-        let x4 = x4
-            .view()
-            .into_shape_with_order((
-                n,
-                s.hp - conv.pads[0] - conv.pads[1],
-                s.wp - conv.pads[2] - conv.pads[3],
-                s.c,
-            ))
-            .expect("the block's input");
+        let [h, w_in, c] = input_hwc(conv);
+        let x4 = x.into_shape_with_order((n, h, w_in, c)).expect("the block's input");
         let indices = &program.node_params[block.linear.index()];
-        let w = params[indices[0]].as_standard_layout();
-        assert_eq!(w.len(), s.kh * s.kw * s.c * s.f, "the kernel was compiled for this weight");
+        let w = params[indices[0]].as_slice().expect("row-major");
+        assert_eq!(w.len(), sh.kh * sh.kw * sh.c * sh.f, "the kernel was compiled for this weight");
         let wino = self.block_winograd.get(&block.output());
-        let b = s.bias.then(|| params[indices[1]].as_standard_layout());
-        let bias_ptr = b.as_ref().map_or(std::ptr::null_mut(), |b| ptr(b));
-        let dims = |id: NodeId| {
-            let mut dims = vec![n];
-            dims.extend(program.shapes.shape(id).dims());
-            IxDyn(&dims)
-        };
+        let b = sh.bias.then(|| params[indices[1]].as_slice().expect("row-major"));
+        let bias_ptr = b.map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut f32);
         // The block's batchnorm: its ε and parameter `i` (γ, β, moving mean, moving variance).
         let norm = block.norm.map(|norm| {
             let Op::BatchNorm(bn) = program.graph.node(norm).op else { unreachable!("a batchnorm") };
             let indices = &program.node_params[norm.index()];
-            let p =
-                move |i: usize| params[indices[i]].view().into_dimensionality::<Ix1>().expect("per channel");
+            let p = move |i: usize| params[indices[i]].as_slice().expect("per channel");
             (bn.epsilon, p)
         });
+        let BlockOut { mut value, linear, stats } = out;
+        let yp = out_ptr(&mut value);
         if mode == Mode::Infer {
             // Batchnorm folded into the convolution: w·s and (b − mean)·s + β, s = γ/σ.
             let folded = norm.map(|(epsilon, p)| {
-                let stats = BatchStats { mean: p(2).to_owned(), var: p(3).to_owned() };
-                let inv = inverse_std(&stats, epsilon);
-                let (gamma, beta) = (p(0), p(1));
-                let scale: Vec<f64> = (0..s.f).map(|f| f64::from(gamma[f]) * inv[f]).collect();
-                let weights: Vec<f32> =
-                    w.iter().enumerate().map(|(i, v)| (f64::from(*v) * scale[i % s.f]) as f32).collect();
-                let bias: Vec<f32> = (0..s.f)
-                    .map(|f| {
-                        let b0 = b.as_ref().map_or(0.0, |b| f64::from(b.as_slice().expect("standard")[f]));
-                        ((b0 - f64::from(stats.mean[f])) * scale[f] + f64::from(beta[f])) as f32
-                    })
-                    .collect();
-                (weights, bias)
+                let (gamma, beta, mean, var) = (p(0), p(1), p(2), p(3));
+                let scale =
+                    |f: usize| f64::from(gamma[f]) * (1.0 / (f64::from(var[f]) + f64::from(epsilon)).sqrt());
+                let weights = s.take(w.len());
+                for (i, (out, v)) in weights.iter_mut().zip(w).enumerate() {
+                    *out = (f64::from(*v) * scale(i % sh.f)) as f32;
+                }
+                let bias = s.take(sh.f);
+                for (f, out) in bias.iter_mut().enumerate() {
+                    let b0 = b.map_or(0.0, |b| f64::from(b[f]));
+                    *out = ((b0 - f64::from(mean[f])) * scale(f) + f64::from(beta[f])) as f32;
+                }
+                (&*weights, bias.as_mut_ptr())
             });
-            let weights = folded.as_ref().map_or_else(|| w.as_slice().expect("row-major"), |(w, _)| w);
-            let bp = folded.as_ref().map_or(bias_ptr, |(_, b)| b.as_ptr() as *mut f32);
-            if let (Some(pool), Some((shape, [direct, pool_kernel]))) = (block.pool, k.pooled) {
-                let conv_kernel = ConvForward::of(direct, wino.and_then(|wk| wk.pooled));
-                let prepared = conv_kernel.weights(s, weights);
-                let xp = padded(x4, conv.pads);
-                let x_sample = s.hp * s.wp * s.c;
-                let buffers = |y| [ptr(&xp), prepared.as_ptr() as *mut f32, bp, y];
-                let y = written(dims(pool), |y| {
-                    run_pooled(conv_kernel, pool_kernel, buffers(y), x_sample, shape, n)
-                });
-                return Some(BlockForward { value: y, linear: None, stats: None });
+            let (weights, bp) = folded.unwrap_or((w, bias_ptr));
+            if let (Some(_), Some((shape, [direct, pool_kernel]))) = (block.pool, k.pooled) {
+                let forward = ConvForward::of(direct, wino.and_then(|wk| wk.pooled));
+                let prepared = s.take(forward.weights_len(sh));
+                forward.prepare_weights(sh, weights, prepared);
+                let xp = padded_into(x4, conv.pads, 0.0, s);
+                let x_sample = sh.hp * sh.wp * sh.c;
+                let buffers = [xp, prepared.as_mut_ptr(), bp, yp];
+                return run_pooled(forward, pool_kernel, buffers, x_sample, shape, n, s);
             }
-            let forward = match k.norm {
-                Some([infer, ..]) => ConvForward::of(infer, wino.and_then(|wk| wk.infer)),
-                None => ConvForward::of(k.forward, wino.map(|wk| wk.forward)),
-            };
-            let y = written(dims(block.output()), |y| {
-                conv_forward_into(forward, conv, x4, weights, bp, y, std::ptr::null_mut())
-            });
-            return Some(BlockForward { value: y, linear: None, stats: None });
+            let forward = self.block_infer_kernel(block, k);
+            return conv_forward_into(forward, conv, x4, weights, bp, yp, std::ptr::null_mut(), s);
         }
-        let out = dims(block.output());
-        assert_eq!(ndarray::Dimension::size(&out), n * s.oh * s.ow * s.f);
+        assert_eq!(value.len(), n * sh.oh * sh.ow * sh.f);
         let forward = ConvForward::of(k.forward, wino.map(|wk| wk.forward));
-        let w = w.as_slice().expect("row-major");
-        let (Some((epsilon, p)), Some([_, normalize, ..])) = (norm, k.norm) else {
-            let y =
-                written(out, |y| conv_forward_into(forward, conv, x4, w, bias_ptr, y, std::ptr::null_mut()));
-            return Some(BlockForward { value: y, linear: None, stats: None });
+        let (Some((epsilon, p)), Some([_, normalize, ..]), Some(mut linear), Some(mut stats)) =
+            (norm, k.norm, linear, stats)
+        else {
+            return conv_forward_into(forward, conv, x4, w, bias_ptr, yp, std::ptr::null_mut(), s);
         };
-        let sums = Array3::<f32>::zeros((n, 2, s.f));
-        let y = written(out, |y| conv_forward_into(forward, conv, x4, w, bias_ptr, y, ptr(&sums)));
-        let stats = statistics(&sums, n * k.shape.pixels);
-        let z = self.affine(normalize, k.shape, &y, &stats, [p(0), p(1)], epsilon);
-        Some(BlockForward { value: z, linear: Some(y), stats: Some(stats) })
+        let sums = s.zeroed(n * 2 * sh.f);
+        let lp = out_ptr(&mut linear);
+        conv_forward_into(forward, conv, x4, w, bias_ptr, lp, sums.as_mut_ptr(), s);
+        let stats = stats.as_slice_mut().expect("contiguous");
+        statistics_into(sums, n, sh.f, n * k.shape.pixels, stats);
+        let affine = [p(0), p(1)].map(ArrayView1::from);
+        affine_into(normalize, k.shape, lp, stats, affine, epsilon, yp, n, s);
     }
 
-    fn block_backward(
+    fn block_backward_into(
         &self,
         program: &Program,
         block: &Block,
         params: &[ArrayD<f32>],
         x: ArrayViewD<f32>,
-        tape: &Tape<f32>,
+        tape: BlockTape<'_, f32>,
         dz: ArrayViewD<f32>,
-        need_dx: bool,
-    ) -> Option<BlockBackward<f32>> {
-        let k = self.blocks.get(&block.output())?;
-        let conv = self.convs.get(&block.linear)?;
-        let s = conv.shape;
+        grads: BlockGrads<'_, f32>,
+        s: &mut Scratch<f32>,
+    ) {
+        let (k, conv) = self.block_kernels(block).expect("the backend said it fuses this block");
+        let sh = conv.shape;
         let n = x.shape()[0];
-        let taped = |id: NodeId| tape.values[id.index()].as_ref().expect("the block's forward pass kept it");
-        let z = taped(block.output());
-        let dz = dz.as_standard_layout();
-        let mut grads = Vec::new();
-        let dc = match (block.norm, k.norm) {
-            (Some(norm), Some([_, _, reduce, apply])) => {
-                let Op::BatchNorm(bn) = program.graph.node(norm).op else { unreachable!("a batchnorm") };
-                let indices = &program.node_params[norm.index()];
+        let z = contiguous(&tape.value);
+        let dzp = contiguous(&dz);
+        let BlockGrads { dx, mut dw, db, norm } = grads;
+        let dc_len = n * sh.oh * sh.ow * sh.f;
+        let dc: *mut f32 = match (block.norm, k.norm) {
+            (Some(node), Some([_, _, reduce, apply])) => {
+                let Op::BatchNorm(bn) = program.graph.node(node).op else { unreachable!("a batchnorm") };
+                let indices = &program.node_params[node.index()];
                 let gamma = params[indices[0]].view().into_dimensionality::<Ix1>().expect("per channel");
-                let stats =
-                    tape.stats[norm.index()].as_ref().expect("training forward keeps batch statistics");
-                let rectified = k.rectify.map(|_| &**z);
-                let (dc, dgamma, dbeta) = self.normalize_backward(
+                let stats = tape.stats.expect("training forward keeps batch statistics");
+                let linear = contiguous(&tape.linear.expect("a normalizing block keeps its linear output"));
+                let rectified = if k.rectify.is_some() { z } else { std::ptr::null_mut() };
+                let [mut dgamma, mut dbeta] = norm.expect("the batchnorm's gradients");
+                let dc = s.take(dc_len).as_mut_ptr();
+                let stats = stats.as_slice().expect("contiguous");
+                let grads = [out_ptr(&mut dgamma), out_ptr(&mut dbeta)];
+                normalize_backward(
                     [reduce, apply],
                     k.shape,
-                    taped(block.linear),
-                    rectified,
-                    &dz,
+                    [linear, rectified, dzp],
                     gamma,
                     stats,
                     bn.epsilon,
+                    Some(dc),
+                    grads,
+                    n,
+                    s,
                 );
-                grads.push((indices[0], dgamma.into_dyn()));
-                grads.push((indices[1], dbeta.into_dyn()));
-                CowArray::from(dc)
+                dc
             }
             // the max pool after the block passed its gradient through the relu already
-            _ if self.masked_blocks.contains(&block.output()) => CowArray::from(dz.view()),
+            _ if self.masked_blocks.contains(&block.output()) => dzp,
             _ => {
                 let act = block.act.expect("a block without batchnorm ends in a rectifier");
-                let r = self.rectifiers.get(&act)?;
-                assert_eq!(z.len(), n * r.len);
-                CowArray::from(written(z.raw_dim(), |dc| {
-                    run(r.backward, &Buffers(vec![ptr(z), ptr(&dz), dc]), n, n)
-                }))
+                let r = self.rectifiers.get(&act).expect("the backend said it fuses this block");
+                assert_eq!(tape.value.len(), n * r.len);
+                let dc = s.take(dc_len).as_mut_ptr();
+                run(r.backward, Buffers::new(&[z, dzp, dc]), n, n);
+                dc
             }
         };
-        let dc4 = dc.view().into_shape_with_order((n, s.oh, s.ow, s.f)).expect("row-major");
-        let (h, w) = (s.hp - conv.pads[0] - conv.pads[1], s.wp - conv.pads[2] - conv.pads[3]);
-        let x = x.as_standard_layout();
-        let x4 = x.view().into_shape_with_order((n, h, w, s.c)).expect("the block's input");
+        // SAFETY: `dc` holds the block's linear output gradient, (N, OH, OW, F): dz itself, or
+        // the scratch written above.
+        let dc4 = unsafe { ArrayView4::from_shape_ptr((n, sh.oh, sh.ow, sh.f), dc) };
+        let [h, w_in, c] = input_hwc(conv);
+        let x4 = x.into_shape_with_order((n, h, w_in, c)).expect("the block's input");
         let g = match program.graph.node(block.linear).op {
             Op::Conv2d(_) => reference::geometry(program, block.linear),
-            _ => Geometry { kernel: [1, 1], stride: [1, 1], pad_before: [0, 0], out: [1, 1] },
+            _ => POINT,
         };
         let indices = &program.node_params[block.linear.index()];
         let weights = &params[indices[0]];
-        let (dw, db) = self.conv2d_backward_weights(block.linear, x4, dc4, [s.kh, s.kw, s.c, s.f], &g);
-        grads.push((indices[0], dw.into_shape_with_order(weights.raw_dim()).expect("same size").into_dyn()));
-        if s.bias {
-            grads.push((indices[1], db.into_dyn()));
+        let dw4 = dw.view_mut().into_shape_with_order((sh.kh, sh.kw, sh.c, sh.f)).expect("row-major kernel");
+        self.conv2d_backward_weights_into(block.linear, x4, dc4, &g, dw4, db, s);
+        if let Some(dx) = dx {
+            let w4 =
+                weights.view().into_shape_with_order((sh.kh, sh.kw, sh.c, sh.f)).expect("row-major kernel");
+            let dx4 = dx.into_shape_with_order((n, h, w_in, c)).expect("the block's input");
+            self.conv2d_backward_input_into(block.linear, dc4, w4, &g, dx4, s);
         }
-        let dx = need_dx.then(|| {
-            let w4 = weights.view().into_shape_with_order((s.kh, s.kw, s.c, s.f)).expect("row-major kernel");
-            let dx = self.conv2d_backward_input(block.linear, dc4, w4, [h, w], &g);
-            dx.into_shape_with_order(x.raw_dim()).expect("same size").into_dyn()
-        });
-        Some(BlockBackward { dx, grads })
     }
 
-    fn avgpool_forward(&self, node: NodeId, x: ArrayView4<f32>, g: &Geometry) -> Array4<f32> {
-        let Some(k) = self.avgpools.get(&node) else { return reference::ops::avgpool_forward(x, g) };
-        let s = &k.shape;
-        let n = x.dim().0;
-        let xp = padded(x, k.pads);
-        assert_eq!((xp.dim().1, xp.dim().2, xp.dim().3), (s.hp, s.wp, s.c));
-        let y = Array4::<f32>::zeros((n, s.oh, s.ow, s.c));
-        self.run(k.forward, &Buffers(vec![ptr(&xp), ptr(&y)]), n, n);
-        y
-    }
-
-    fn avgpool_backward(
+    fn avgpool_forward_into(
         &self,
         node: NodeId,
-        input_shape: [usize; 4],
+        x: ArrayView4<f32>,
+        g: &Geometry,
+        mut y: ArrayViewMut4<f32>,
+        s: &mut Scratch<f32>,
+    ) {
+        let Some(k) = self.avgpools.get(&node) else {
+            return y.assign(&reference::ops::avgpool_forward(x, g));
+        };
+        let sh = &k.shape;
+        let n = x.dim().0;
+        assert_eq!((x.dim().1, x.dim().2, x.dim().3), pool_input(sh, k.pads).into());
+        assert_eq!(y.dim(), (n, sh.oh, sh.ow, sh.c));
+        let xp = padded_into(x, k.pads, 0.0, s);
+        y.fill(0.0);
+        self.run_counted(k.forward, Buffers::new(&[xp, out_ptr(&mut y)]), n, n);
+    }
+
+    fn avgpool_backward_into(
+        &self,
+        node: NodeId,
         dy: ArrayView4<f32>,
         g: &Geometry,
-    ) -> Array4<f32> {
+        mut dx: ArrayViewMut4<f32>,
+        s: &mut Scratch<f32>,
+    ) {
         let Some(k) = self.avgpools.get(&node) else {
-            return reference::ops::avgpool_backward(input_shape, dy, g);
+            let grad = reference::ops::avgpool_backward(dx.dim().into(), dy, g);
+            return dx.assign(&grad);
         };
-        let s = &k.shape;
-        let [n, h, w, c] = input_shape;
-        let [top, bottom, left, right] = k.pads;
-        assert_eq!((h + top + bottom, w + left + right, c), (s.hp, s.wp, s.c));
-        let dy = dy.as_standard_layout();
-        assert_eq!(dy.dim(), (n, s.oh, s.ow, s.c));
-        let dxp = Array4::<f32>::zeros((n, s.hp, s.wp, s.c));
-        self.run(k.backward, &Buffers(vec![dy.as_ptr() as *mut f32, ptr(&dxp)]), n, n);
-        if k.pads == [0; 4] { dxp } else { dxp.slice(s![.., top..top + h, left..left + w, ..]).to_owned() }
+        let sh = &k.shape;
+        let n = dy.dim().0;
+        assert_eq!((dx.dim().1, dx.dim().2, dx.dim().3), pool_input(sh, k.pads).into());
+        assert_eq!(dy.dim(), (n, sh.oh, sh.ow, sh.c));
+        let dxp = padded_output(&mut dx, k.pads, s);
+        self.run_counted(k.backward, Buffers::new(&[contiguous(&dy), dxp]), n, n);
+        crop_into(dxp, k.pads, &mut dx);
     }
 
-    fn softmax_forward(&self, node: NodeId, x: ArrayView2<f32>) -> Array2<f32> {
-        let Some(k) = self.softmaxes.get(&node) else { return reference::ops::softmax_forward(x) };
-        let x = x.as_standard_layout();
+    fn softmax_forward_into(
+        &self,
+        node: NodeId,
+        x: ArrayView2<f32>,
+        mut y: ArrayViewMut2<f32>,
+        _s: &mut Scratch<f32>,
+    ) {
+        let Some(k) = self.softmaxes.get(&node) else { return y.assign(&reference::ops::softmax_forward(x)) };
         let (m, c) = x.dim();
         assert_eq!(c, k.c);
-        assert_eq!(m % k.rows.max(1), 0, "whole samples");
-        let n = m / k.rows.max(1);
-        let mut y = Array2::<f32>::zeros((m, c));
-        self.run(k.forward, &Buffers(vec![x.as_ptr() as *mut f32, y.as_mut_ptr()]), n, n);
-        y
+        assert_eq!(y.dim(), (m, c));
+        let n = samples(k.rows, m);
+        self.run_counted(k.forward, Buffers::new(&[contiguous(&x), out_ptr(&mut y)]), n, n);
     }
 
-    fn loss(&self, node: NodeId, loss: Loss, z: ArrayView2<f32>, labels: &[u8]) -> (f64, usize, Array2<f32>) {
+    fn loss_into(
+        &self,
+        node: NodeId,
+        loss: Loss,
+        z: ArrayView2<f32>,
+        labels: &[u8],
+        mut dz: ArrayViewMut2<f32>,
+        s: &mut Scratch<f32>,
+    ) -> (f64, usize) {
         let Some(k) = self.loss.filter(|k| k.node == node && k.loss == loss) else {
-            return reference::Plain.loss(node, loss, z, labels);
+            let (sum, correct, grad) = reference::Plain.loss(node, loss, z, labels);
+            dz.assign(&grad);
+            return (sum, correct);
         };
-        let z = z.as_standard_layout();
         let (n, classes) = z.dim();
         assert_eq!(classes, k.k);
+        assert_eq!(dz.dim(), (n, classes));
         assert_eq!(labels.len(), n, "one label a sample");
         if loss != Loss::BinaryCrossentropy {
             assert!(labels.iter().all(|&l| usize::from(l) < classes), "every label names a class");
         }
-        let labels: Vec<f32> = labels.iter().map(|&l| f32::from(l)).collect();
-        let mut dz = Array2::<f32>::zeros((n, classes));
-        let mut losses = vec![0.0f32; n];
-        let mut correct = vec![0.0f32; n];
-        let buffers = vec![
-            z.as_ptr() as *mut f32,
-            labels.as_ptr() as *mut f32,
-            dz.as_mut_ptr(),
+        let scratch = s.take(3 * n);
+        let (as_f32, rest) = scratch.split_at_mut(n);
+        let (losses, correct) = rest.split_at_mut(n);
+        for (out, &l) in as_f32.iter_mut().zip(labels) {
+            *out = f32::from(l);
+        }
+        let buffers = Buffers::new(&[
+            contiguous(&z),
+            as_f32.as_mut_ptr(),
+            out_ptr(&mut dz),
             losses.as_mut_ptr(),
             correct.as_mut_ptr(),
-        ];
-        self.run(k.kernel, &Buffers(buffers), n, n);
+        ]);
+        self.run_counted(k.kernel, buffers, n, n);
         // In sample order, as the reference sums them.
         let loss_sum = losses.iter().fold(0.0, |sum, &l| sum + f64::from(l));
-        (loss_sum, correct.iter().filter(|&&c| c != 0.0).count(), dz)
+        (loss_sum, correct.iter().filter(|&&c| c != 0.0).count())
     }
 
-    fn dropout_apply(&self, node: NodeId, x: ArrayViewD<f32>, mask: ArrayViewD<f32>) -> ArrayD<f32> {
-        let Some(k) = self.dropouts.get(&node) else { return &x * &mask };
-        self.map_samples(k.apply, k.len, &[x, mask])
+    fn dropout_apply_into(
+        &self,
+        node: NodeId,
+        x: ArrayViewD<f32>,
+        mask: ArrayViewD<f32>,
+        mut y: ArrayViewMutD<f32>,
+        _s: &mut Scratch<f32>,
+    ) {
+        let Some(k) = self.dropouts.get(&node) else {
+            return ndarray::Zip::from(&mut y).and(&x).and(&mask).for_each(|y, &x, &m| *y = x * m);
+        };
+        assert_eq!((x.shape(), mask.shape()), (y.shape(), y.shape()));
+        let n = samples(k.len, x.len());
+        self.run_counted(k.apply, Buffers::new(&[contiguous(&x), contiguous(&mask), out_ptr(&mut y)]), n, n);
     }
 
     fn optimizer_update(
@@ -1699,151 +2055,129 @@ impl Kernels<f32> for JitKernels {
         _index: usize,
         optimizer: &Optimizer,
         param: &mut ArrayD<f32>,
-        grad: &ArrayD<f32>,
+        grad: &ArrayRef<f32, IxDyn>,
         slots: &mut [ArrayD<f32>],
         iteration: u64,
     ) {
         let compiled = self.optimizer.filter(|k| k.rule == Rule::of(optimizer));
-        let standard = param.is_standard_layout() && slots.iter().all(|s| s.is_standard_layout());
+        let standard = param.is_standard_layout()
+            && grad.is_standard_layout()
+            && slots.iter().all(|s| s.is_standard_layout());
         let Some(k) = compiled.filter(|_| standard) else {
             return crate::train::optimizer::update(optimizer, param, grad, slots, iteration);
         };
-        let grad = grad.as_standard_layout();
         assert_eq!(grad.shape(), param.shape());
         assert!(slots.iter().all(|s| s.shape() == param.shape()));
         let scalars = Rule::scalars(optimizer, iteration);
-        let mut buffers = vec![scalars.as_ptr() as *mut f32, param.as_mut_ptr(), grad.as_ptr() as *mut f32];
-        buffers.extend(slots.iter_mut().map(|s| s.as_mut_ptr()));
+        let mut buffers = Buffers::new(&[scalars.as_ptr() as *mut f32, param.as_mut_ptr(), contiguous(grad)]);
+        for slot in slots.iter_mut() {
+            buffers = buffers.with(slot.as_mut_ptr());
+        }
         let expected = match k.rule {
             Rule::Sgd => 3,
             Rule::Momentum => 4,
             Rule::Adam => 5,
         };
-        assert_eq!(buffers.len(), expected, "the optimizer keeps its slots");
+        assert_eq!(buffers.len, expected, "the optimizer keeps its slots");
         let len = param.len();
-        self.run(k.kernel, &Buffers(buffers), len, len);
+        self.run_counted(k.kernel, buffers, len, len);
     }
 }
 
-/// Per-channel sums gathered per sample, (N, 2, C), reduced over samples in order, in f64:
-/// the two sums of every channel.
-fn reduce_sums(sums: &Array3<f32>) -> [Vec<f64>; 2] {
-    let c = sums.dim().2;
-    let mut out = [vec![0.0; c], vec![0.0; c]];
-    for sample in sums.outer_iter() {
-        for (k, row) in sample.outer_iter().enumerate() {
-            for (acc, v) in out[k].iter_mut().zip(row) {
-                *acc += f64::from(*v);
-            }
-        }
-    }
-    out
-}
-
-/// The batch statistics from the (Σx, Σx²) sums of `m` values per channel: biased variance.
-fn statistics(sums: &Array3<f32>, m: usize) -> BatchStats<f32> {
-    let [sum, sq] = reduce_sums(sums);
+/// The batch statistics from per-sample sums (N, 2, C) of Σx and Σx² over `m` values per
+/// channel, reduced over samples in order in f64, into `out` (C means, then C biased
+/// variances).
+fn statistics_into(sums: &[f32], n: usize, c: usize, m: usize, out: &mut [f32]) {
+    assert_eq!((sums.len(), out.len()), (n * 2 * c, 2 * c));
     let m = m as f64;
-    let mean: Vec<f64> = sum.iter().map(|s| s / m).collect();
-    // E[x²] − E[x]², never below zero (rounding can take it there for a constant channel).
-    let var = sq.iter().zip(&mean).map(|(q, mu)| (q / m - mu * mu).max(0.0) as f32).collect();
-    BatchStats { mean: mean.into_iter().map(|v| v as f32).collect(), var }
-}
-
-/// 1/√(var + ε) per channel, in f64.
-fn inverse_std(stats: &BatchStats<f32>, epsilon: f32) -> Vec<f64> {
-    stats.var.iter().map(|v| 1.0 / (f64::from(*v) + f64::from(epsilon)).sqrt()).collect()
-}
-
-/// The batchnorm backward: from the (Σg, Σg·x) sums, (dgamma, dbeta) and the coefficients
-/// (a, b, d) of dx = a·g + b·x + d, which is γ/(M·σ)·(M·g − dbeta − x̂·dgamma) expanded.
-fn norm_gradient(
-    sums: &Array3<f32>,
-    m: usize,
-    gamma: ArrayView1<f32>,
-    stats: &BatchStats<f32>,
-    epsilon: f32,
-) -> (Array1<f32>, Array1<f32>, Array2<f32>) {
-    let [sum_g, sum_gx] = reduce_sums(sums);
-    let inv = inverse_std(stats, epsilon);
-    let m = m as f64;
-    let c = gamma.len();
-    let (mut dgamma, mut dbeta, mut coef) = (Array1::zeros(c), Array1::zeros(c), Array2::zeros((3, c)));
     for k in 0..c {
-        let (g, mean, inv) = (f64::from(gamma[k]), f64::from(stats.mean[k]), inv[k]);
-        let db = sum_g[k];
-        let dg = inv * (sum_gx[k] - mean * db);
-        dgamma[k] = dg as f32;
-        dbeta[k] = db as f32;
-        coef[[0, k]] = (g * inv) as f32;
-        coef[[1, k]] = (-g * inv * inv * dg / m) as f32;
-        coef[[2, k]] = (-g * inv * db / m + g * inv * inv * mean * dg / m) as f32;
+        let (mut sum, mut sq) = (0.0, 0.0);
+        for i in 0..n {
+            sum += f64::from(sums[2 * i * c + k]);
+            sq += f64::from(sums[(2 * i + 1) * c + k]);
+        }
+        let mean = sum / m;
+        out[k] = mean as f32;
+        // E[x²] − E[x]², never below zero (rounding can take it there for a constant channel).
+        out[c + k] = (sq / m - mean * mean).max(0.0) as f32;
     }
-    (dgamma, dbeta, coef)
 }
 
-impl JitKernels {
-    /// Batchnorm training forward over `x` (M·…, C) with the stats/affine kernels `k` (or a
-    /// block's): returns y and the batch statistics. `x` holds `n` samples.
-    fn normalize(
-        &self,
-        [stats_fn, affine]: [KernelFn; 2],
-        shape: NormShape,
-        x: &ArrayRef<f32, IxDyn>,
-        [gamma, beta]: [ArrayView1<f32>; 2],
-        epsilon: f32,
-    ) -> (ArrayD<f32>, BatchStats<f32>) {
-        let n = x.len() / (shape.pixels * shape.channels);
-        assert_eq!(x.len(), n * shape.pixels * shape.channels);
-        let sums = Array3::<f32>::zeros((n, 2, shape.channels));
-        run(stats_fn, &Buffers(vec![ptr(x), ptr(&sums)]), n, n);
-        let stats = statistics(&sums, n * shape.pixels);
-        let y = self.affine(affine, shape, x, &stats, [gamma, beta], epsilon);
-        (y, stats)
-    }
+/// 1/√(var + ε) of channel `k` of `stats` (C means, C variances), in f64.
+fn inverse_std(stats: &[f32], k: usize, epsilon: f32) -> f64 {
+    let c = stats.len() / 2;
+    1.0 / (f64::from(stats[c + k]) + f64::from(epsilon)).sqrt()
+}
 
-    /// y = act((x − mean)·γ/σ + β) with the affine kernel.
-    fn affine(
-        &self,
-        kernel: KernelFn,
-        shape: NormShape,
-        x: &ArrayRef<f32, IxDyn>,
-        stats: &BatchStats<f32>,
-        [gamma, beta]: [ArrayView1<f32>; 2],
-        epsilon: f32,
-    ) -> ArrayD<f32> {
-        let n = x.len() / (shape.pixels * shape.channels);
-        let inv = inverse_std(stats, epsilon);
-        let scale: Array1<f32> = (0..shape.channels).map(|k| (f64::from(gamma[k]) * inv[k]) as f32).collect();
-        let shift: Array1<f32> = (0..shape.channels)
-            .map(|k| (f64::from(beta[k]) - f64::from(stats.mean[k]) * f64::from(gamma[k]) * inv[k]) as f32)
-            .collect();
-        written(x.raw_dim(), |y| run(kernel, &Buffers(vec![ptr(x), ptr(&scale), ptr(&shift), y]), n, n))
+/// y = act((x − mean)·γ/σ + β) over `n` samples with an affine kernel (scale and shift in
+/// scratch).
+#[allow(clippy::too_many_arguments)]
+fn affine_into(
+    kernel: KernelFn,
+    shape: NormShape,
+    x: *mut f32,
+    stats: &[f32],
+    [gamma, beta]: [ArrayView1<f32>; 2],
+    epsilon: f32,
+    y: *mut f32,
+    n: usize,
+    s: &mut Scratch<f32>,
+) {
+    let c = shape.channels;
+    let coefficients = s.take(2 * c);
+    let (scale, shift) = coefficients.split_at_mut(c);
+    for k in 0..c {
+        let inv = inverse_std(stats, k, epsilon);
+        scale[k] = (f64::from(gamma[k]) * inv) as f32;
+        shift[k] = (f64::from(beta[k]) - f64::from(stats[k]) * f64::from(gamma[k]) * inv) as f32;
     }
+    run(kernel, Buffers::new(&[x, scale.as_mut_ptr(), shift.as_mut_ptr(), y]), n, n);
+}
 
-    /// The batchnorm backward with the reduce/apply kernels: (dx, dgamma, dbeta). `z` is the
-    /// rectifier's output when the kernels pass the gradient back through one.
-    #[allow(clippy::too_many_arguments)]
-    fn normalize_backward(
-        &self,
-        [reduce, apply]: [KernelFn; 2],
-        shape: NormShape,
-        x: &ArrayRef<f32, IxDyn>,
-        z: Option<&ArrayRef<f32, IxDyn>>,
-        dz: &ArrayRef<f32, IxDyn>,
-        gamma: ArrayView1<f32>,
-        stats: &BatchStats<f32>,
-        epsilon: f32,
-    ) -> (ArrayD<f32>, Array1<f32>, Array1<f32>) {
-        let n = x.len() / (shape.pixels * shape.channels);
-        assert_eq!((dz.len(), z.map_or(x.len(), |z| z.len())), (x.len(), x.len()));
-        let z = z.map_or(std::ptr::null_mut(), ptr);
-        let sums = Array3::<f32>::zeros((n, 2, shape.channels));
-        run(reduce, &Buffers(vec![ptr(dz), z, ptr(x), ptr(&sums)]), n, n);
-        let (dgamma, dbeta, coef) = norm_gradient(&sums, n * shape.pixels, gamma, stats, epsilon);
-        let dx =
-            written(x.raw_dim(), |dx| run(apply, &Buffers(vec![ptr(dz), z, ptr(x), ptr(&coef), dx]), n, n));
-        (dx, dgamma, dbeta)
+/// The batchnorm backward with the reduce/apply kernels over `n` samples: from [x, z, dz]
+/// (z the rectifier's output when the kernels pass the gradient back through one, else
+/// null), dgamma and dbeta into `grads`, and dx (when asked for). The batchnorm's sums (Σg,
+/// Σg·x) give (dgamma, dbeta) and the coefficients (a, b, d) of dx = a·g + b·x + d, which is
+/// γ/(M·σ)·(M·g − dbeta − x̂·dgamma) expanded.
+#[allow(clippy::too_many_arguments)]
+fn normalize_backward(
+    [reduce, apply]: [KernelFn; 2],
+    shape: NormShape,
+    [x, z, dz]: [*mut f32; 3],
+    gamma: ArrayView1<f32>,
+    stats: &[f32],
+    epsilon: f32,
+    dx: Option<*mut f32>,
+    [dgamma, dbeta]: [*mut f32; 2],
+    n: usize,
+    s: &mut Scratch<f32>,
+) {
+    let c = shape.channels;
+    let sums = s.zeroed(n * 2 * c);
+    run(reduce, Buffers::new(&[dz, z, x, sums.as_mut_ptr()]), n, n);
+    let coef = s.take(3 * c);
+    let m = (n * shape.pixels) as f64;
+    for k in 0..c {
+        let (mut sum_g, mut sum_gx) = (0.0, 0.0);
+        for i in 0..n {
+            sum_g += f64::from(sums[2 * i * c + k]);
+            sum_gx += f64::from(sums[(2 * i + 1) * c + k]);
+        }
+        let inv = inverse_std(stats, k, epsilon);
+        let (g, mean) = (f64::from(gamma[k]), f64::from(stats[k]));
+        let db = sum_g;
+        let dg = inv * (sum_gx - mean * db);
+        // SAFETY: dgamma and dbeta hold C elements each.
+        unsafe {
+            *dgamma.add(k) = dg as f32;
+            *dbeta.add(k) = db as f32;
+        }
+        coef[k] = (g * inv) as f32;
+        coef[c + k] = (-g * inv * inv * dg / m) as f32;
+        coef[2 * c + k] = (-g * inv * db / m + g * inv * inv * mean * dg / m) as f32;
+    }
+    if let Some(dx) = dx {
+        run(apply, Buffers::new(&[dz, z, x, coef.as_mut_ptr(), dx]), n, n);
     }
 }
 

@@ -34,12 +34,13 @@ impl Rule {
         }
     }
 
-    /// The contents of the scalars buffer for `optimizer` at 1-based step `iteration`.
-    pub fn scalars(optimizer: &Optimizer, iteration: u64) -> Vec<f32> {
+    /// The contents of the scalars buffer for `optimizer` at 1-based step `iteration` (SGD
+    /// uses the first two).
+    pub fn scalars(optimizer: &Optimizer, iteration: u64) -> [f32; 4] {
         match *optimizer {
-            Optimizer::Sgd { lr, momentum } => vec![lr, momentum],
+            Optimizer::Sgd { lr, momentum } => [lr, momentum, 0.0, 0.0],
             Optimizer::Adam { lr, beta1, beta2, epsilon } => {
-                vec![adam_step_size(lr, beta1, beta2, iteration), 1.0 - beta1, 1.0 - beta2, epsilon]
+                [adam_step_size(lr, beta1, beta2, iteration), 1.0 - beta1, 1.0 - beta2, epsilon]
             }
         }
     }

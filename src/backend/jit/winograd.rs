@@ -30,7 +30,7 @@ use cranelift_codegen::ir::{InstBuilder as _, Value};
 
 use super::conv::{
     ConvShape, Epilogue, Width, accumulate, accumulators, add_sums, for_chunks, for_pixel_blocks, load_chunk,
-    pack_weights, store_chunk,
+    pack_into, store_chunk,
 };
 use super::emit::Emit;
 use super::math::constant;
@@ -108,29 +108,31 @@ const G: [[f64; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0
 /// The kernel's weights for `shape.conv`: U[ξ][c][f] = (G w[·][·][c][f] Gᵀ)[ξ] from `w` laid out
 /// (3, 3, C, F) (HWIO), each ξ's (C, F) matrix packed by [`pack_weights`].
 // Tile positions are indices in the transforms' formulas: loops over them read as the math.
-#[allow(clippy::needless_range_loop)]
 pub fn transform_weights(w: &[f32], shape: &WinogradShape) -> Vec<f32> {
+    let mut u = vec![0.0; XI * shape.conv.c * shape.conv.f];
+    transform_weights_into(w, shape, &mut u);
+    u
+}
+
+/// [`transform_weights`] into `u` (16·C·F elements).
+pub fn transform_weights_into(w: &[f32], shape: &WinogradShape, u: &mut [f32]) {
     let (c, f) = (shape.conv.c, shape.conv.f);
     assert_eq!(w.len(), 9 * c * f, "a 3x3 kernel");
+    assert_eq!(u.len(), XI * c * f, "16 planes of (C, F)");
     let at = |i: usize, j: usize, ci: usize, fi: usize| f64::from(w[((i * 3 + j) * c + ci) * f + fi]);
-    let mut u = Vec::with_capacity(XI * c * f);
-    for xi in 0..XI {
+    for (xi, plane) in u.chunks_exact_mut(c * f).enumerate() {
         let (a, b) = (xi / 4, xi % 4);
-        let mut plane = vec![0.0f32; c * f];
-        for ci in 0..c {
-            for fi in 0..f {
-                let mut sum = 0.0;
-                for i in 0..3 {
-                    for j in 0..3 {
-                        sum += G[a][i] * at(i, j, ci, fi) * G[b][j];
-                    }
+        let element = |ci: usize, fi: usize| {
+            let mut sum = 0.0;
+            for (i, gi) in G[a].iter().enumerate() {
+                for (j, gj) in G[b].iter().enumerate() {
+                    sum += gi * at(i, j, ci, fi) * gj;
                 }
-                plane[ci * f + fi] = sum as f32;
             }
-        }
-        u.extend(pack_weights(&plane, c, f));
+            sum as f32
+        };
+        pack_into(c, f, element, plane);
     }
-    u
 }
 
 /// y = conv(x, w) + b for samples start..end by F(2x2, 3x3), then `epilogue` (as
@@ -569,9 +571,16 @@ const AT_WEIGHTS: [[f64; 4]; 3] = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, 0.0], 
 
 /// dw (3, 3, C, F) = Aᵀ M A from [`weight_gradient`]'s M (16, C, F), summed in f64.
 pub fn weight_gradient_output(m: &[f32], c: usize, f: usize) -> Vec<f32> {
+    let mut dw = vec![0.0f32; 9 * c * f];
+    weight_gradient_output_into(m, c, f, &mut dw);
+    dw
+}
+
+/// [`weight_gradient_output`] into `dw` (9·C·F elements).
+pub fn weight_gradient_output_into(m: &[f32], c: usize, f: usize, dw: &mut [f32]) {
     assert_eq!(m.len(), XI * c * f, "16 positions of (C, F)");
     let plane = c * f;
-    let mut dw = vec![0.0f32; 9 * plane];
+    assert_eq!(dw.len(), 9 * plane, "a 3x3 kernel");
     for (tap, out) in dw.chunks_exact_mut(plane).enumerate() {
         let (i, j) = (tap / 3, tap % 3);
         for (k, value) in out.iter_mut().enumerate() {
@@ -585,7 +594,6 @@ pub fn weight_gradient_output(m: &[f32], c: usize, f: usize) -> Vec<f32> {
             *value = sum as f32;
         }
     }
-    dw
 }
 
 #[cfg(test)]

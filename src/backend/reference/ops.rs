@@ -6,7 +6,7 @@
 //! samples or kernel taps; every sum is taken in a fixed order, so results do not depend on
 //! the number of threads.
 
-use ndarray::{Array1, Array2, Array4, ArrayView1, ArrayView2, ArrayView4, Zip, s};
+use ndarray::{Array1, Array2, Array4, ArrayView1, ArrayView2, ArrayView4, ArrayViewMut1, Zip, s};
 use num_traits::Float;
 
 /// The float types the reference backend runs in.
@@ -337,7 +337,7 @@ pub fn batchnorm_backward<T: Real>(
 }
 
 /// moving = moving·momentum + batch·(1 − momentum), as Keras.
-pub fn update_moving<T: Real>(moving: &mut Array1<T>, batch: &Array1<T>, momentum: T) {
+pub fn update_moving<T: Real>(moving: ArrayViewMut1<T>, batch: ArrayView1<T>, momentum: T) {
     Zip::from(moving).and(batch).for_each(|m, &b| *m = *m * momentum + b * (T::one() - momentum));
 }
 
