@@ -451,3 +451,59 @@ fn accesses(program: &Program, pass: Pass, fused: &[bool], step: Step, access: &
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diagnostic::SourceFile;
+
+    /// Runs every block node by node, with no scratch: what the reference needs.
+    struct Plain;
+
+    impl StepNeeds for Plain {
+        fn fuses(&self, _: &Block, _: Pass) -> bool {
+            false
+        }
+
+        fn scratch(&self, _: &Program, _: Step, _: Pass, _: usize) -> usize {
+            0
+        }
+    }
+
+    fn program(model: &str) -> Program {
+        let text = format!("model m {{ {model} }}\ntrain {{ loss = categorical_crossentropy }}");
+        let checked = crate::check(&SourceFile::new("m.cnn", text.as_str())).unwrap();
+        crate::autodiff::build(&checked).unwrap()
+    }
+
+    #[test]
+    fn buffers_live_at_different_steps_share_memory() {
+        let program = program(
+            "input 6x6x2 conv2d(3, kernel=3) relu flatten dense(4) relu dense(2, activation=softmax)",
+        );
+        let plan = Plan::new(&program, Pass::Infer, 5, &Plain, true);
+        let at = |id: usize| plan.get(&program, Buffer::Value(NodeId::from_index(id))).unwrap();
+        // input → conv (%1) → relu (%2) → flatten (%3, the relu's buffer) → dense (%4) → …:
+        // the input is dead once the conv has read it; a later value takes its memory.
+        assert_eq!(at(3), at(2), "a flatten's value is its input's buffer");
+        let input = at(0);
+        assert_eq!(input.live, [0, 0]);
+        let reused = plan.buffers().into_iter().any(|(_, p)| {
+            p.live[0] > 0 && p.offset < input.offset + input.len && input.offset < p.offset + p.len
+        });
+        assert!(reused, "{}", plan.describe(&program));
+        let apart = Plan::new(&program, Pass::Infer, 5, &Plain, false);
+        assert!(plan.len < apart.len && apart.len >= apart.unshared);
+    }
+
+    #[test]
+    #[should_panic(expected = "in the same place")]
+    fn the_check_finds_live_buffers_placed_on_each_other() {
+        let program = program("input 6x6x2 conv2d(3, kernel=3) relu flatten dense(2, activation=softmax)");
+        let mut plan = Plan::new(&program, Pass::Train, 3, &Plain, true);
+        for placed in plan.placed.values_mut() {
+            placed.offset = 0;
+        }
+        plan.check();
+    }
+}

@@ -110,6 +110,13 @@ impl<'a, T: Real> Open<'a, T> {
     }
 }
 
+/// Elements a piece of `len` takes of a planned scratch: pieces start on 64-byte boundaries (as
+/// the arena's buffers do), so that vector loads never straddle cache lines. A backend's
+/// [`crate::backend::reference::Kernels::scratch`] counts its pieces with this.
+pub fn piece(len: usize) -> usize {
+    len.next_multiple_of(16)
+}
+
 /// Where a kernel takes the temporaries it needs (padded copies, packed weights, per-shard
 /// tiles): the slice the memory plan gave its step, taken from the front; or, for a kernel
 /// called outside a planned pass (the tests), fresh memory.
@@ -129,18 +136,20 @@ impl<'a, T: Real> Scratch<'a, T> {
         Scratch { free: &mut [], heap: Some(heap) }
     }
 
-    /// `len` elements whose contents are whatever an earlier step left there.
+    /// `len` elements whose contents are whatever an earlier step left there ([`piece`] of
+    /// them taken from a planned scratch).
     pub fn take(&mut self, len: usize) -> &'a mut [T] {
-        if len <= self.free.len() {
-            let (taken, rest) = std::mem::take(&mut self.free).split_at_mut(len);
+        if piece(len) <= self.free.len() {
+            let (taken, rest) = std::mem::take(&mut self.free).split_at_mut(piece(len));
             self.free = rest;
-            return taken;
+            return &mut taken[..len];
         }
         match self.heap {
             Some(heap) => heap.alloc_extend(std::iter::repeat_n(T::zero(), len)),
             None => panic!(
-                "a kernel took {len} elements of scratch where its step's plan had {} left: the backend's \
+                "a kernel took {} elements of scratch where its step's plan had {} left: the backend's \
                  scratch count is wrong",
+                piece(len),
                 self.free.len()
             ),
         }

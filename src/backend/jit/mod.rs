@@ -26,7 +26,7 @@ use ndarray::{
 };
 use rayon::prelude::*;
 
-use super::arena::Scratch;
+use super::arena::{Scratch, piece};
 use super::reference::ops::Geometry;
 use super::reference::{self, BlockGrads, BlockOut, BlockTape, Interpreter, Kernels, KernelsExt as _, Mode};
 use crate::autodiff::{Program, Step};
@@ -1067,9 +1067,9 @@ impl ConvForward {
 
     /// Scratch of [`conv_forward_into`] for `n` samples.
     fn scratch_for(self, conv: &ConvKernels, n: usize) -> usize {
-        padded_len(n, input_hwc(conv), self.pads(conv))
-            + self.weights_len(&conv.shape)
-            + shard_count(n) * self.scratch()
+        piece(padded_len(n, input_hwc(conv), self.pads(conv)))
+            + piece(self.weights_len(&conv.shape))
+            + piece(shard_count(n) * self.scratch())
     }
 }
 
@@ -1263,7 +1263,7 @@ impl JitKernels {
     fn conv_forward_scratch(&self, node: NodeId, n: usize) -> usize {
         let Some(k) = self.convs.get(&node) else { return 0 };
         if self.dense_by_4.contains_key(&node) {
-            return k.shape.c * k.shape.f;
+            return piece(k.shape.c * k.shape.f);
         }
         self.conv_forward_kernel(node, k).scratch_for(k, n)
     }
@@ -1272,9 +1272,11 @@ impl JitKernels {
     fn conv_weights_scratch(&self, node: NodeId, n: usize) -> usize {
         let Some(k) = self.convs.get(&node) else { return 0 };
         let s = &k.shape;
-        let padded = padded_len(n, input_hwc(k), k.pads);
+        let padded = piece(padded_len(n, input_hwc(k), k.pads));
         match self.winograd.get(&node).and_then(|wk| wk.weight_gradient) {
-            Some((shape, _)) => padded + 16 * s.c * s.f + shard_count(shape.weight_tasks()) * shape.scratch(),
+            Some((shape, _)) => {
+                padded + piece(16 * s.c * s.f) + piece(shard_count(shape.weight_tasks()) * shape.scratch())
+            }
             None => padded,
         }
     }
@@ -1283,7 +1285,7 @@ impl JitKernels {
     fn conv_input_scratch(&self, node: NodeId, n: usize) -> usize {
         let Some(k) = self.convs.get(&node) else { return 0 };
         let s = &k.shape;
-        s.kh * s.kw * s.c * s.f + padded_len(n, input_hwc(k), k.pads)
+        piece(s.kh * s.kw * s.c * s.f) + piece(padded_len(n, input_hwc(k), k.pads))
     }
 
     /// Scratch of a node's forward kernel in `pass` (unfused) for `n` samples.
@@ -1295,11 +1297,11 @@ impl JitKernels {
                     PoolKind::Max => self.pools.get(&id).map(|k| (k.pads, k.shape)),
                     PoolKind::Avg => self.avgpools.get(&id).map(|k| (k.pads, k.shape)),
                 };
-                found.map_or(0, |(pads, shape)| padded_len(n, pool_input(&shape, pads), pads))
+                found.map_or(0, |(pads, shape)| piece(padded_len(n, pool_input(&shape, pads), pads)))
             }
             Op::BatchNorm(_) => match (self.norms.get(&id), pass) {
-                (Some(k), Pass::Train) => 2 * n * k.shape.channels + 2 * k.shape.channels,
-                (Some(k), Pass::Infer) => 4 * k.shape.channels,
+                (Some(k), Pass::Train) => piece(2 * n * k.shape.channels) + piece(2 * k.shape.channels),
+                (Some(k), Pass::Infer) => 2 * piece(2 * k.shape.channels),
                 (None, _) => 0,
             },
             _ => 0,
@@ -1315,16 +1317,19 @@ impl JitKernels {
                 self.conv_weights_scratch(id, n) + if need_dx { self.conv_input_scratch(id, n) } else { 0 }
             }
             Op::Pool(p) => match p.kind {
-                PoolKind::Max => {
-                    self.pools.get(&id).map_or(0, |k| 2 * padded_len(n, pool_input(&k.shape, k.pads), k.pads))
-                }
-                PoolKind::Avg => {
-                    self.avgpools.get(&id).map_or(0, |k| padded_len(n, pool_input(&k.shape, k.pads), k.pads))
-                }
+                PoolKind::Max => self
+                    .pools
+                    .get(&id)
+                    .map_or(0, |k| 2 * piece(padded_len(n, pool_input(&k.shape, k.pads), k.pads))),
+                PoolKind::Avg => self
+                    .avgpools
+                    .get(&id)
+                    .map_or(0, |k| piece(padded_len(n, pool_input(&k.shape, k.pads), k.pads))),
             },
-            Op::BatchNorm(_) => {
-                self.norms.get(&id).map_or(0, |k| 2 * n * k.shape.channels + 3 * k.shape.channels)
-            }
+            Op::BatchNorm(_) => self
+                .norms
+                .get(&id)
+                .map_or(0, |k| piece(2 * n * k.shape.channels) + piece(3 * k.shape.channels)),
             _ => 0,
         }
     }
@@ -1346,20 +1351,21 @@ impl JitKernels {
         let wino = self.block_winograd.get(&block.output());
         match pass {
             Pass::Infer => {
-                let folded = if block.norm.is_some() { s.kh * s.kw * s.c * s.f + s.f } else { 0 };
+                let folded =
+                    if block.norm.is_some() { piece(s.kh * s.kw * s.c * s.f) + piece(s.f) } else { 0 };
                 if let (Some(_), Some((shape, [direct, _]))) = (block.pool, k.pooled) {
                     let forward = ConvForward::of(direct, wino.and_then(|wk| wk.pooled));
                     let per_shard = shape.scratch + forward.scratch();
                     return folded
-                        + forward.weights_len(s)
-                        + padded_len(n, input_hwc(conv), conv.pads)
-                        + shard_count(n) * per_shard;
+                        + piece(forward.weights_len(s))
+                        + piece(padded_len(n, input_hwc(conv), conv.pads))
+                        + piece(shard_count(n) * per_shard);
                 }
                 folded + self.block_infer_kernel(block, k).scratch_for(conv, n)
             }
             Pass::Train => {
                 let forward = ConvForward::of(k.forward, wino.map(|wk| wk.forward));
-                let norm = if block.norm.is_some() { 2 * n * s.f + 2 * s.f } else { 0 };
+                let norm = if block.norm.is_some() { piece(2 * n * s.f) + piece(2 * s.f) } else { 0 };
                 forward.scratch_for(conv, n) + norm
             }
         }
@@ -1378,9 +1384,9 @@ impl JitKernels {
     fn block_backward_scratch(&self, program: &Program, block: &Block, n: usize) -> usize {
         let Some((_, conv)) = self.block_kernels(block) else { return 0 };
         let s = &conv.shape;
-        let dc = n * s.oh * s.ow * s.f;
+        let dc = piece(n * s.oh * s.ow * s.f);
         let epilogue = match block.norm {
-            Some(_) => 2 * n * s.f + 3 * s.f + dc,
+            Some(_) => piece(2 * n * s.f) + piece(3 * s.f) + dc,
             None if self.masked_blocks.contains(&block.output()) => 0,
             None => dc,
         };
@@ -1432,7 +1438,7 @@ impl Kernels<f32> for JitKernels {
                     .max()
                     .unwrap_or(0),
             },
-            Step::Loss => self.loss.map_or(0, |_| 3 * n),
+            Step::Loss => self.loss.map_or(0, |_| piece(3 * n)),
             Step::Update => 0,
         }
     }
