@@ -105,7 +105,6 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         index: Vec<usize>,
     },
-    /// Datasets: fetch and locate them.
     /// Time training steps and inference of the model compiled with and without fusion, side
     /// by side (A/B interleaved after warm-up), on random data: a table per layer group and
     /// phase with median times, GFLOP/s and the fused/unfused speedup.
@@ -131,6 +130,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Datasets: fetch and locate them.
     Data {
         #[command(subcommand)]
         command: DataCommand,
