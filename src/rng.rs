@@ -14,7 +14,7 @@ pub struct Rng {
 impl Rng {
     /// A stream identified by `seed` and any number of counters.
     pub fn new(seed: u64, stream: &[u64]) -> Self {
-        let mut state = mix(seed ^ 0x9e37_79b9_7f4a_7c15);
+        let mut state = mix(seed ^ GAMMA);
         for &s in stream {
             state = mix(state ^ s.wrapping_mul(0xbf58_476d_1ce4_e5b9));
         }
@@ -22,7 +22,7 @@ impl Rng {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        self.state = self.state.wrapping_add(GAMMA);
         mix(self.state)
     }
 
@@ -34,8 +34,28 @@ impl Rng {
     /// The value [`Rng::next_f32`] returns after `index` other draws, without drawing them:
     /// SplitMix64's state only counts, so draw i of a stream is one mix of state + (i+1)·γ.
     /// Counter-based draws for many elements at once, in any order, on any thread.
+    #[inline]
     pub fn nth_f32(&self, index: u64) -> f32 {
-        unit_f32(mix(self.state.wrapping_add(index.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15))))
+        unit_f32(self.nth_u64(index))
+    }
+
+    /// The value [`Rng::next_u64`] returns after `index` other draws (see [`Rng::nth_f32`]).
+    #[inline]
+    pub fn nth_u64(&self, index: u64) -> u64 {
+        mix(self.state.wrapping_add(index.wrapping_add(1).wrapping_mul(GAMMA)))
+    }
+
+    /// The counter draw `index` of the stream mixes: draw i is `mix(base + (i + 1)·GAMMA)` (a
+    /// compiled kernel that draws in place computes exactly this, see [`MIX`]).
+    pub fn base(&self) -> u64 {
+        self.state
+    }
+
+    /// Whether draw `index` of [`Rng::nth_f32`] is at least `threshold` (see [`unit_threshold`]),
+    /// decided on the integer bits: the same answer, without a conversion to float.
+    #[inline]
+    pub fn nth_at_least(&self, index: u64, threshold: u64) -> bool {
+        self.nth_u64(index) >> 40 >= threshold
     }
 
     /// Uniform in [0, n), without modulo bias worth noticing for n far below 2^64.
@@ -53,15 +73,32 @@ impl Rng {
 }
 
 /// 24 bits of `bits` as a float in [0, 1).
+/// The integer k such that a draw of [`Rng::next_f32`] (k'/2^24 for its top 24 bits k') is at
+/// least `p` exactly when k' ≥ k: ⌈p·2^24⌉, p in [0, 1].
+pub fn unit_threshold(p: f32) -> u64 {
+    (f64::from(p) * (1u64 << 24) as f64).ceil() as u64
+}
+
+#[inline]
 fn unit_f32(bits: u64) -> f32 {
     (bits >> 40) as f32 / (1u64 << 24) as f32
 }
 
+/// SplitMix64's increment.
+pub const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// SplitMix64's finalizer, as (shift, multiplier) rounds z = (z ^ z >> shift)·multiplier and
+/// a last z ^ z >> 31: what [`mix`] computes, spelled out for kernels that compute it too.
+pub const MIX: [(u32, u64); 2] = [(30, 0xbf58_476d_1ce4_e5b9), (27, 0x94d0_49bb_1331_11eb)];
+pub const MIX_LAST_SHIFT: u32 = 31;
+
 /// SplitMix64's finalizer.
+#[inline]
 fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    for (shift, multiplier) in MIX {
+        z = (z ^ (z >> shift)).wrapping_mul(multiplier);
+    }
+    z ^ (z >> MIX_LAST_SHIFT)
 }
 
 #[cfg(test)]
@@ -92,7 +129,15 @@ mod tests {
         let stream = Rng::new(11, &[5]);
         let mut sequential = stream.clone();
         for index in 0..1000 {
-            assert_eq!(stream.nth_f32(index).to_bits(), sequential.next_f32().to_bits(), "draw {index}");
+            let draw = sequential.next_f32();
+            assert_eq!(stream.nth_f32(index).to_bits(), draw.to_bits(), "draw {index}");
+            for p in [0.0, 0.3, 0.5, draw, f32::from_bits(draw.to_bits() + 1), 1.0] {
+                assert_eq!(
+                    stream.nth_at_least(index, unit_threshold(p)),
+                    draw >= p,
+                    "draw {index} against {p}"
+                );
+            }
         }
     }
 

@@ -557,6 +557,11 @@ fn dropout_kernel_applies_the_reference_mask() {
         let expected = Plain.dropout_apply(id, x.view(), mask.view());
         let actual = compiled(&jit, || jit.dropout_apply(id, x.view(), mask.view()));
         assert_identical(&format!("dropout, batch {batch}"), &expected, &actual);
+        // The training forward kernel draws the same mask in place and applies it.
+        let stream = reference::dropout_stream(7, batch as u64, id);
+        let (drawn, y) = compiled(&jit, || jit.dropout_forward(id, x.view(), &stream, 0.4));
+        assert_identical(&format!("dropout's mask, batch {batch}"), &mask, &drawn);
+        assert_identical(&format!("dropout forward, batch {batch}"), &expected, &y);
     }
 }
 

@@ -4,7 +4,7 @@
 //!
 //! relu(x) = x > 0 ? x : α·x, which for α = 0 is 0 for NaN too, as `f32::max(x, 0)` gives.
 
-use cranelift_codegen::ir::condcodes::FloatCC;
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{InstBuilder as _, MemFlagsData, Value, types};
 
 use super::emit::Emit;
@@ -104,4 +104,57 @@ pub fn backward(e: &mut Emit, len: usize, alpha: f32) {
 /// Buffers: [a, b, y]; items: samples of `len` elements.
 pub fn product(e: &mut Emit, len: usize) {
     map_samples(e, len, 2, |e, v, _| e.ins().fmul(v[0], v[1]));
+}
+
+/// Dropout's training forward pass, drawing its mask in place: element g of the batch (sample
+/// by sample) is kept when the top 24 bits of SplitMix64's `mix(base + (g + 1)·GAMMA)` are at
+/// least `threshold` (see `rng::unit_threshold`), its mask value then `scale`, else 0; y = x·mask.
+/// This is the mask `reference::dropout_mask` draws, bit for bit, in one pass instead of a
+/// pass of hashing in Rust (which the compiler vectorizes badly: 64-bit multiplies have no
+/// SSE/AVX2 instruction) and one of products. Buffers: [x, key ([base, threshold] as u64,
+/// then `scale` as f32), mask, y]; items: samples of `len` elements.
+pub fn dropout_forward(e: &mut Emit, len: usize) {
+    use crate::rng::{GAMMA, MIX, MIX_LAST_SHIFT};
+    let (x, key, mask, y) = (e.buf(0), e.buf(1), e.buf(2), e.buf(3));
+    let flags = MemFlagsData::new().with_notrap().with_readonly();
+    let base = e.ins().load(types::I64, flags, key, 0);
+    let threshold = e.ins().load(types::I64, flags, key, 8);
+    let scale = e.ins().load(types::I32, flags, key, 16);
+    let (start, end) = (e.start, e.end);
+    e.for_range(start, end, |e, n| {
+        let first = e.mul_k(n, len as i64);
+        // base + (g + 1)·GAMMA, kept in a variable that steps by GAMMA
+        let count = e.add_k(first, 1);
+        let step = e.ins().imul_imm_s(count, GAMMA as i64);
+        let start = e.ins().iadd(base, step);
+        let counter = e.var(types::I64, start);
+        e.for_n(len, |e, j| {
+            let g = e.add(first, j);
+            let mut z = e.use_var(counter);
+            let next = e.ins().iadd_imm_s(z, GAMMA as i64);
+            e.def_var(counter, next);
+            for (shift, multiplier) in MIX {
+                let shifted = e.ins().ushr_imm_u(z, i64::from(shift));
+                let mixed = e.ins().bxor(z, shifted);
+                z = e.ins().imul_imm_s(mixed, multiplier as i64);
+            }
+            let shifted = e.ins().ushr_imm_u(z, i64::from(MIX_LAST_SHIFT));
+            let z = e.ins().bxor(z, shifted);
+            let top = e.ins().ushr_imm_u(z, 40);
+            // keep ? scale : 0 without a branch (a select becomes one, mispredicted half the
+            // time at rate 0.5): the scale's bits and-ed with 0 or all ones
+            let keep = e.icmp(IntCC::UnsignedGreaterThanOrEqual, top, threshold);
+            let keep = e.ins().uextend(types::I32, keep);
+            let ones = e.ins().ineg(keep);
+            let bits = e.ins().band(ones, scale);
+            let m = e.ins().bitcast(types::F32, MemFlagsData::new(), bits);
+            let xaddr = e.at(x, g);
+            let xv = e.load(xaddr, 0);
+            let yv = e.ins().fmul(xv, m);
+            let maddr = e.at(mask, g);
+            e.store(m, maddr, 0);
+            let yaddr = e.at(y, g);
+            e.store(yv, yaddr, 0);
+        });
+    });
 }

@@ -34,6 +34,7 @@ use crate::ir::fuse::{self, Block};
 use crate::ir::train::{Loss, Optimizer};
 use crate::ir::{Activation, NodeId, Op, PoolKind, Shape};
 use crate::memory::Pass;
+use crate::rng::Rng;
 use activation::Sigmoidal;
 use conv::ConvShape;
 use cranelift_module::FuncId;
@@ -173,13 +174,15 @@ pub struct AvgPoolKernels {
     pub backward: KernelFn,
 }
 
-/// The compiled kernel of one dropout node: its mask applied, forward and backward.
+/// The compiled kernels of one dropout node.
 #[derive(Debug, Clone, Copy)]
 pub struct DropoutKernel {
     /// Elements per sample.
     pub len: usize,
-    /// Buffers [x or dy, mask, y or dx]; items: samples.
+    /// The mask applied, forward and backward. Buffers [x or dy, mask, y or dx]; items: samples.
     pub apply: KernelFn,
+    /// Training forward: the mask drawn and applied ([`eltwise::dropout_forward`]).
+    pub forward: KernelFn,
 }
 
 /// The compiled kernel of one softmax node, on its own (inference).
@@ -493,7 +496,7 @@ impl JitKernels {
             + self.norms.len() * 4
             + blocks
             + (self.sigmoidals.len() + self.avgpools.len()) * 2
-            + self.dropouts.len()
+            + self.dropouts.len() * 2
             + self.softmaxes.len()
             + usize::from(self.loss.is_some())
             + usize::from(self.optimizer.is_some())
@@ -624,7 +627,9 @@ fn compile_rest(
         }
         if let Op::Dropout { .. } = node.op {
             let f = define(compiler, &mut ids, &format!("{name}_apply"), |e| eltwise::product(e, len))?;
-            dropouts.push((id, len, f));
+            let d =
+                define(compiler, &mut ids, &format!("{name}_forward"), |e| eltwise::dropout_forward(e, len))?;
+            dropouts.push((id, len, [f, d]));
         }
         if let Op::Activation(Activation::Softmax) = node.op {
             let c = *program.shapes.shape(id).dims().last().expect("a shape has an axis");
@@ -679,7 +684,7 @@ fn compile_rest(
             .collect(),
         dropouts: dropouts
             .into_iter()
-            .map(|(id, len, f)| (id, DropoutKernel { len, apply: code[f] }))
+            .map(|(id, len, [f, d])| (id, DropoutKernel { len, apply: code[f], forward: code[d] }))
             .collect(),
         softmaxes: softmaxes
             .into_iter()
@@ -2038,6 +2043,28 @@ impl Kernels<f32> for JitKernels {
         // In sample order, as the reference sums them.
         let loss_sum = losses.iter().fold(0.0, |sum, &l| sum + f64::from(l));
         (loss_sum, correct.iter().filter(|&&c| c != 0.0).count())
+    }
+
+    fn dropout_forward_into(
+        &self,
+        node: NodeId,
+        x: ArrayViewD<f32>,
+        stream: &Rng,
+        rate: f32,
+        [mut mask, mut y]: [ArrayViewMutD<f32>; 2],
+        s: &mut Scratch<f32>,
+    ) {
+        let Some(k) = self.dropouts.get(&node) else {
+            reference::dropout_mask_from(mask.as_slice_mut().expect("contiguous"), rate, stream);
+            return self.dropout_apply_into(node, x, mask.view(), y, s);
+        };
+        assert_eq!((x.shape(), mask.shape()), (y.shape(), y.shape()));
+        let n = samples(k.len, x.len());
+        let scale = (1.0 / (1.0 - f64::from(rate))) as f32;
+        let key = [stream.base(), crate::rng::unit_threshold(rate), u64::from(scale.to_bits())];
+        let buffers =
+            Buffers::new(&[contiguous(&x), key.as_ptr() as *mut f32, out_ptr(&mut mask), out_ptr(&mut y)]);
+        self.run_counted(k.forward, buffers, n, n);
     }
 
     fn dropout_apply_into(

@@ -319,6 +319,21 @@ pub trait Kernels<T: Real>: Sync {
         (sum, correct)
     }
 
+    /// Dropout's training forward: the mask of `stream` ([`dropout_mask_from`]) into `mask`,
+    /// then y = x·mask.
+    fn dropout_forward_into(
+        &self,
+        node: NodeId,
+        x: ArrayViewD<T>,
+        stream: &Rng,
+        rate: f32,
+        [mut mask, y]: [ArrayViewMutD<T>; 2],
+        s: &mut Scratch<T>,
+    ) {
+        dropout_mask_from(mask.as_slice_mut().expect("contiguous"), rate, stream);
+        self.dropout_apply_into(node, x, mask.view(), y, s);
+    }
+
     /// A dropout mask applied: y = x·mask forward, dx = dy·mask backward.
     fn dropout_apply_into(
         &self,
@@ -604,6 +619,27 @@ pub trait KernelsExt<T: Real>: Kernels<T> {
         let (sum, correct) =
             self.loss_into(node, loss, z, labels, dz.view_mut(), &mut Scratch::heap(&Default::default()));
         (sum, correct, dz)
+    }
+
+    /// (mask, y)
+    fn dropout_forward(
+        &self,
+        node: NodeId,
+        x: ArrayViewD<T>,
+        stream: &Rng,
+        rate: f32,
+    ) -> (ArrayD<T>, ArrayD<T>) {
+        let (mut mask, mut y) = (ArrayD::zeros(x.raw_dim()), ArrayD::zeros(x.raw_dim()));
+        let heap = Default::default();
+        self.dropout_forward_into(
+            node,
+            x,
+            stream,
+            rate,
+            [mask.view_mut(), y.view_mut()],
+            &mut Scratch::heap(&heap),
+        );
+        (mask, y)
     }
 
     fn dropout_apply(&self, node: NodeId, x: ArrayViewD<T>, mask: ArrayViewD<T>) -> ArrayD<T> {
@@ -1147,11 +1183,8 @@ impl<'a, T: Real, K: Kernels<T>> Run<'a, K, T> {
                 let Mode::Train { seed, step } = self.mode else {
                     unreachable!("dropout passes through at inference")
                 };
-                let mut mask = self.out(Buffer::Mask(id), t, self.dims(id));
-                dropout_mask_into(mask.as_slice_mut().expect("contiguous"), *rate, seed, step, id);
-                // SAFETY: the mask was written above; its mutable view is gone.
-                let mask = unsafe { self.arena.view(Buffer::Mask(id), t, self.dims(id)) };
-                kernels.dropout_apply_into(id, x, mask, y, s);
+                let mask = self.out(Buffer::Mask(id), t, self.dims(id));
+                kernels.dropout_forward_into(id, x, &dropout_stream(seed, step, id), *rate, [mask, y], s);
             }
             Op::Flatten => unreachable!("a flatten passes its input through"),
         }
@@ -1397,19 +1430,26 @@ pub fn activate<T: Real>(act: Activation, v: T) -> T {
 /// the mask is drawn in parallel, in blocks, with one mix per element.
 pub fn dropout_mask<T: Real>(dim: IxDyn, rate: f32, seed: u64, step: u64, node: NodeId) -> ArrayD<T> {
     let mut mask = ArrayD::zeros(dim);
-    dropout_mask_into(mask.as_slice_mut().expect("row-major"), rate, seed, step, node);
+    dropout_mask_from(mask.as_slice_mut().expect("row-major"), rate, &dropout_stream(seed, step, node));
     mask
 }
 
-/// [`dropout_mask`] into `mask` (every element written).
-pub fn dropout_mask_into<T: Real>(mask: &mut [T], rate: f32, seed: u64, step: u64, node: NodeId) {
+/// The stream of dropout node `node`'s mask at training step `step` of the run `seed`.
+pub fn dropout_stream(seed: u64, step: u64, node: NodeId) -> Rng {
+    Rng::new(seed, &[0xD_4090_u64, step, node.index() as u64])
+}
+
+/// [`dropout_mask`] of `stream` into `mask` (every element written).
+pub fn dropout_mask_from<T: Real>(mask: &mut [T], rate: f32, stream: &Rng) {
     use rayon::prelude::*;
     const BLOCK: usize = 1 << 14;
-    let stream = Rng::new(seed, &[0xD_4090_u64, step, node.index() as u64]);
     let keep = T::of(1.0 / (1.0 - f64::from(rate)));
+    // draw ≥ rate, decided on the draw's integer bits (the same answer, without a conversion)
+    let threshold = crate::rng::unit_threshold(rate);
     mask.par_chunks_mut(BLOCK).enumerate().for_each(|(block, out)| {
-        for (j, m) in out.iter_mut().enumerate() {
-            *m = if stream.nth_f32((block * BLOCK + j) as u64) >= rate { keep } else { T::zero() };
+        let first = (block * BLOCK) as u64;
+        for (index, m) in (first..).zip(out.iter_mut()) {
+            *m = if stream.nth_at_least(index, threshold) { keep } else { T::zero() };
         }
     });
 }
