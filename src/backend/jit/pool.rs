@@ -29,6 +29,18 @@ pub struct PoolShape {
     pub sw: usize,
 }
 
+impl PoolShape {
+    /// Whether the windows tile the input exactly (kernel = stride, no pixel left over): every
+    /// input pixel lies in one window, so the backward pass writes dx whole instead of adding
+    /// into a zeroed one.
+    pub fn tiles_exactly(&self) -> bool {
+        self.kh == self.sh
+            && self.kw == self.sw
+            && self.hp == self.oh * self.sh
+            && self.wp == self.ow * self.sw
+    }
+}
+
 /// `max(a, b)` that keeps `a` when `b` is NaN, as `f32::max` does for the reference.
 fn max(e: &mut Emit, a: Value, b: Value, width: Width) -> Value {
     let greater = e.ins().fcmp(FloatCC::GreaterThan, b, a);
@@ -103,8 +115,10 @@ pub fn forward(e: &mut Emit, s: &PoolShape) {
 
 /// dx (padded, zeroed) += dy at each window's first maximum. With `through_relu` (x is a
 /// relu's output, whose backward pass the caller then skips), only where that maximum is
-/// positive: dx is then the gradient of the relu's input. Buffers: [x (padded with -inf), dy,
-/// dx]; items: samples.
+/// positive: dx is then the gradient of the relu's input. Where the windows tile the input
+/// exactly ([`PoolShape::tiles_exactly`]) every pixel of dx is stored (dy or 0) and dx needs
+/// no zeroing: one pass over it instead of three. Buffers: [x (padded with -inf), dy, dx];
+/// items: samples.
 pub fn backward(e: &mut Emit, s: &PoolShape, through_relu: bool) {
     let (x, dy, dx) = (e.buf(0), e.buf(1), e.buf(2));
     for_each_window(e, s, |e, out, offsets, c0, width| {
@@ -145,7 +159,7 @@ pub fn backward(e: &mut Emit, s: &PoolShape, through_relu: bool) {
         for (offset, v) in offsets.iter().zip(&loads) {
             let at = e.add(*offset, c0);
             let addr = e.at(dx, at);
-            let old = load_chunk(e, addr, 0, width);
+            let old = if s.tiles_exactly() { Vec::new() } else { load_chunk(e, addr, 0, width) };
             let mut new = Vec::new();
             let mut now_done = Vec::new();
             for p in 0..v.len() {
@@ -160,7 +174,7 @@ pub fn backward(e: &mut Emit, s: &PoolShape, through_relu: bool) {
                     let mask = e.ins().bitcast(types::F32X4, MemFlagsData::new(), take);
                     e.ins().bitselect(mask, grad[p], zero)
                 };
-                new.push(e.ins().fadd(old[p], add));
+                new.push(if s.tiles_exactly() { add } else { e.ins().fadd(old[p], add) });
                 now_done.push(match &done {
                     None => equal,
                     Some(d) => e.ins().bor(d[p], equal),
