@@ -1557,15 +1557,7 @@ impl Kernels<f32> for JitKernels {
             run(k.backward_weights, Buffers::new(&[xp, dyp, dwp]), sh.weight_tasks(), n);
         }
         if let Some(mut db) = db {
-            // Σ over every pixel of every sample, in order.
-            db.fill(0.0);
-            let rows = dy.as_slice().expect("row-major").chunks_exact(sh.f);
-            let db = db.as_slice_mut().expect("contiguous");
-            for row in rows {
-                for (acc, v) in db.iter_mut().zip(row) {
-                    *acc += v;
-                }
-            }
+            bias_gradient(dy.as_slice().expect("row-major"), db.as_slice_mut().expect("contiguous"));
         }
     }
 
@@ -2120,6 +2112,25 @@ impl Kernels<f32> for JitKernels {
         let len = param.len();
         self.run_counted(k.kernel, buffers, len, len);
     }
+}
+
+/// db[f] = Σ over the rows of `dy` (every pixel of every sample, in order) of dy[row][f]:
+/// channels in blocks of 16 (a cache line) on as many threads, each summing its block down
+/// the rows in order, so the result does not depend on the thread count. (One thread was
+/// memory-bound: 0.8 ms of mnist.cnn's 1.8 ms first-layer backward step.)
+fn bias_gradient(dy: &[f32], db: &mut [f32]) {
+    const BLOCK: usize = 16;
+    let f = db.len();
+    db.par_chunks_mut(BLOCK).enumerate().for_each(|(block, out)| {
+        let (lo, width) = (block * BLOCK, out.len());
+        let mut acc = [0.0f32; BLOCK];
+        for row in dy.chunks_exact(f) {
+            for (a, v) in acc.iter_mut().zip(&row[lo..lo + width]) {
+                *a += v;
+            }
+        }
+        out.copy_from_slice(&acc[..width]);
+    });
 }
 
 /// The batch statistics from per-sample sums (N, 2, C) of Σx and Σx² over `m` values per
