@@ -716,9 +716,20 @@ fn winograd_shape(conv: &ConvShape) -> Option<WinogradShape> {
     if !winograd_wanted(conv) {
         return None;
     }
-    let hp = conv.hp.max(2 * conv.oh.div_ceil(2) + 2);
-    let wp = conv.wp.max(2 * conv.ow.div_ceil(2) + 2);
-    WinogradShape::new(ConvShape { hp, wp, ..*conv })
+    let m = winograd_tile(conv);
+    let hp = conv.hp.max(m * conv.oh.div_ceil(m) + 2);
+    let wp = conv.wp.max(m * conv.ow.div_ceil(m) + 2);
+    WinogradShape::new(ConvShape { hp, wp, ..*conv }, m)
+}
+
+/// The Winograd tile for `conv`: the cost model's ([`winograd::tile_size`]), or the one
+/// `CNNC_WINOGRAD=2` or `=4` asks for (for comparisons).
+fn winograd_tile(conv: &ConvShape) -> usize {
+    match std::env::var("CNNC_WINOGRAD").as_deref() {
+        Ok("2") => 2,
+        Ok("4") => 4,
+        _ => winograd::tile_size(conv.c, conv.f, [conv.oh, conv.ow]),
+    }
 }
 
 /// Max pools (with the block they read) whose input is a fused block's relu output and which
@@ -772,6 +783,12 @@ fn compile_dense_groups(
 
 /// Whether the cost model gives `conv` Winograd's kernels (and `CNNC_WINOGRAD=0` does not
 /// take them away).
+/// The Winograd shape of a pooled block's convolution, which reads the layer's padded input
+/// as it is: the cost model's tile where its windows fit that input, else 2x2 where they do.
+fn pooled_winograd(conv: &ConvShape) -> Option<WinogradShape> {
+    WinogradShape::new(*conv, winograd_tile(conv)).or_else(|| WinogradShape::new(*conv, 2))
+}
+
 fn winograd_wanted(conv: &ConvShape) -> bool {
     !std::env::var("CNNC_WINOGRAD").is_ok_and(|v| v == "0") && winograd::chosen(conv.c, conv.f)
 }
@@ -828,7 +845,7 @@ fn compile_winograd(
         let infer = match block.norm {
             Some(_) => {
                 let folded_shape =
-                    WinogradShape::new(ConvShape { bias: true, ..shape.conv }).expect("as above");
+                    WinogradShape::new(ConvShape { bias: true, ..shape.conv }, shape.m).expect("as above");
                 let i = define(compiler, &mut ids, &format!("{name}_winograd_infer"), |e| {
                     winograd::forward(e, &folded_shape, folded)
                 })?;
@@ -839,7 +856,7 @@ fn compile_winograd(
         // The pooled block at inference reads one sample of the layer's padded input as it is.
         let pooled = match block.pool.and_then(|pool| pool_shape(program, pool, &program.graph.node(pool).op))
         {
-            Some((ps, _)) => match WinogradShape::new(pooled_conv_shape(&conv, &ps, block)) {
+            Some((ps, _)) => match pooled_winograd(&pooled_conv_shape(&conv, &ps, block)) {
                 Some(pooled_shape) => {
                     let i = define(compiler, &mut ids, &format!("{name}_winograd_infer_pooled"), |e| {
                         winograd::forward(e, &pooled_shape, folded)
@@ -1035,7 +1052,7 @@ impl ConvForward {
     fn weights_len(self, conv: &ConvShape) -> usize {
         match self {
             ConvForward::Direct(_) => conv.kh * conv.kw * conv.c * conv.f,
-            ConvForward::Winograd(..) => 16 * conv.c * conv.f,
+            ConvForward::Winograd(shape, _) => shape.positions() * conv.c * conv.f,
         }
     }
 

@@ -40,26 +40,30 @@ const XI: usize = 16;
 /// Input channels per task of the weight gradient (rows of its register block).
 const WEIGHT_ROWS: usize = 4;
 
-/// A 3x3 stride-1 convolution computed by tiles of 2x2 outputs.
+/// A 3x3 stride-1 convolution computed by tiles of m x m outputs (m = 2 or 4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WinogradShape {
     /// The convolution: `hp`, `wp` are the input buffer's height and width per sample; `oh`,
-    /// `ow` the outputs computed (tiles cover them, so the buffer needs 2·⌈oh/2⌉ + 2 rows and
-    /// 2·⌈ow/2⌉ + 2 columns: see [`WinogradShape::new`]).
+    /// `ow` the outputs computed (tiles cover them, so the buffer needs m·⌈oh/m⌉ + 2 rows and
+    /// m·⌈ow/m⌉ + 2 columns: see [`WinogradShape::new`]).
     pub conv: ConvShape,
-    /// Tiles down and across: ⌈oh/2⌉, ⌈ow/2⌉.
+    /// Tiles down and across: ⌈oh/m⌉, ⌈ow/m⌉.
     pub th: usize,
     pub tw: usize,
+    /// The output tile's size: F(m x m, 3x3).
+    pub m: usize,
 }
 
 impl WinogradShape {
-    /// `None` unless `conv` is 3x3 with stride 1 and its input buffer holds every tile's 4x4
-    /// window (the caller pads odd sizes by one more row or column).
-    pub fn new(conv: ConvShape) -> Option<Self> {
+    /// F(m x m, 3x3) for `conv`: `None` unless it is 3x3 with stride 1, m is 2 or 4, and its
+    /// input buffer holds every tile's (m + 2) x (m + 2) window (the caller pads sizes that
+    /// are not multiples of m by the rows or columns missing).
+    pub fn new(conv: ConvShape, m: usize) -> Option<Self> {
         let square = conv.kh == 3 && conv.kw == 3 && conv.sh == 1 && conv.sw == 1;
-        let (th, tw) = (conv.oh.div_ceil(2), conv.ow.div_ceil(2));
-        let fits = 2 * th + 2 <= conv.hp && 2 * tw + 2 <= conv.wp;
-        (square && fits && conv.oh > 0 && conv.ow > 0).then_some(WinogradShape { conv, th, tw })
+        let (th, tw) = (conv.oh.div_ceil(m), conv.ow.div_ceil(m));
+        let fits = m * th + 2 <= conv.hp && m * tw + 2 <= conv.wp;
+        let known = m == 2 || m == 4;
+        (known && square && fits && conv.oh > 0 && conv.ow > 0).then_some(WinogradShape { conv, th, tw, m })
     }
 
     /// The weight gradient's tiles: 2x2 blocks of dy (a partial last row or column where OH or
@@ -69,7 +73,7 @@ impl WinogradShape {
         let square = conv.kh == 3 && conv.kw == 3 && conv.sh == 1 && conv.sw == 1;
         let exact = conv.hp == conv.oh + 2 && conv.wp == conv.ow + 2;
         let (th, tw) = (conv.oh.div_ceil(2), conv.ow.div_ceil(2));
-        (square && exact && conv.oh > 0 && conv.ow > 0).then_some(WinogradShape { conv, th, tw })
+        (square && exact && conv.oh > 0 && conv.ow > 0).then_some(WinogradShape { conv, th, tw, m: 2 })
     }
 
     /// Work items of [`weight_gradient`]: one per position ξ and group of 4 input channels.
@@ -82,11 +86,120 @@ impl WinogradShape {
         self.th * self.tw
     }
 
-    /// Elements of a kernel's scratch for one sample: V (16·tiles·C), then M (forward) or D
-    /// (weight gradient), 16·tiles·F.
-    pub fn scratch(&self) -> usize {
-        XI * self.tiles() * (self.conv.c + self.conv.f)
+    /// The input tile's side, m + 2.
+    pub fn alpha(&self) -> usize {
+        self.m + 2
     }
+
+    /// Positions of an input tile: (m + 2)².
+    pub fn positions(&self) -> usize {
+        self.alpha() * self.alpha()
+    }
+
+    /// Elements of a kernel's scratch for one sample: V (positions·tiles·C), then M (forward)
+    /// or D (weight gradient), positions·tiles·F.
+    pub fn scratch(&self) -> usize {
+        self.positions() * self.tiles() * (self.conv.c + self.conv.f)
+    }
+}
+
+/// The transforms of F(m x m, 3x3) (Lavin & Gray): Bᵀ (α x α) and Aᵀ (m x α), for the kernels,
+/// α = m + 2; G in [`g_matrix`]. F(2x2, 3x3) interpolates at 0, ±1 and ∞, F(4x4, 3x3) at 0,
+/// ±1, ±2 and ∞.
+struct Transforms {
+    bt: Vec<Vec<f32>>,
+    at: Vec<Vec<f32>>,
+}
+
+fn transforms(m: usize) -> Transforms {
+    let rows = |r: &[&[f32]]| r.iter().map(|row| row.to_vec()).collect();
+    match m {
+        2 => Transforms {
+            bt: rows(&[
+                &[1.0, 0.0, -1.0, 0.0],
+                &[0.0, 1.0, 1.0, 0.0],
+                &[0.0, -1.0, 1.0, 0.0],
+                &[0.0, 1.0, 0.0, -1.0],
+            ]),
+            at: rows(&[&[1.0, 1.0, 1.0, 0.0], &[0.0, 1.0, -1.0, -1.0]]),
+        },
+        4 => Transforms {
+            bt: rows(&[
+                &[4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
+                &[0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
+                &[0.0, 4.0, -4.0, -1.0, 1.0, 0.0],
+                &[0.0, -2.0, -1.0, 2.0, 1.0, 0.0],
+                &[0.0, 2.0, -1.0, -2.0, 1.0, 0.0],
+                &[0.0, 4.0, 0.0, -5.0, 0.0, 1.0],
+            ]),
+            at: rows(&[
+                &[1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
+                &[0.0, 1.0, -1.0, 2.0, -2.0, 0.0],
+                &[0.0, 1.0, 1.0, 4.0, 4.0, 0.0],
+                &[0.0, 1.0, -1.0, 8.0, -8.0, 1.0],
+            ]),
+        },
+        _ => unreachable!("F(2x2, 3x3) and F(4x4, 3x3) only"),
+    }
+}
+
+/// G (α x 3) of F(m x m, 3x3): U = G w Gᵀ, computed in Rust every step (a constant table: the
+/// step allocates nothing).
+fn g_matrix(m: usize) -> &'static [[f64; 3]] {
+    const G2: [[f64; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
+    const G4: [[f64; 3]; 6] = [
+        [0.25, 0.0, 0.0],
+        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+        [0.0, 0.0, 1.0],
+    ];
+    match m {
+        2 => &G2,
+        4 => &G4,
+        _ => unreachable!("F(2x2, 3x3) and F(4x4, 3x3) only"),
+    }
+}
+
+/// The weight gradient's Bᵀ (F(3x3, 2x2)): the forward one's but for its last row.
+fn weight_gradient_bt() -> Vec<Vec<f32>> {
+    let mut bt = transforms(2).bt;
+    bt[3] = vec![0.0, -1.0, 0.0, 1.0];
+    bt
+}
+
+/// Σ_j row[j]·values[j] for one vector (or scalar) of channels each: a term with coefficient
+/// +1 first (so that ±1 rows are adds and subtracts only, in index order), then the others;
+/// ±1 as an add or a subtract, other coefficients by a fused multiply-add.
+fn combine(e: &mut Emit, row: &[f32], values: &[Value], vector: bool) -> Value {
+    let first = row.iter().position(|&k| k == 1.0).or_else(|| row.iter().position(|&k| k != 0.0));
+    let first = first.expect("a transform row has a term");
+    let scaled = |e: &mut Emit, k: f32| constant(e, k, vector);
+    let mut acc = match row[first] {
+        1.0 => values[first],
+        k => {
+            let k = scaled(e, k);
+            e.ins().fmul(k, values[first])
+        }
+    };
+    for (j, &k) in row.iter().enumerate() {
+        acc = match k {
+            _ if j == first || k == 0.0 => continue,
+            1.0 => e.ins().fadd(acc, values[j]),
+            -1.0 => e.ins().fsub(acc, values[j]),
+            k => {
+                let k = scaled(e, k);
+                e.fma(k, values[j], acc)
+            }
+        };
+    }
+    acc
+}
+
+/// `matrix` · `values` (one vector or scalar each): a column of a transform.
+fn apply(e: &mut Emit, matrix: &[Vec<f32>], values: &[Value], vector: bool) -> Vec<Value> {
+    matrix.iter().map(|row| combine(e, row, values, vector)).collect()
 }
 
 /// Whether the compiler picks Winograd for a 3x3 stride-1 layer with `c` input and `f`
@@ -102,30 +215,43 @@ pub fn chosen(c: usize, f: usize) -> bool {
     winograd * 10 < direct * 8
 }
 
-/// G (4x3): U = G g Gᵀ.
-const G: [[f64; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
+/// The output tile F(m x m, 3x3) the cost model picks for a layer with `c` input and `f`
+/// output channels and OH x OW outputs, among m = 2 and 4: per tile, the products (α² C F
+/// multiply-adds, α = m + 2) and the transforms at 4 multiply-adds' worth an add (as
+/// [`chosen`]'s: Bᵀ d B takes 32 adds a tile per input channel for m = 2, 192 for m = 4;
+/// Aᵀ M A 24 and 170 per output channel), times the tiles that cover the output (a 13 x 13
+/// output is 49 tiles of 2x2 or 16 of 4x4, covering 14x14 and 16x16).
+pub fn tile_size(c: usize, f: usize, [oh, ow]: [usize; 2]) -> usize {
+    let cost = |m: usize, input: usize, output: usize| {
+        let tiles = oh.div_ceil(m) * ow.div_ceil(m);
+        tiles * ((m + 2) * (m + 2) * c * f + 4 * (input * c + output * f))
+    };
+    if cost(4, 192, 170) < cost(2, 32, 24) { 4 } else { 2 }
+}
 
 /// The kernel's weights for `shape.conv`: U[ξ][c][f] = (G w[·][·][c][f] Gᵀ)[ξ] from `w` laid out
 /// (3, 3, C, F) (HWIO), each ξ's (C, F) matrix packed by [`pack_weights`].
 // Tile positions are indices in the transforms' formulas: loops over them read as the math.
 pub fn transform_weights(w: &[f32], shape: &WinogradShape) -> Vec<f32> {
-    let mut u = vec![0.0; XI * shape.conv.c * shape.conv.f];
+    let mut u = vec![0.0; shape.positions() * shape.conv.c * shape.conv.f];
     transform_weights_into(w, shape, &mut u);
     u
 }
 
-/// [`transform_weights`] into `u` (16·C·F elements).
+/// [`transform_weights`] into `u` (positions·C·F elements).
 pub fn transform_weights_into(w: &[f32], shape: &WinogradShape, u: &mut [f32]) {
     let (c, f) = (shape.conv.c, shape.conv.f);
     assert_eq!(w.len(), 9 * c * f, "a 3x3 kernel");
-    assert_eq!(u.len(), XI * c * f, "16 planes of (C, F)");
+    assert_eq!(u.len(), shape.positions() * c * f, "a plane of (C, F) per position");
+    let g = g_matrix(shape.m);
+    let alpha = shape.alpha();
     let at = |i: usize, j: usize, ci: usize, fi: usize| f64::from(w[((i * 3 + j) * c + ci) * f + fi]);
     for (xi, plane) in u.chunks_exact_mut(c * f).enumerate() {
-        let (a, b) = (xi / 4, xi % 4);
+        let (a, b) = (xi / alpha, xi % alpha);
         let element = |ci: usize, fi: usize| {
             let mut sum = 0.0;
-            for (i, gi) in G[a].iter().enumerate() {
-                for (j, gj) in G[b].iter().enumerate() {
+            for (i, gi) in g[a].iter().enumerate() {
+                for (j, gj) in g[b].iter().enumerate() {
                     sum += gi * at(i, j, ci, fi) * gj;
                 }
             }
@@ -135,7 +261,7 @@ pub fn transform_weights_into(w: &[f32], shape: &WinogradShape, u: &mut [f32]) {
     }
 }
 
-/// y = conv(x, w) + b for samples start..end by F(2x2, 3x3), then `epilogue` (as
+/// y = conv(x, w) + b for samples start..end by F(m x m, 3x3), then `epilogue` (as
 /// [`super::conv::forward`]'s). Buffers: [x (N, HP, WP, C), U ([`transform_weights`]), b (F) or
 /// unused, y (N, OH, OW, F), sums (N, 2, F) or unused, scratch ([`WinogradShape::scratch`],
 /// one per concurrent call)].
@@ -146,7 +272,8 @@ pub fn forward(e: &mut Emit, shape: &WinogradShape, epilogue: Epilogue) {
     let sums = epilogue.stats.then(|| e.buf(4));
     let tiles = shape.tiles();
     let v = scratch;
-    let m = e.at_k(scratch, (XI * tiles * s.c) as i64);
+    let m = e.at_k(scratch, (shape.positions() * tiles * s.c) as i64);
+    let bt = transforms(shape.m).bt;
     let (start, end) = (e.start, e.end);
     e.for_range(start, end, |e, n| {
         let xn_off = e.mul_k(n, (s.hp * s.wp * s.c) as i64);
@@ -158,20 +285,11 @@ pub fn forward(e: &mut Emit, shape: &WinogradShape, epilogue: Epilogue) {
             e.at(sums, off)
         });
         let missing = [false; 2];
-        transform_input(e, Algorithm::Forward, [shape.th, shape.tw], [s.wp, s.c], missing, xn, v);
+        transform_input(e, &bt, shape.m, [shape.th, shape.tw], [s.wp, s.c], missing, xn, v);
         multiply(e, shape, v, u, m);
         let out = Output { bias, yn, sums_n, epilogue };
         transform_output(e, shape, m, out);
     });
-}
-
-/// The two Winograd algorithms: F(2x2, 3x3) for the forward pass, and F(3x3, 2x2) for the
-/// weight gradient (3x3 outputs, the taps, from 2x2 tiles of dy as the filter). They share
-/// the points 0, 1, −1, ∞ and differ in the last row of Bᵀ.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Algorithm {
-    Forward,
-    WeightGradient,
 }
 
 /// Calls `body(ty, tx, [last row, last column])` for every tile of a th x tw grid; where
@@ -198,16 +316,16 @@ fn for_tiles(
     }
 }
 
-/// V[ξ][t][c] = (Bᵀ d B)[ξ] for every 4x4 tile d of a sample at `xn` (rows WP·C apart, C
-/// channels; tile (ty, tx) at (2·ty, 2·tx)). With `missing`, the last tile row (column) has
-/// no fourth input row (column): it is taken as zeros (the weight gradient's, where that
-/// input meets only zeros of dy).
+/// V[ξ][t][c] = (Bᵀ d B)[ξ] for every (α x α) tile d of a sample at `xn` (rows WP·C apart, C
+/// channels; tile (ty, tx) at (m·ty, m·tx)), α = Bᵀ's size. With `missing`, the last tile row
+/// (column) has no last input row (column): it is taken as zeros (the weight gradient's, where
+/// that input meets only zeros of dy). One vector of channels at a time, so that a 6x6 tile
+/// stays in registers.
 #[allow(clippy::too_many_arguments)]
-// Tile positions are indices in the transforms' formulas: loops over them read as the math.
-#[allow(clippy::needless_range_loop)]
 fn transform_input(
     e: &mut Emit,
-    algorithm: Algorithm,
+    bt: &[Vec<f32>],
+    m: usize,
     [th, tw]: [usize; 2],
     [wp, c]: [usize; 2],
     missing: [bool; 2],
@@ -215,38 +333,48 @@ fn transform_input(
     v: Value,
 ) {
     let tiles = th * tw;
+    let alpha = bt.len();
     for_tiles(e, [th, tw], missing, |e, ty, tx, last| {
-        let origin = tile_origin(e, [ty, tx], [wp, c]);
+        let origin = tile_origin(e, [ty, tx], m, [wp, c]);
         let t = e.mul_k(ty, tw as i64);
         let t = e.add(t, tx);
         for_chunks(e, c, |e, c0, width| {
-            let base = e.add(origin, c0);
-            let base = e.at(xn, base);
-            // d[i][j]: one chunk of channels per position
-            let d = load_tile(e, base, 4, [wp, c], last, width);
-            let rows: Vec<Vec<Vec<Value>>> =
-                (0..4).map(|j| bt_column(e, algorithm, [0, 1, 2, 3].map(|i| &d[i][j]))).collect();
-            // rows[j][a] = (Bᵀ d)[a][j]; now the columns: V[a][b] = Σ_j (Bᵀ d)[a][j] B[j][b]
-            for a in 0..4 {
-                let out = bt_column(e, algorithm, [0, 1, 2, 3].map(|j| &rows[j][a]));
-                for (b, values) in out.iter().enumerate() {
-                    let xi = a * 4 + b;
-                    let off = e.mul_k(t, c as i64);
-                    let off = e.add_k(off, (xi * tiles * c) as i64);
-                    let off = e.add(off, c0);
-                    let addr = e.at(v, off);
-                    store_chunk(e, values, addr, 0);
+            let (one, vector) =
+                if width == Width::Scalar { (Width::Scalar, false) } else { (Width::One, true) };
+            for part in 0..width.parts() {
+                let c0 = e.add_k(c0, 4 * part as i64);
+                let base = e.add(origin, c0);
+                let base = e.at(xn, base);
+                // d[i][j]: one vector of channels per position
+                let d = load_tile(e, base, alpha, [wp, c], last, one);
+                // columns[j][a] = (Bᵀ d)[a][j]; then V[a][b] = Σ_j (Bᵀ d)[a][j] B[j][b]
+                let columns: Vec<Vec<Value>> = (0..alpha)
+                    .map(|j| {
+                        let column: Vec<Value> = (0..alpha).map(|i| d[i][j][0]).collect();
+                        apply(e, bt, &column, vector)
+                    })
+                    .collect();
+                for a in 0..alpha {
+                    let row: Vec<Value> = (0..alpha).map(|j| columns[j][a]).collect();
+                    for (b, value) in apply(e, bt, &row, vector).into_iter().enumerate() {
+                        let xi = a * alpha + b;
+                        let off = e.mul_k(t, c as i64);
+                        let off = e.add_k(off, (xi * tiles * c) as i64);
+                        let off = e.add(off, c0);
+                        let addr = e.at(v, off);
+                        store_chunk(e, &[value], addr, 0);
+                    }
                 }
             }
         });
     });
 }
 
-/// The element offset of tile (ty, tx)'s first pixel, (2·ty, 2·tx), in a sample of rows
+/// The element offset of tile (ty, tx)'s first pixel, (m·ty, m·tx), in a sample of rows
 /// `width` pixels wide of `channels` channels.
-fn tile_origin(e: &mut Emit, [ty, tx]: [Value; 2], [width, channels]: [usize; 2]) -> Value {
-    let row = e.mul_k(ty, (2 * width) as i64);
-    let col = e.mul_k(tx, 2);
+fn tile_origin(e: &mut Emit, [ty, tx]: [Value; 2], m: usize, [width, channels]: [usize; 2]) -> Value {
+    let row = e.mul_k(ty, (m * width) as i64);
+    let col = e.mul_k(tx, m as i64);
     let pixel = e.add(row, col);
     e.mul_k(pixel, channels as i64)
 }
@@ -279,30 +407,12 @@ fn load_tile(
         .collect()
 }
 
-/// Bᵀ applied to four values (each a chunk of channels): [d0 − d2, d1 + d2, d2 − d1, ·] with
-/// d1 − d3 last for the forward algorithm and d3 − d1 for the weight gradient's.
-fn bt_column(e: &mut Emit, algorithm: Algorithm, d: [&Vec<Value>; 4]) -> Vec<Vec<Value>> {
-    let last = match algorithm {
-        Algorithm::Forward => (1, 3, false),
-        Algorithm::WeightGradient => (3, 1, false),
-    };
-    let terms: [(usize, usize, bool); 4] = [(0, 2, false), (1, 2, true), (2, 1, false), last];
-    terms
-        .iter()
-        .map(|&(a, b, add)| {
-            (0..d[0].len())
-                .map(|p| if add { e.ins().fadd(d[a][p], d[b][p]) } else { e.ins().fsub(d[a][p], d[b][p]) })
-                .collect()
-        })
-        .collect()
-}
-
-/// M[ξ] = V[ξ] (tiles x C) · U[ξ] (C x F) for the 16 positions, with conv.rs's register
+/// M[ξ] = V[ξ] (tiles x C) · U[ξ] (C x F) for every position, with conv.rs's register
 /// blocks: 4 tiles x one chunk of output channels, over the input channels.
 fn multiply(e: &mut Emit, shape: &WinogradShape, v: Value, u: Value, m: Value) {
     let s = shape.conv;
     let tiles = shape.tiles();
-    e.for_n(XI, |e, xi| {
+    e.for_n(shape.positions(), |e, xi| {
         let v_off = e.mul_k(xi, (tiles * s.c) as i64);
         let vxi = e.at(v, v_off);
         let u_off = e.mul_k(xi, (s.c * s.f) as i64);
@@ -346,19 +456,20 @@ struct Output {
     epilogue: Epilogue,
 }
 
-/// y[2ty + a][2tx + b] = (Aᵀ M A)[a][b] for every tile, only the pixels inside the output:
-/// the last tile row (column) holds one row (column) of them when OH (OW) is odd.
+/// y[m·ty + a][m·tx + b] = (Aᵀ M A)[a][b] for every tile, only the pixels inside the output:
+/// the last tile row (column) holds OH − m·(th − 1) rows (columns) of them.
 fn transform_output(e: &mut Emit, shape: &WinogradShape, m: Value, out: Output) {
     let s = shape.conv;
-    for_tiles(e, [shape.th, shape.tw], [s.oh % 2 == 1, s.ow % 2 == 1], |e, ty, tx, last| {
-        let valid = last.map(|partial| if partial { 1 } else { 2 });
+    let rest = [s.oh - shape.m * (shape.th - 1), s.ow - shape.m * (shape.tw - 1)];
+    let partial = rest.map(|r| r < shape.m);
+    for_tiles(e, [shape.th, shape.tw], partial, |e, ty, tx, last| {
+        let valid = [0, 1].map(|k| if last[k] { rest[k] } else { shape.m });
         output_tile(e, shape, m, out, [ty, tx], valid);
     });
 }
 
-/// One tile's output pixels, `valid` rows and columns of its 2x2.
-// Tile positions are indices in the transforms' formulas: loops over them read as the math.
-#[allow(clippy::needless_range_loop)]
+/// One tile's output pixels, `valid` rows and columns of its m x m, a vector of channels at a
+/// time.
 fn output_tile(
     e: &mut Emit,
     shape: &WinogradShape,
@@ -369,53 +480,49 @@ fn output_tile(
 ) {
     let s = shape.conv;
     let tiles = shape.tiles();
+    let alpha = shape.alpha();
+    let at = transforms(shape.m).at;
     let t = e.mul_k(ty, shape.tw as i64);
     let t = e.add(t, tx);
     let m_t = e.mul_k(t, s.f as i64);
     let mt = e.at(m, m_t);
-    // y at (2ty, 2tx)
-    let y_off = tile_origin(e, [ty, tx], [s.ow, s.f]);
+    // y at (m·ty, m·tx)
+    let y_off = tile_origin(e, [ty, tx], shape.m, [s.ow, s.f]);
     let ybase = e.at(out.yn, y_off);
     for_chunks(e, s.f, |e, f0, width| {
-        let parts = width.parts();
-        let base = e.at(mt, f0);
-        let mv: Vec<Vec<Value>> =
-            (0..XI).map(|xi| load_chunk(e, base, (xi * tiles * s.f) as i64, width)).collect();
-        // Aᵀ on each column b of M: [m0 + m1 + m2, m1 − m2 − m3]
-        let at_column = |e: &mut Emit, col: [&Vec<Value>; 4]| -> [Vec<Value>; 2] {
-            let mut first = Vec::with_capacity(parts);
-            let mut second = Vec::with_capacity(parts);
-            for p in 0..parts {
-                let s01 = e.ins().fadd(col[0][p], col[1][p]);
-                first.push(e.ins().fadd(s01, col[2][p]));
-                let d12 = e.ins().fsub(col[1][p], col[2][p]);
-                second.push(e.ins().fsub(d12, col[3][p]));
-            }
-            [first, second]
-        };
-        // rows[b][a] = (Aᵀ M)[a][b]
-        let rows: Vec<[Vec<Value>; 2]> =
-            (0..4).map(|b| at_column(e, [0, 1, 2, 3].map(|a| &mv[a * 4 + b]))).collect();
-        let bias = out.bias.map(|b| {
-            let addr = e.at(b, f0);
-            load_chunk(e, addr, 0, width)
-        });
-        let mut stored = Vec::with_capacity(4);
-        for a in 0..valid[0] {
-            let y = at_column(e, [0, 1, 2, 3].map(|b| &rows[b][a]));
-            for (b, values) in y.into_iter().enumerate().take(valid[1]) {
-                let mut values = values;
-                if let Some(bias) = &bias {
-                    values = values.iter().zip(bias).map(|(v, b)| e.ins().fadd(*v, *b)).collect();
+        let (one, vector) = if width == Width::Scalar { (Width::Scalar, false) } else { (Width::One, true) };
+        let mut stored: Vec<Vec<Value>> = vec![Vec::new(); valid[0] * valid[1]];
+        for part in 0..width.parts() {
+            let f0 = e.add_k(f0, 4 * part as i64);
+            let base = e.at(mt, f0);
+            let mv: Vec<Value> =
+                (0..alpha * alpha).map(|xi| load_chunk(e, base, (xi * tiles * s.f) as i64, one)[0]).collect();
+            // columns[b][a] = (Aᵀ M)[a][b]
+            let columns: Vec<Vec<Value>> = (0..alpha)
+                .map(|b| {
+                    let column: Vec<Value> = (0..alpha).map(|a| mv[a * alpha + b]).collect();
+                    apply(e, &at[..valid[0]], &column, vector)
+                })
+                .collect();
+            let bias = out.bias.map(|b| {
+                let addr = e.at(b, f0);
+                load_chunk(e, addr, 0, one)[0]
+            });
+            for a in 0..valid[0] {
+                let row: Vec<Value> = (0..alpha).map(|b| columns[b][a]).collect();
+                let y = apply(e, &at[..valid[1]], &row, vector);
+                for (b, mut value) in y.into_iter().enumerate() {
+                    if let Some(bias) = bias {
+                        value = e.ins().fadd(value, bias);
+                    }
+                    if let Some(alpha) = out.epilogue.rectify {
+                        value = super::eltwise::rectify(e, value, alpha, vector);
+                    }
+                    let offset = ((a * s.ow + b) * s.f) as i64;
+                    let addr = e.at(ybase, f0);
+                    store_chunk(e, &[value], addr, offset);
+                    stored[a * valid[1] + b].push(value);
                 }
-                if let Some(alpha) = out.epilogue.rectify {
-                    let vector = width != Width::Scalar;
-                    values = values.iter().map(|v| super::eltwise::rectify(e, *v, alpha, vector)).collect();
-                }
-                let offset = ((a * s.ow + b) * s.f) as i64;
-                let addr = e.at(ybase, f0);
-                store_chunk(e, &values, addr, offset);
-                stored.push(values);
             }
         }
         if let Some(sums_n) = out.sums_n {
@@ -452,7 +559,7 @@ pub fn weight_gradient(e: &mut Emit, shape: &WinogradShape) {
         let dyn_off = e.mul_k(n, (s.oh * s.ow * s.f) as i64);
         let dyn_ = e.at(dy, dyn_off);
         let grid = [shape.th, shape.tw];
-        transform_input(e, Algorithm::WeightGradient, grid, [s.wp, s.c], missing, xn, v);
+        transform_input(e, &weight_gradient_bt(), 2, grid, [s.wp, s.c], missing, xn, v);
         transform_gradient(e, shape, dyn_, d);
         e.for_range(start, end, |e, task| {
             let bound = shape.weight_tasks() as u64;
@@ -482,7 +589,7 @@ fn transform_gradient(e: &mut Emit, shape: &WinogradShape, dyn_: Value, d: Value
     let tiles = shape.tiles();
     let partial = [s.oh % 2 == 1, s.ow % 2 == 1];
     for_tiles(e, [shape.th, shape.tw], partial, |e, ty, tx, last| {
-        let origin = tile_origin(e, [ty, tx], [s.ow, s.f]);
+        let origin = tile_origin(e, [ty, tx], 2, [s.ow, s.f]);
         let t = e.mul_k(ty, shape.tw as i64);
         let t = e.add(t, tx);
         for_chunks(e, s.f, |e, f0, width| {
@@ -653,7 +760,9 @@ mod tests {
     fn forward_matches_the_direct_convolution() {
         let mut rng = Rng::new(9, &[]);
         // (n, h, w, c, f): odd and even outputs, channel counts off the vector width
-        for (n, h, w, c, f) in [(2, 7, 9, 5, 7), (1, 6, 6, 8, 12), (3, 5, 4, 13, 3), (1, 4, 3, 1, 9)] {
+        for (n, h, w, c, f) in
+            [(2, 7, 9, 5, 7), (1, 6, 6, 8, 12), (3, 5, 4, 13, 3), (1, 4, 3, 1, 9), (2, 13, 11, 32, 19)]
+        {
             let x = Array4::from_shape_vec((n, h, w, c), random(n * h * w * c, &mut rng)).unwrap();
             let wv = random(9 * c * f, &mut rng);
             let k = Array4::from_shape_vec((3, 3, c, f), wv.clone()).unwrap();
@@ -662,26 +771,29 @@ mod tests {
             let g = Geometry { kernel: [3, 3], stride: [1, 1], pad_before: [0, 0], out: [oh, ow] };
             let y_ref = ops::conv2d_forward(x.view(), k.view(), Some(Array1::from(b.clone()).view()), &g);
 
-            let hp = (2 * oh.div_ceil(2) + 2).max(h);
-            let wp = (2 * ow.div_ceil(2) + 2).max(w);
-            let conv = ConvShape { hp, wp, c, kh: 3, kw: 3, f, oh, ow, sh: 1, sw: 1, bias: true };
-            let shape = WinogradShape::new(conv).expect("3x3 stride 1 with room for the tiles");
-            let u = transform_weights(&wv, &shape);
-            let xp = pad(&x, 0, [hp, wp]);
-            let (y, _) = run(&shape, Epilogue::default(), &xp, &u, &b, n);
-            close(&format!("forward {n}x{h}x{w}x{c} -> {f}"), y_ref.as_slice().unwrap(), &y);
+            for m in [2, 4] {
+                let hp = (m * oh.div_ceil(m) + 2).max(h);
+                let wp = (m * ow.div_ceil(m) + 2).max(w);
+                let conv = ConvShape { hp, wp, c, kh: 3, kw: 3, f, oh, ow, sh: 1, sw: 1, bias: true };
+                let shape = WinogradShape::new(conv, m).expect("3x3 stride 1 with room for the tiles");
+                let u = transform_weights(&wv, &shape);
+                let xp = pad(&x, 0, [hp, wp]);
+                let what = format!("F({m}x{m}) forward {n}x{h}x{w}x{c} -> {f}");
+                let (y, _) = run(&shape, Epilogue::default(), &xp, &u, &b, n);
+                close(&what, y_ref.as_slice().unwrap(), &y);
 
-            // relu and the batch sums in the epilogue
-            let (y, sums) = run(&shape, Epilogue { rectify: Some(0.0), stats: true }, &xp, &u, &b, n);
-            let relu: Vec<f32> = y_ref.iter().map(|v| v.max(0.0)).collect();
-            close("forward + relu", &relu, &y);
-            let mut expected = vec![0.0f32; n * 2 * f];
-            for (i, v) in relu.iter().enumerate() {
-                let (sample, channel) = (i / (oh * ow * f), i % f);
-                expected[sample * 2 * f + channel] += v;
-                expected[sample * 2 * f + f + channel] += v * v;
+                // relu and the batch sums in the epilogue
+                let (y, sums) = run(&shape, Epilogue { rectify: Some(0.0), stats: true }, &xp, &u, &b, n);
+                let relu: Vec<f32> = y_ref.iter().map(|v| v.max(0.0)).collect();
+                close(&format!("{what} + relu"), &relu, &y);
+                let mut expected = vec![0.0f32; n * 2 * f];
+                for (i, v) in relu.iter().enumerate() {
+                    let (sample, channel) = (i / (oh * ow * f), i % f);
+                    expected[sample * 2 * f + channel] += v;
+                    expected[sample * 2 * f + f + channel] += v * v;
+                }
+                close(&format!("{what}: batch sums"), &expected, &sums);
             }
-            close("batch sums", &expected, &sums);
         }
     }
 
@@ -723,5 +835,14 @@ mod tests {
         assert!(!chosen(1, 32), "a first layer with one input channel");
         assert!(chosen(32, 64));
         assert!(chosen(64, 64));
+    }
+
+    #[test]
+    fn the_cost_model_takes_large_tiles_where_they_cover_the_output_well() {
+        // 11x11: 36 tiles of 2x2 or 9 of 4x4, both covering 12x12
+        assert_eq!(tile_size(32, 64, [11, 11]), 4);
+        // 10x10: 25 tiles of 2x2 cover it exactly, 9 of 4x4 cover 12x12
+        assert_eq!(tile_size(32, 64, [10, 10]), 2);
+        assert_eq!(tile_size(128, 128, [56, 56]), 4);
     }
 }
