@@ -322,6 +322,8 @@ fn for_tiles(
 /// that input meets only zeros of dy). One vector of channels at a time, so that a 6x6 tile
 /// stays in registers.
 #[allow(clippy::too_many_arguments)]
+// Tile positions are indices in the transforms' formulas: loops over them read as the math.
+#[allow(clippy::needless_range_loop)]
 fn transform_input(
     e: &mut Emit,
     bt: &[Vec<f32>],
