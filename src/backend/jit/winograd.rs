@@ -1,30 +1,36 @@
 //! Winograd convolution for 3x3 stride-1 layers (Lavin & Gray 2015): the forward pass by
-//! F(2x2, 3x3), each 2x2 block of outputs costing 16 multiply-adds per (input, output)
-//! channel pair instead of 36, and the weight gradient by F(3x3, 2x2), 2x2 tiles of dy as
-//! the filter, 16 per tile instead of 36; each at the price of transforming into tiles and
-//! back.
+//! F(2x2, 3x3) or F(4x4, 3x3), each m x m block of outputs costing (m + 2)² multiply-adds per
+//! (input, output) channel pair instead of 9m² (16 instead of 36, 36 instead of 144), and the
+//! weight gradient by F(3x3, 2x2), 2x2 tiles of dy as the filter, 16 per tile instead of 36;
+//! each at the price of transforming into tiles and back. The cost model picks the tile per
+//! layer ([`tile_size`]): the larger one needs heavier transforms and covers an output that is
+//! not a multiple of 4 with more waste.
 //!
 //! ```text
-//!   forward, per sample, vectors over channels (NHWC keeps them contiguous):
-//!     V[ξ][t][c] = (Bᵀ d B)[ξ]       d: the 4x4 input tile t, ξ one of its 16 positions
-//!     M[ξ][t][f] = Σ_c V[ξ][t][c] · U[ξ][c][f]     16 matrix products (tiles x C) x (C x F)
-//!     y[tile t]  = Aᵀ M[·][t] A  (+ bias, epilogue)   2x2 pixels, those inside the output
+//!   forward, per sample, vectors over channels (NHWC keeps them contiguous), α = m + 2:
+//!     V[ξ][t][c] = (Bᵀ d B)[ξ]       d: the α x α input tile t, ξ one of its α² positions
+//!     M[ξ][t][f] = Σ_c V[ξ][t][c] · U[ξ][c][f]     α² matrix products (tiles x C) x (C x F)
+//!     y[tile t]  = Aᵀ M[·][t] A  (+ bias, epilogue)   m x m pixels, those inside the output
 //!   U[ξ][c][f] = (G w[·][·][c][f] Gᵀ)[ξ], computed once a step by [`transform_weights`]
 //!
 //!   weight gradient: V as above (its own Bᵀ), D[ξ][t][f] = (G g Gᵀ)[ξ] for dy's 2x2 tile g,
 //!     M[ξ][c][f] = Σ_samples Σ_t V[ξ][t][c] · D[ξ][t][f],   dw = Aᵀ M A (3x3), in Rust
 //! ```
 //!
-//! The products run on the register-blocked kernel of conv.rs (4 rows x 8 channels). The input
-//! gradient stays direct: the same operation as the forward pass (a valid convolution of dy
-//! padded by 2 with the kernel flipped and transposed), but measured on mnist.cnn's conv2d_1
-//! (batch 128, 2 threads) it took 8.3 ms against the direct kernel's 7.6: 13x13 outputs are
-//! 49 tiles (a partial register block of one), and the padded copy of dy and the larger
-//! scratch ate the saving.
+//! The transforms are emitted from their matrices ([`combine`]: ±1 as adds and subtracts,
+//! other coefficients as fused multiply-adds), a vector of channels at a time so that a 6x6
+//! tile stays in registers. The products run on the register-blocked kernel of conv.rs (4 rows
+//! x 8 channels). The input gradient stays direct: the same operation as the forward pass (a
+//! valid convolution of dy padded by 2 with the kernel flipped and transposed), but measured
+//! on mnist.cnn's conv2d_1 (batch 128, 2 threads) F(2x2) took 8.3 ms against the direct
+//! kernel's 7.6: 13x13 outputs are 49 tiles of 2x2 (or 16 of 4x4, covering 16x16), and the
+//! padded copy of dy and the larger scratch ate the saving; the cost model agrees (2.16M
+//! multiply-adds' worth for F(2x2), 2.31M for F(4x4), 2.23M direct, per sample).
 //!
-//! Numerically the transforms add and subtract values of the input's magnitude, and G's
-//! halves are exact in f32, so the result differs from the direct sum only by rounding
-//! (measured in the tests here and in tests/jit.rs against the reference: within 1e-4).
+//! Numerically the transforms add and subtract values of the input's magnitude; F(2x2)'s G
+//! has halves, exact in f32, F(4x4)'s sixths and twelfths, and its Bᵀ and Aᵀ coefficients up
+//! to 8, so F(4x4) rounds more. Both are within 1e-4 of the direct sum on the shapes of the
+//! tests here and of tests/jit.rs (the differential tests' tolerance).
 
 use cranelift_codegen::ir::{InstBuilder as _, Value};
 
@@ -220,13 +226,17 @@ pub fn chosen(c: usize, f: usize) -> bool {
 /// multiply-adds, α = m + 2) and the transforms at 4 multiply-adds' worth an add (as
 /// [`chosen`]'s: Bᵀ d B takes 32 adds a tile per input channel for m = 2, 192 for m = 4;
 /// Aᵀ M A 24 and 170 per output channel), times the tiles that cover the output (a 13 x 13
-/// output is 49 tiles of 2x2 or 16 of 4x4, covering 14x14 and 16x16).
+/// output is 49 tiles of 2x2 or 16 of 4x4, covering 14x14 and 16x16). F(4x4) must win by a
+/// fifth on paper: measured (2 threads, side by side) it gained less than counted — 8% on
+/// mnist.cnn's conv2d_1 (11x11, 32 → 64; counted 18%), 20% on 56x56 layers of 64 → 64
+/// (counted 25%) — and its 6x6 transforms double the time to compile a model (mnist.cnn:
+/// 26–36 → 49–51 ms).
 pub fn tile_size(c: usize, f: usize, [oh, ow]: [usize; 2]) -> usize {
     let cost = |m: usize, input: usize, output: usize| {
         let tiles = oh.div_ceil(m) * ow.div_ceil(m);
         tiles * ((m + 2) * (m + 2) * c * f + 4 * (input * c + output * f))
     };
-    if cost(4, 192, 170) < cost(2, 32, 24) { 4 } else { 2 }
+    if 5 * cost(4, 192, 170) < 4 * cost(2, 32, 24) { 4 } else { 2 }
 }
 
 /// The kernel's weights for `shape.conv`: U[ξ][c][f] = (G w[·][·][c][f] Gᵀ)[ξ] from `w` laid out
@@ -841,10 +851,13 @@ mod tests {
 
     #[test]
     fn the_cost_model_takes_large_tiles_where_they_cover_the_output_well() {
-        // 11x11: 36 tiles of 2x2 or 9 of 4x4, both covering 12x12
-        assert_eq!(tile_size(32, 64, [11, 11]), 4);
+        // 56x56, 64 → 64: 4x4 tiles, 25% fewer multiply-adds' worth
+        assert_eq!(tile_size(64, 64, [56, 56]), 4);
+        assert_eq!(tile_size(128, 128, [56, 56]), 4);
+        // 11x11, 32 → 64 (mnist.cnn's conv2d_1): 36 tiles of 2x2 or 9 of 4x4, both covering
+        // 12x12; 4x4 counts 18% less, short of the margin
+        assert_eq!(tile_size(32, 64, [11, 11]), 2);
         // 10x10: 25 tiles of 2x2 cover it exactly, 9 of 4x4 cover 12x12
         assert_eq!(tile_size(32, 64, [10, 10]), 2);
-        assert_eq!(tile_size(128, 128, [56, 56]), 4);
     }
 }
