@@ -28,7 +28,7 @@ use rayon::prelude::*;
 
 use super::arena::{Scratch, piece};
 use super::reference::ops::Geometry;
-use super::reference::{self, BlockGrads, BlockOut, BlockTape, Interpreter, Kernels, KernelsExt as _, Mode};
+use super::reference::{self, BlockGrads, BlockOut, BlockTape, Interpreter, Kernels, Mode, Plain};
 use crate::autodiff::{Program, Step};
 use crate::ir::fuse::{self, Block};
 use crate::ir::train::{Loss, Optimizer};
@@ -1549,12 +1549,7 @@ impl Kernels<f32> for JitKernels {
         s: &mut Scratch<f32>,
     ) {
         let Some(k) = self.convs.get(&node) else {
-            let (w_grad, b_grad) = reference::ops::conv2d_backward_weights(x, dy, dw.dim().into(), g);
-            dw.assign(&w_grad);
-            if let Some(mut db) = db {
-                db.assign(&b_grad);
-            }
-            return;
+            return Plain.conv2d_backward_weights_into(node, x, dy, g, dw, db, s);
         };
         let sh = &k.shape;
         let n = x.dim().0;
@@ -1701,15 +1696,7 @@ impl Kernels<f32> for JitKernels {
         s: &mut Scratch<f32>,
     ) {
         if !self.convs.contains_key(&node) {
-            let (x_grad, w_grad, b_grad) = reference::ops::dense_backward(x, w, dy);
-            dw.assign(&w_grad);
-            if let Some(mut dx) = dx {
-                dx.assign(&x_grad);
-            }
-            if let Some(mut db) = db {
-                db.assign(&b_grad);
-            }
-            return;
+            return Plain.dense_backward_into(node, x, w, dy, dx, dw, db, s);
         }
         let (n, inputs) = x.dim();
         let units = w.dim().1;
@@ -1735,12 +1722,7 @@ impl Kernels<f32> for JitKernels {
         s: &mut Scratch<f32>,
     ) {
         let Some(k) = self.norms.get(&node) else {
-            let (out, batch) = reference::ops::batchnorm_forward_train(x, affine[0], affine[1], epsilon);
-            y.assign(&out);
-            let c = batch.mean.len();
-            stats.slice_mut(s![..c]).assign(&batch.mean);
-            stats.slice_mut(s![c..]).assign(&batch.var);
-            return;
+            return Plain.batchnorm_forward_train_into(node, x, affine, epsilon, y, stats, s);
         };
         let n = samples(k.shape.pixels * k.shape.channels, x.len());
         let sums = s.zeroed(n * 2 * k.shape.channels);
@@ -1784,14 +1766,7 @@ impl Kernels<f32> for JitKernels {
         s: &mut Scratch<f32>,
     ) {
         let Some(k) = self.norms.get(&node) else {
-            let batch = reference::read_stats(stats);
-            let (x_grad, g, b) = reference::ops::batchnorm_backward(x, dy, gamma, &batch, epsilon);
-            if let Some(mut dx) = dx {
-                dx.assign(&x_grad);
-            }
-            dgamma.assign(&g);
-            dbeta.assign(&b);
-            return;
+            return Plain.batchnorm_backward_into(node, x, dy, gamma, stats, epsilon, dx, [dgamma, dbeta], s);
         };
         let n = samples(k.shape.pixels * k.shape.channels, x.len());
         let dx = dx.map(|mut dx| out_ptr(&mut dx));
@@ -2029,9 +2004,7 @@ impl Kernels<f32> for JitKernels {
         s: &mut Scratch<f32>,
     ) -> (f64, usize) {
         let Some(k) = self.loss.filter(|k| k.node == node && k.loss == loss) else {
-            let (sum, correct, grad) = reference::Plain.loss(node, loss, z, labels);
-            dz.assign(&grad);
-            return (sum, correct);
+            return Plain.loss_into(node, loss, z, labels, dz, s);
         };
         let (n, classes) = z.dim();
         assert_eq!(classes, k.k);
@@ -2069,8 +2042,7 @@ impl Kernels<f32> for JitKernels {
         s: &mut Scratch<f32>,
     ) {
         let Some(k) = self.dropouts.get(&node) else {
-            reference::dropout_mask_from(mask.as_slice_mut().expect("contiguous"), rate, stream);
-            return self.dropout_apply_into(node, x, mask.view(), y, s);
+            return Plain.dropout_forward_into(node, x, stream, rate, [mask, y], s);
         };
         assert_eq!((x.shape(), mask.shape()), (y.shape(), y.shape()));
         let n = samples(k.len, x.len());
