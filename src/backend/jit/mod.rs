@@ -1431,8 +1431,10 @@ impl Kernels<f32> for JitKernels {
         Some(format!("compiled {} kernels in {:.1} ms", self.kernel_count(), self.compile_ms))
     }
 
-    fn fuses(&self, block: &Block, _pass: Pass) -> bool {
-        self.block_kernels(block).is_some()
+    fn fuses(&self, block: &Block, pass: Pass) -> bool {
+        // At inference a block with a pool ends at the pool: its kernels must include it.
+        let pooled = |k: &BlockKernels| pass == Pass::Train || block.pool.is_none() || k.pooled.is_some();
+        self.block_kernels(block).is_some_and(|(k, _)| pooled(k))
     }
 
     fn scratch(&self, program: &Program, step: Step, pass: Pass, n: usize) -> usize {
