@@ -2124,6 +2124,16 @@ fn bias_gradient(dy: &[f32], db: &mut [f32]) {
     });
 }
 
+/// Channel `k`'s two sums from per-sample sums (N, 2, C), reduced over samples in order, in f64.
+fn reduce_sums(sums: &[f32], n: usize, c: usize, k: usize) -> [f64; 2] {
+    let mut out = [0.0; 2];
+    for i in 0..n {
+        out[0] += f64::from(sums[2 * i * c + k]);
+        out[1] += f64::from(sums[(2 * i + 1) * c + k]);
+    }
+    out
+}
+
 /// The batch statistics from per-sample sums (N, 2, C) of Σx and Σx² over `m` values per
 /// channel, reduced over samples in order in f64, into `out` (C means, then C biased
 /// variances).
@@ -2131,11 +2141,7 @@ fn statistics_into(sums: &[f32], n: usize, c: usize, m: usize, out: &mut [f32]) 
     assert_eq!((sums.len(), out.len()), (n * 2 * c, 2 * c));
     let m = m as f64;
     for k in 0..c {
-        let (mut sum, mut sq) = (0.0, 0.0);
-        for i in 0..n {
-            sum += f64::from(sums[2 * i * c + k]);
-            sq += f64::from(sums[(2 * i + 1) * c + k]);
-        }
+        let [sum, sq] = reduce_sums(sums, n, c, k);
         let mean = sum / m;
         out[k] = mean as f32;
         // E[x²] − E[x]², never below zero (rounding can take it there for a constant channel).
@@ -2198,11 +2204,7 @@ fn normalize_backward(
     let coef = s.take(3 * c);
     let m = (n * shape.pixels) as f64;
     for k in 0..c {
-        let (mut sum_g, mut sum_gx) = (0.0, 0.0);
-        for i in 0..n {
-            sum_g += f64::from(sums[2 * i * c + k]);
-            sum_gx += f64::from(sums[(2 * i + 1) * c + k]);
-        }
+        let [sum_g, sum_gx] = reduce_sums(sums, n, c, k);
         let inv = inverse_std(stats, k, epsilon);
         let (g, mean) = (f64::from(gamma[k]), f64::from(stats[k]));
         let db = sum_g;
