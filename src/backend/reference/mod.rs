@@ -823,21 +823,10 @@ impl<K: Kernels<f32>> Backend for Interpreter<K> {
         let arena = arena.open(&program);
         let last = arena.plan().steps.len() - 1;
         // The moving statistics, then the optimizer step on every parameter with a gradient.
-        for (id, node) in program.graph.nodes() {
-            let (Op::BatchNorm(bn), true) = (&node.op, id <= program.logits) else { continue };
-            // SAFETY: the update step only reads the statistics and the gradients.
-            let stats =
-                unsafe { arena.view(Buffer::Stats(id), last, IxDyn(&[2 * node_channels(&program, id)])) };
-            let stats = stats.into_dimensionality::<Ix1>().expect("per channel");
-            let c = stats.len() / 2;
-            let indices = &program.node_params[id.index()];
-            for (slot, half) in [(2, 0), (3, 1)] {
-                let batch = stats.slice(ndarray::s![half * c..(half + 1) * c]);
-                let moving =
-                    state.params[indices[slot]].view_mut().into_dimensionality::<Ix1>().expect("per channel");
-                ops::update_moving(moving, batch, bn.momentum);
-            }
-        }
+        for_each_moving(&program, &arena, last, |index, batch, momentum| {
+            let moving = state.params[index].view_mut().into_dimensionality::<Ix1>().expect("per channel");
+            ops::update_moving(moving, batch, momentum);
+        });
         state.iterations += 1;
         let optimizer = &self.optimizer;
         Profile::time(&mut profile.as_mut(), Step::Update, || {
@@ -871,8 +860,31 @@ impl<K: Kernels<f32>> Backend for Interpreter<K> {
         out.iter().copied().collect()
     }
 }
-fn node_channels(program: &Program, id: NodeId) -> usize {
-    program.shapes.shape(id).channels()
+/// The dims of batchnorm `id`'s statistics buffer: C means, then C variances.
+fn stats_dims(program: &Program, id: NodeId) -> IxDyn {
+    IxDyn(&[2 * program.shapes.shape(id).channels()])
+}
+
+/// For each batchnorm of the training step, in order, each of its moving statistics: `f(its
+/// parameter index, the batch's value of it, the momentum)`, from the statistics the step left
+/// in the arena (read at step `last`, the update).
+fn for_each_moving<T: Real>(
+    program: &Program,
+    arena: &Open<'_, T>,
+    last: usize,
+    mut f: impl FnMut(usize, ArrayView1<'_, T>, f32),
+) {
+    for (id, node) in program.graph.nodes() {
+        let (Op::BatchNorm(bn), true) = (&node.op, id <= program.logits) else { continue };
+        // SAFETY: the update step only reads the statistics and the gradients.
+        let stats = unsafe { arena.view(Buffer::Stats(id), last, stats_dims(program, id)) };
+        let stats = stats.into_dimensionality::<Ix1>().expect("per channel");
+        let c = stats.len() / 2;
+        let indices = &program.node_params[id.index()];
+        for (slot, half) in [(2, 0), (3, 1)] {
+            f(indices[slot], stats.slice(ndarray::s![half * c..(half + 1) * c]), bn.momentum);
+        }
+    }
 }
 
 /// A flat batch of images as an (N, …input shape) array.
@@ -932,7 +944,7 @@ pub fn forward_with<T: Real>(
         tape.values[id.index()] =
             Some(unsafe { run.arena.view(Buffer::Value(id), end, run.dims(id)) }.to_owned());
         if run.arena.plan().get(program, Buffer::Stats(id)).is_some() {
-            let dims = IxDyn(&[2 * node_channels(program, id)]);
+            let dims = stats_dims(program, id);
             // SAFETY: as above.
             let stats = unsafe { run.arena.view(Buffer::Stats(id), end, dims) };
             tape.stats[id.index()] =
@@ -979,19 +991,11 @@ pub fn gradients_planned<T: Real>(
             result.grads[index] = Some(grad.to_owned());
         }
     }
-    for (id, node) in program.graph.nodes() {
-        let (Op::BatchNorm(bn), true) = (&node.op, id <= program.logits) else { continue };
-        // SAFETY: as above.
-        let stats =
-            unsafe { run.arena.view(Buffer::Stats(id), last, IxDyn(&[2 * node_channels(program, id)])) };
-        let stats = read_stats(stats.into_dimensionality::<Ix1>().expect("per channel"));
-        let indices = &program.node_params[id.index()];
-        for (slot, batch) in [(2, &stats.mean), (3, &stats.var)] {
-            let mut moving = params[indices[slot]].clone().into_dimensionality::<Ix1>().expect("per channel");
-            ops::update_moving(moving.view_mut(), batch.view(), T::of(f64::from(bn.momentum)));
-            result.moving.push((indices[slot], moving.into_dyn()));
-        }
-    }
+    for_each_moving(program, &run.arena, last, |index, batch, momentum| {
+        let mut moving = params[index].clone().into_dimensionality::<Ix1>().expect("per channel");
+        ops::update_moving(moving.view_mut(), batch, T::of(f64::from(momentum)));
+        result.moving.push((index, moving.into_dyn()));
+    });
     result
 }
 
@@ -1034,10 +1038,6 @@ impl<'a, T: Real, K: Kernels<T>> Run<'a, K, T> {
     fn param_grad(&self, id: NodeId, k: usize, t: usize) -> ArrayViewMutD<'a, T> {
         let index = self.program.node_params[id.index()][k];
         self.out(Buffer::ParamGrad(index), t, IxDyn(&self.program.params[index].spec.shape))
-    }
-
-    fn stats_len(&self, id: NodeId) -> IxDyn {
-        IxDyn(&[2 * node_channels(self.program, id)])
     }
 
     /// The batch into the input's buffer.
@@ -1100,7 +1100,7 @@ impl<'a, T: Real, K: Kernels<T>> Run<'a, K, T> {
                     value: self.out(Buffer::Value(id), t, self.dims(id)),
                     linear: norm.map(|_| self.out(Buffer::Value(b.linear), t, self.dims(b.linear))),
                     stats: norm.map(|norm| {
-                        let stats = self.out(Buffer::Stats(norm), t, self.stats_len(norm));
+                        let stats = self.out(Buffer::Stats(norm), t, stats_dims(self.program, norm));
                         stats.into_dimensionality::<Ix1>().expect("per channel")
                     }),
                 };
@@ -1147,7 +1147,7 @@ impl<'a, T: Real, K: Kernels<T>> Run<'a, K, T> {
                 let eps = T::of(f64::from(bn.epsilon));
                 match self.mode {
                     Mode::Train { .. } => {
-                        let stats = self.out(Buffer::Stats(id), t, self.stats_len(id));
+                        let stats = self.out(Buffer::Stats(id), t, stats_dims(self.program, id));
                         let stats = stats.into_dimensionality::<Ix1>().expect("per channel");
                         kernels.batchnorm_forward_train_into(
                             id,
@@ -1231,7 +1231,8 @@ impl<'a, T: Real, K: Kernels<T>> Run<'a, K, T> {
             linear: block.norm.map(|_| self.value(block.linear, t)),
             stats: block.norm.map(|norm| {
                 // SAFETY: read only.
-                let stats = unsafe { self.arena.view(Buffer::Stats(norm), t, self.stats_len(norm)) };
+                let stats =
+                    unsafe { self.arena.view(Buffer::Stats(norm), t, stats_dims(self.program, norm)) };
                 stats.into_dimensionality::<Ix1>().expect("per channel")
             }),
         };
@@ -1299,7 +1300,7 @@ impl<'a, T: Real, K: Kernels<T>> Run<'a, K, T> {
             }
             Op::BatchNorm(bn) => {
                 // SAFETY: read only.
-                let stats = unsafe { self.arena.view(Buffer::Stats(id), t, self.stats_len(id)) };
+                let stats = unsafe { self.arena.view(Buffer::Stats(id), t, stats_dims(self.program, id)) };
                 let stats = stats.into_dimensionality::<Ix1>().unwrap();
                 let gamma = self.param(id, 0).into_dimensionality::<Ix1>().unwrap();
                 let eps = T::of(f64::from(bn.epsilon));
