@@ -101,12 +101,14 @@ impl Plan {
     pub fn new(program: &Program, pass: Pass, batch: usize, needs: &impl StepNeeds, reuse: bool) -> Plan {
         let steps = timeline(program, pass);
         let fused: Vec<bool> = program.blocks.iter().map(|b| needs.fuses(b, pass)).collect();
+        let scratch: Vec<usize> =
+            steps.iter().map(|&step| needs.scratch(program, step, pass, batch)).collect();
         let mut touched: Vec<(Buffer, usize)> = Vec::new();
         let mut first_grad = HashMap::new();
         for (t, &step) in steps.iter().enumerate() {
             let mut access = |b: Buffer| touched.push((b, t));
             accesses(program, pass, &fused, step, &mut access);
-            if needs.scratch(program, step, pass, batch) > 0 {
+            if scratch[t] > 0 {
                 touched.push((Buffer::Scratch(t), t));
             }
         }
@@ -150,7 +152,7 @@ impl Plan {
         }
         let mut buffers: Vec<(Buffer, usize, [usize; 2])> = live
             .into_iter()
-            .map(|(b, range)| (b, buffer_len(program, &steps, b, batch, needs, pass), range))
+            .map(|(b, range)| (b, buffer_len(program, &steps, &scratch, b, batch), range))
             .filter(|(_, len, _)| *len > 0)
             .collect();
         // Largest first, then by first use, then by name: the same plan on every run.
@@ -326,21 +328,14 @@ pub fn gradient_passes_back(program: &Program, id: NodeId) -> Option<NodeId> {
     }
 }
 
-/// Elements of `b` for a batch of `n`.
-fn buffer_len(
-    program: &Program,
-    steps: &[Step],
-    b: Buffer,
-    n: usize,
-    needs: &impl StepNeeds,
-    pass: Pass,
-) -> usize {
+/// Elements of `b` for a batch of `n`, step `t`'s scratch being `scratch[t]`.
+fn buffer_len(program: &Program, steps: &[Step], scratch: &[usize], b: Buffer, n: usize) -> usize {
     let per_sample = |id: NodeId| n * program.shapes.shape(id).numel();
     match b {
         Buffer::Value(id) | Buffer::Grad(id) | Buffer::Mask(id) => per_sample(id),
         Buffer::Stats(id) => 2 * program.shapes.shape(id).channels(),
         Buffer::ParamGrad(i) => program.params[i].spec.numel(),
-        Buffer::Scratch(t) => needs.scratch(program, steps[t], pass, n),
+        Buffer::Scratch(t) => scratch[t],
         Buffer::Contribution(t) => match steps[t] {
             Step::Backward(id) => per_sample(backward_input(program, id)),
             _ => unreachable!("contributions come from backward steps"),
