@@ -223,8 +223,7 @@ fn main() -> ExitCode {
             let optimizer = checked.model.train.as_ref().map(|t| &t.optimizer);
             let kernels =
                 cnnc::backend::jit::JitKernels::compile_with(&program, Default::default(), optimizer)?;
-            let batch = checked.model.train.as_ref().map_or(32, |t| t.batch_size);
-            let plans = memory_plans(&kernels, &program, batch);
+            let plans = memory_plans(&kernels, &program, checked);
             if json {
                 let mut value = cnnc::report::summary_json(checked);
                 if compile {
@@ -336,8 +335,13 @@ fn print_diagnostics(diagnostics: &[Diagnostic], source: &SourceFile) {
 }
 
 /// The memory plans of the JIT's training step (when the model trains) and inference, for
-/// batches of `batch`.
-fn memory_plans(kernels: &cnnc::backend::jit::JitKernels, program: &Program, batch: usize) -> Vec<Plan> {
+/// batches of the train block's batch size (32 without one).
+fn memory_plans(
+    kernels: &cnnc::backend::jit::JitKernels,
+    program: &Program,
+    checked: &cnnc::Checked,
+) -> Vec<Plan> {
+    let batch = checked.model.train.as_ref().map_or(32, |t| t.batch_size);
     let passes = if program.steps.is_empty() { vec![Pass::Infer] } else { vec![Pass::Train, Pass::Infer] };
     passes
         .into_iter()
@@ -454,8 +458,7 @@ fn compile(checked: &cnnc::Checked, emit: Emit, kernel: Option<&str>, fuse: bool
     let optimizer = checked.model.train.as_ref().map(|t| &t.optimizer);
     let kernels = cnnc::backend::jit::JitKernels::compile_with(&program, listing, optimizer)?;
     if emit == Emit::Memory {
-        let batch = checked.model.train.as_ref().map_or(32, |t| t.batch_size);
-        for plan in memory_plans(&kernels, &program, batch) {
+        for plan in memory_plans(&kernels, &program, checked) {
             println!("{}", plan.describe(&program));
         }
         return Ok(());
