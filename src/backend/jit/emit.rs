@@ -27,6 +27,8 @@ pub struct Compiler {
     /// Disassembly of each kernel, kept when asked for (`cnnc compile --emit asm`).
     pub keep_asm: bool,
     pub listings: Vec<(String, String)>,
+    /// Each defined kernel's name and code size, for the perf map ([`Compiler::finish`]).
+    sizes: Vec<(FuncId, String, usize)>,
 }
 
 impl Compiler {
@@ -49,6 +51,7 @@ impl Compiler {
             keep_clif: false,
             keep_asm: false,
             listings: Vec::new(),
+            sizes: Vec::new(),
         })
     }
 
@@ -94,14 +97,35 @@ impl Compiler {
             let asm = self.ctx.compiled_code().and_then(|c| c.vcode.clone()).unwrap_or_default();
             self.listings.push((name.to_string(), asm));
         }
+        let size = self.ctx.compiled_code().map_or(0, |c| c.code_info().total_size as usize);
+        self.sizes.push((id, name.to_string(), size));
         self.module.clear_context(&mut self.ctx);
         Ok(id)
     }
 
     /// Finalizes every kernel defined so far and returns their entry points.
+    ///
+    /// With `CNNC_PERF_MAP` set, also appends each kernel's address, size and name to
+    /// `/tmp/perf-<pid>.map`, where `perf report` looks up the names of JIT-compiled code
+    /// (a tool for profiling: any failure to write it is ignored).
     pub fn finish(&mut self, ids: &[FuncId]) -> anyhow::Result<Vec<KernelFn>> {
         self.module.finalize_definitions()?;
+        if std::env::var_os("CNNC_PERF_MAP").is_some() {
+            self.write_perf_map(ids);
+        }
         Ok(ids.iter().map(|id| code_pointer(self.module.get_finalized_function(*id))).collect())
+    }
+
+    fn write_perf_map(&self, ids: &[FuncId]) {
+        use std::io::Write as _;
+        let mut lines = String::new();
+        for (id, name, size) in self.sizes.iter().filter(|(id, ..)| ids.contains(id)) {
+            let address = self.module.get_finalized_function(*id) as usize;
+            lines += &format!("{address:x} {size:x} cnnc::{name}\n");
+        }
+        let path = format!("/tmp/perf-{}.map", std::process::id());
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path);
+        let _ = file.and_then(|mut f| f.write_all(lines.as_bytes()));
     }
 }
 
