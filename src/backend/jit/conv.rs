@@ -18,7 +18,7 @@ use cranelift_frontend::Variable;
 use super::emit::{Emit, F32, F32X4};
 
 /// Output pixels computed together by the forward and input-gradient kernels.
-const PIXELS: usize = 4;
+const PIXELS: usize = 5;
 /// Copies of the innermost loop body per iteration.
 const UNROLL: usize = 4;
 /// Rows of dw computed together by the weight-gradient kernel, a row being one (kh, kw, ci):
@@ -254,17 +254,23 @@ fn packed_tap_offset(
     e.add(chunk, offset)
 }
 
-/// Calls `body(first pixel, pixels)` for the blocks of a row of `ow` pixels.
+/// Calls `body(first pixel, pixels)` for the blocks of a row of `ow` pixels: as few blocks
+/// as [`PIXELS`] allows, of sizes that differ by at most one (36 pixels are 4 blocks of 5 and
+/// 4 of 4, not 7 of 5 and one of 1: a block of one pixel keeps two accumulators busy).
 pub(super) fn for_pixel_blocks(e: &mut Emit, ow: usize, mut body: impl FnMut(&mut Emit, Value, usize)) {
-    let blocks = ow / PIXELS;
-    e.for_n(blocks, |e, b| {
-        let first = e.mul_k(b, PIXELS as i64);
-        body(e, first, PIXELS);
-    });
-    if !ow.is_multiple_of(PIXELS) {
-        let first = e.int((blocks * PIXELS) as i64);
-        body(e, first, ow % PIXELS);
+    let blocks = ow.div_ceil(PIXELS);
+    let (small, larger) = (ow / blocks, ow % blocks);
+    if larger > 0 {
+        e.for_n(larger, |e, b| {
+            let first = e.mul_k(b, (small + 1) as i64);
+            body(e, first, small + 1);
+        });
     }
+    e.for_n(blocks - larger, |e, b| {
+        let first = e.mul_k(b, small as i64);
+        let first = e.add_k(first, (larger * (small + 1)) as i64);
+        body(e, first, small);
+    });
 }
 
 /// What the forward kernel does with its accumulators besides storing them, while they are
