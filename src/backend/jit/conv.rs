@@ -111,6 +111,18 @@ pub fn pack_into(k: usize, n: usize, at: impl Fn(usize, usize) -> f32, out: &mut
     }
 }
 
+/// Where [`pack_into`] puts element (row, col) of a (K, N) matrix: in the chunk of columns
+/// that holds `col` (8, 4 or 1 wide, from n0), at n0·K + row·width + col − n0.
+pub fn packed_index(k: usize, n: usize, row: usize, col: usize) -> usize {
+    let eights = n / 8 * 8;
+    let (n0, width) = match col {
+        _ if col < eights => (col / 8 * 8, 8),
+        _ if n - eights >= 4 && col < eights + 4 => (eights, 4),
+        _ => (col, 1),
+    };
+    n0 * k + row * width + col - n0
+}
+
 /// The width of the next chunk when `left` channels remain (see [`for_chunks`]).
 fn chunk_width(left: usize) -> usize {
     match left {
@@ -550,4 +562,27 @@ fn weight_rows(
             store_chunk(e, &values, base, (j * s.f) as i64);
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_index_finds_what_pack_into_wrote() {
+        // column counts with chunks of 8, 4 and 1, and without some of them
+        for (k, n) in [(3, 8), (5, 13), (2, 7), (4, 3), (9, 20), (1, 1)] {
+            let mut packed = vec![0.0; k * n];
+            pack_into(k, n, |row, col| (row * n + col) as f32, &mut packed);
+            for row in 0..k {
+                for col in 0..n {
+                    assert_eq!(
+                        packed[packed_index(k, n, row, col)],
+                        (row * n + col) as f32,
+                        "({k}, {n}) at ({row}, {col})"
+                    );
+                }
+            }
+        }
+    }
 }
