@@ -182,6 +182,11 @@ struct TrainArgs {
     /// No progress bar; one line per epoch (also the default when stdout is not a terminal).
     #[arg(long)]
     quiet: bool,
+    /// Also measure the test set after every epoch: test_loss and test_accuracy in the log and
+    /// in metrics.jsonl, to see when the model reaches an accuracy. The epoch's seconds do not
+    /// include it.
+    #[arg(long)]
+    test_every_epoch: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -409,6 +414,7 @@ fn train(checked: &cnnc::Checked, source: &SourceFile, args: &TrainArgs, fuse: b
     let files = RunFiles { out_dir, resume: args.resume.clone() };
     config.backend = args.backend.into();
     config.fuse = fuse;
+    config.test_every_epoch = args.test_every_epoch;
     let backend_name = match config.backend {
         driver::BackendKind::Reference => "reference",
         driver::BackendKind::Jit => "jit",
@@ -586,6 +592,9 @@ impl driver::Observer for Console {
         );
         if let (Some(l), Some(a)) = (r.val_loss, r.val_accuracy) {
             line += &format!(" - val_loss: {l:.4} - val_accuracy: {a:.4}");
+        }
+        if let (Some(l), Some(a)) = (r.test_loss, r.test_accuracy) {
+            line += &format!(" - test_loss: {l:.4} - test_accuracy: {a:.4}");
         }
         println!("{line}");
     }

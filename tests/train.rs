@@ -80,6 +80,27 @@ fn the_loss_falls_and_accuracy_rises_well_above_chance() {
 }
 
 #[test]
+fn the_test_set_measured_every_epoch_changes_nothing_else() {
+    let plain = run(SMALL, &config(SMALL), 300, &files(&scratch("test-plain"))).unwrap();
+    let dir = scratch("test-every-epoch");
+    let mut every = config(SMALL);
+    every.test_every_epoch = true;
+    let measured = run(SMALL, &every, 300, &files(&dir)).unwrap();
+    assert_eq!(measured.state, plain.state, "measuring the test set must not touch the training");
+    assert!(plain.records.iter().all(|r| r.test_accuracy.is_none()));
+    // the last epoch's test accuracy is the run's: the same weights, the same test set
+    let last = measured.records.last().unwrap();
+    assert_eq!(last.test_accuracy, Some(measured.test_accuracy));
+    assert_eq!(last.test_loss, Some(measured.test_loss));
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for (line, record) in lines.iter().zip(&measured.records) {
+        assert_eq!(line["test_accuracy"].as_f64(), record.test_accuracy, "{line}");
+        assert!(line["test_loss"].as_f64().is_some_and(f64::is_finite), "{line}");
+    }
+}
+
+#[test]
 fn the_same_seed_gives_the_same_weights() {
     let a = run(SMALL, &config(SMALL), 300, &files(&scratch("seed-a"))).unwrap();
     let b = run(SMALL, &config(SMALL), 300, &files(&scratch("seed-b"))).unwrap();

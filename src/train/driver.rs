@@ -59,6 +59,9 @@ pub struct RunConfig {
     pub backend: BackendKind,
     /// Run the fusion pass (conv/dense + batchnorm + relu as one block).
     pub fuse: bool,
+    /// Also measure the test set after every epoch (not counted in the epoch's seconds), to
+    /// see when a model reaches an accuracy.
+    pub test_every_epoch: bool,
 }
 
 impl RunConfig {
@@ -73,6 +76,7 @@ impl RunConfig {
             loss,
             backend: BackendKind::default(),
             fuse: true,
+            test_every_epoch: false,
         })
     }
 
@@ -256,14 +260,23 @@ pub fn train(
             }
             _ => (None, None),
         };
+        let seconds = started.elapsed().as_secs_f64();
+        let (test_loss, test_accuracy) = if config.test_every_epoch {
+            let (l, a) = evaluate(backend.as_mut(), &program, &state, test, config.batch_size);
+            (Some(l), Some(a))
+        } else {
+            (None, None)
+        };
         let record = EpochRecord {
             epoch: epoch + 1,
             loss: loss_sum / seen as f64,
             accuracy: correct as f64 / seen as f64,
             val_loss,
             val_accuracy,
-            seconds: started.elapsed().as_secs_f64(),
+            seconds,
             images_per_second: seen as f64 / train_seconds.max(1e-9),
+            test_loss,
+            test_accuracy,
         };
         records.push(record.clone());
         observer.epoch_end(&record, config.epochs, steps_per_epoch);
@@ -282,16 +295,7 @@ pub fn train(
 fn write_metrics(files: &RunFiles, records: &[EpochRecord], test: Option<(f64, f64)>) -> anyhow::Result<()> {
     let mut text = String::new();
     for r in records {
-        let line = json!({
-            "epoch": r.epoch,
-            "loss": r.loss,
-            "accuracy": r.accuracy,
-            "val_loss": r.val_loss,
-            "val_accuracy": r.val_accuracy,
-            "seconds": r.seconds,
-            "images_per_second": r.images_per_second,
-        });
-        text += &format!("{line}\n");
+        text += &format!("{}\n", r.to_json());
     }
     if let Some((loss, accuracy)) = test {
         text += &format!("{}\n", json!({"test_loss": loss, "test_accuracy": accuracy}));
@@ -337,13 +341,7 @@ pub fn to_checkpoint(
             });
         }
     }
-    let history: Vec<serde_json::Value> = records
-        .iter()
-        .map(|r| {
-            json!({"epoch": r.epoch, "loss": r.loss, "accuracy": r.accuracy, "val_loss": r.val_loss,
-                   "val_accuracy": r.val_accuracy, "seconds": r.seconds, "images_per_second": r.images_per_second})
-        })
-        .collect();
+    let history: Vec<serde_json::Value> = records.iter().map(EpochRecord::to_json).collect();
     let metadata = [
         ("format", "cnnc-checkpoint/1".to_string()),
         ("model", program.graph.name.clone()),
@@ -445,17 +443,6 @@ fn resume(program: &Program, config: &RunConfig, path: &Path) -> anyhow::Result<
     }
     let history: Vec<serde_json::Value> = serde_json::from_str(&meta("history")?)
         .with_context(|| format!("`{}` has a malformed history", path.display()))?;
-    let records = history
-        .iter()
-        .map(|r| EpochRecord {
-            epoch: r["epoch"].as_u64().unwrap_or(0) as usize,
-            loss: r["loss"].as_f64().unwrap_or(f64::NAN),
-            accuracy: r["accuracy"].as_f64().unwrap_or(f64::NAN),
-            val_loss: r["val_loss"].as_f64(),
-            val_accuracy: r["val_accuracy"].as_f64(),
-            seconds: r["seconds"].as_f64().unwrap_or(0.0),
-            images_per_second: r["images_per_second"].as_f64().unwrap_or(0.0),
-        })
-        .collect();
+    let records = history.iter().map(EpochRecord::from_json).collect();
     Ok((state, records, number("epoch")? as usize, number("step")?))
 }

@@ -377,6 +377,8 @@ mod tests {
             val_accuracy: validation.map(|v| v.1),
             seconds: 1.0,
             images_per_second: 100.0,
+            test_loss: None,
+            test_accuracy: None,
         }
     }
 
