@@ -104,6 +104,20 @@ def mnist_batches(args):
     return batches, infer[..., None]
 
 
+def mnist_arrays(args):
+    """The whole of MNIST as float32 NHWC images in [0, 1] and one-hot labels:
+    (train images, train labels, test images, test labels)."""
+    d = data_dir(args.data)
+    try:
+        parts = [read_idx(d / name) for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
+    except FileNotFoundError as e:
+        sys.exit(f"error: MNIST not found ({e}); run `cnnc data fetch mnist` or pass --data DIR")
+    eye = np.eye(CLASSES, dtype=np.float32)
+    images = [(x.astype(np.float32) / 255.0)[..., None] for x in (parts[0], parts[2])]
+    return images[0], eye[parts[1]], images[1], eye[parts[3]]
+
+
 def timed(fn, count):
     """The wall times of `count` calls of fn, which must return only when its work is done."""
     times = []
