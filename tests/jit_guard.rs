@@ -361,27 +361,66 @@ fn pool_and_rectifier_kernels_stay_inside_their_buffers() {
 fn dense_kernels_stay_inside_their_buffers() {
     check("input 37 dense(21) dense(9, bias=false) dense(3, activation=softmax)", 5);
 
-    // the forward kernel over groups of 4 samples: 2 groups of a batch of 8
-    let text = "model m { input 37 dense(21) dense(3, activation=softmax) }
+    // Dense kernels loop over chunks of outputs, then blocks of 5 samples of the call's range:
+    // ranges that start inside the batch and end in partial blocks, with batchnorm's sums
+    let text = "model m { input 37 dense(21, bias=false) batchnorm dense(3, activation=softmax) }
                 train { loss = categorical_crossentropy }";
-    let program = autodiff::build(&cnnc::check(&SourceFile::new("guard.cnn", text)).unwrap()).unwrap();
+    let program =
+        autodiff::build(&cnnc::check(&SourceFile::new("guard.cnn", text)).unwrap()).unwrap().fused();
     let jit = JitKernels::compile(&program, Listing::default()).unwrap();
     let node = cnnc::ir::NodeId::from_index(1);
-    let by_4 = jit.dense_by_4(node).expect("a dense layer has the grouped kernel");
+    let k = jit.conv(node).expect("a dense layer has kernels");
+    // the block's training forward gathers the sums in its epilogue
+    let block = jit.block(cnnc::ir::NodeId::from_index(2)).expect("dense → batchnorm is a block");
     let mut rng = Rng::new(51, &[]);
-    let (batch, inputs, units) = (8, 37, 21);
+    let (batch, inputs, units) = (13, 37, 21);
     let x = random(batch * inputs, &mut rng);
     let w = random(inputs * units, &mut rng);
-    let b = random(units, &mut rng);
+    let dy = random(batch * units, &mut rng);
     let x4 = Array4::from_shape_vec((batch, 1, 1, inputs), x.clone()).unwrap();
     let w4 = Array4::from_shape_vec((1, 1, inputs, units), w.clone()).unwrap();
+    let dy4 = Array4::from_shape_vec((batch, 1, 1, units), dy.clone()).unwrap();
     let g = Geometry { kernel: [1, 1], stride: [1, 1], pad_before: [0, 0], out: [1, 1] };
-    let bias = Array1::from(b.clone());
-    let y_ref = Plain.conv2d_forward(node, x4.view(), w4.view(), Some(bias.view()), &g);
+    let y_ref = Plain.conv2d_forward(node, x4.view(), w4.view(), None, &g);
+    let dx_ref = Plain.conv2d_backward_input(node, dy4.view(), w4.view(), [1, 1], &g);
     let packed = pack_weights(&w, inputs, units);
-    for flush in [true, false] {
-        let out = run_guarded(by_4, &[&x, &packed, &b, &vec![0.0; batch * units]], [0, 2, 2], flush);
-        close("dense forward by 4 samples", y_ref.as_slice().unwrap(), &out[3]);
+    let wt: Vec<f32> = (0..units * inputs).map(|i| w[(i % inputs) * units + i / inputs]).collect();
+    let packed_t = pack_weights(&wt, units, inputs);
+    // remainders after blocks of 5: 3, 3, 4, 2, 1, none (an empty range)
+    for (start, end) in [(0, 13), (3, 11), (0, 9), (1, 13), (5, 6), (2, 2)] {
+        for flush in [true, false] {
+            let (y0, dx0, sums0) =
+                (vec![0.0; batch * units], vec![0.0; batch * inputs], vec![0.0; batch * 2 * units]);
+            let out =
+                run_guarded(block.forward, &[&x, &packed, &[], &y0, &sums0], [start, end, batch], flush);
+            let back = run_guarded(k.backward_input, &[&dy, &packed_t, &dx0], [start, end, batch], flush);
+            let rows = |v: &[f32], width: usize, inside: bool| -> Vec<f32> {
+                v.chunks(width)
+                    .enumerate()
+                    .flat_map(|(i, row)| {
+                        let keep = (start..end).contains(&i);
+                        row.iter().map(move |x| if keep == inside { *x } else { 0.0 })
+                    })
+                    .collect()
+            };
+            let what = format!("dense over samples {start}..{end}");
+            close(&format!("{what}: forward"), &rows(y_ref.as_slice().unwrap(), units, true), &out[3]);
+            close(
+                &format!("{what}: input gradient"),
+                &rows(dx_ref.as_slice().unwrap(), inputs, true),
+                &back[2],
+            );
+            assert!(rows(&out[3], units, false).iter().all(|v| *v == 0.0), "{what}: rows outside the range");
+            assert!(
+                rows(&back[2], inputs, false).iter().all(|v| *v == 0.0),
+                "{what}: rows outside the range"
+            );
+            // the batchnorm block's sums: Σy and Σy² per sample, only for the range
+            let y_rows = rows(y_ref.as_slice().unwrap(), units, true);
+            let sums: Vec<f32> =
+                y_rows.chunks(units).flat_map(|r| r.iter().copied().chain(r.iter().map(|v| v * v))).collect();
+            close(&format!("{what}: batch sums"), &sums, &out[4]);
+        }
     }
 }
 

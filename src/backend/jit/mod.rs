@@ -220,8 +220,6 @@ pub struct OptimizerKernel {
 pub struct JitKernels {
     convs: HashMap<NodeId, ConvKernels>,
     winograd: HashMap<NodeId, WinogradKernels>,
-    /// Dense layers' forward kernel over groups of 4 samples ([`compile_dense_groups`]).
-    dense_by_4: HashMap<NodeId, KernelFn>,
     /// Blocks (by output) whose gradient arrives through the relu already ([`relu_pools`]).
     masked_blocks: std::collections::HashSet<NodeId>,
     /// By the block's output node.
@@ -434,13 +432,11 @@ impl JitKernels {
             .collect();
         let rest = compile_rest(&mut compiler, program, optimizer)?;
         let (winograd, block_winograd) = compile_winograd(&mut compiler, program)?;
-        let dense_by_4 = compile_dense_groups(&mut compiler, program)?;
         let listings = std::mem::take(&mut compiler.listings);
         Ok(JitKernels {
             convs,
             winograd,
             block_winograd,
-            dense_by_4,
             masked_blocks: relu_pools.values().copied().collect(),
             norms,
             blocks,
@@ -474,11 +470,6 @@ impl JitKernels {
         self.block_winograd.get(&node).copied()
     }
 
-    /// A dense node's forward kernel over groups of 4 samples, to call directly.
-    pub fn dense_by_4(&self, node: NodeId) -> Option<KernelFn> {
-        self.dense_by_4.get(&node).copied()
-    }
-
     /// The kernels of a max-pooling node, to call directly.
     pub fn pool(&self, node: NodeId) -> Option<PoolKernels> {
         self.pools.get(&node).copied()
@@ -500,7 +491,6 @@ impl JitKernels {
             + self.softmaxes.len()
             + usize::from(self.loss.is_some())
             + usize::from(self.optimizer.is_some())
-            + self.dense_by_4.len()
             + self
                 .winograd
                 .values()
@@ -753,32 +743,6 @@ fn relu_pools(program: &Program) -> HashMap<NodeId, NodeId> {
         }
     }
     pools
-}
-
-/// A dense layer's forward kernel for groups of 4 samples: the 1x1 convolution of a 1x4
-/// "image" of samples, so that 4 samples share each weight load (4 x 8 accumulators) where
-/// one sample alone has a chain of C multiply-adds per accumulator, bound by the FMA's
-/// latency. Each output still sums over its inputs in the same order: the same bits.
-fn compile_dense_groups(
-    compiler: &mut Compiler,
-    program: &Program,
-) -> anyhow::Result<HashMap<NodeId, KernelFn>> {
-    let mut ids = Vec::new();
-    let mut nodes = Vec::new();
-    for (id, node) in program.graph.nodes() {
-        let Op::Dense(_) = node.op else { continue };
-        let Some((shape, _)) = conv_shape(program, id, &node.op).filter(|_| !in_block(program, id)) else {
-            continue;
-        };
-        let group = ConvShape { wp: 4, ow: 4, ..shape };
-        let name = format!("{}_forward_by_4", program.graph.layer_of(id).name);
-        nodes.push((
-            id,
-            define(compiler, &mut ids, &name, |e| conv::forward(e, &group, conv::Epilogue::default()))?,
-        ));
-    }
-    let code = compiler.finish(&ids)?;
-    Ok(nodes.into_iter().map(|(id, i)| (id, code[i])).collect())
 }
 
 /// Whether the cost model gives `conv` Winograd's kernels (and `CNNC_WINOGRAD=0` does not
@@ -1284,9 +1248,6 @@ impl JitKernels {
     /// Scratch of [`Kernels::conv2d_forward_into`] (and dense) for `n` samples.
     fn conv_forward_scratch(&self, node: NodeId, n: usize) -> usize {
         let Some(k) = self.convs.get(&node) else { return 0 };
-        if self.dense_by_4.contains_key(&node) {
-            return piece(k.shape.c * k.shape.f);
-        }
         self.conv_forward_kernel(node, k).scratch_for(k, n)
     }
 
@@ -1491,22 +1452,6 @@ impl Kernels<f32> for JitKernels {
         let bias = b.as_ref().map_or(std::ptr::null_mut(), |b| contiguous(b));
         let w = w.as_slice().expect("row-major");
         let yp = out_ptr(&mut y);
-        if let Some(by_4) = self.dense_by_4.get(&node) {
-            // groups of 4 samples, then the rest one by one
-            let xp = contiguous(&x);
-            let packed = s.take(sh.c * sh.f);
-            conv::pack_into(sh.c, sh.f, |row, col| w[row * sh.f + col], packed);
-            let wp = packed.as_mut_ptr();
-            let (groups, rest) = (n / 4, n % 4);
-            run(*by_4, Buffers::new(&[xp, wp, bias, yp]), groups, groups);
-            if rest > 0 {
-                // SAFETY: x holds n samples of C inputs and y n of F outputs; the last `rest`
-                // start after the 4·groups done.
-                let (xr, yr) = unsafe { (xp.add(4 * groups * sh.c), yp.add(4 * groups * sh.f)) };
-                run(k.forward, Buffers::new(&[xr, wp, bias, yr]), rest, rest);
-            }
-            return;
-        }
         let forward = self.conv_forward_kernel(node, k);
         conv_forward_into(forward, k, x, w, bias, yp, std::ptr::null_mut(), s);
     }
@@ -1535,7 +1480,8 @@ impl Kernels<f32> for JitKernels {
         let wt = s.take(w.len());
         let (taps, c, f) = (sh.kh * sh.kw, sh.c, sh.f);
         conv::pack_into(taps * f, c, |row, ci| w[((row / f) * c + ci) * f + row % f], wt);
-        let dxp = padded_output(&mut dx, k.pads, s);
+        // a dense layer's kernel writes every element of dx once: no zeroed buffer to add into
+        let dxp = if sh.is_point() { out_ptr(&mut dx) } else { padded_output(&mut dx, k.pads, s) };
         run(k.backward_input, Buffers::new(&[contiguous(&dy), wt.as_mut_ptr(), dxp]), n, n);
         crop_into(dxp, k.pads, &mut dx);
     }
