@@ -6,13 +6,15 @@
 //! work items this call does (samples, or weight-gradient tasks), and `batch` the number of
 //! samples in the batch. Shapes are compile-time constants.
 
+use cranelift_codegen::control::ControlPlane;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, Type, Value, types};
+use cranelift_codegen::isa::TargetIsa;
 use cranelift_codegen::settings::{self, Configurable as _};
 use cranelift_codegen::{Context, ir};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::{JITBuilder, JITModule};
-use cranelift_module::{FuncId, Linkage, Module as _, default_libcall_names};
+use cranelift_module::{FuncId, Linkage, Module as _, ModuleReloc, default_libcall_names};
 
 /// A compiled kernel: see the module documentation for its arguments.
 pub type KernelFn = unsafe extern "C" fn(*const *mut f32, i64, i64, i64);
@@ -27,6 +29,8 @@ pub struct Compiler {
     /// Disassembly of each kernel, kept when asked for (`cnnc compile --emit asm`).
     pub keep_asm: bool,
     pub listings: Vec<(String, String)>,
+    /// Kernels built (as CLIF) and not compiled yet: [`Compiler::finish`] compiles them.
+    pending: Vec<(FuncId, String, ir::Function)>,
     /// Each defined kernel's name and code size, for the perf map ([`Compiler::finish`]).
     sizes: Vec<(FuncId, String, usize)>,
 }
@@ -51,6 +55,7 @@ impl Compiler {
             keep_clif: false,
             keep_asm: false,
             listings: Vec::new(),
+            pending: Vec::new(),
             sizes: Vec::new(),
         })
     }
@@ -60,7 +65,8 @@ impl Compiler {
         self.module.isa().isa_flags().iter().any(|f| f.name == "has_fma" && f.as_bool().unwrap_or(false))
     }
 
-    /// Declares and defines one kernel, its body written by `body`.
+    /// Declares one kernel and builds its body, written by `body`; [`Compiler::finish`]
+    /// compiles it.
     pub fn kernel(&mut self, name: &str, body: impl FnOnce(&mut Emit)) -> anyhow::Result<FuncId> {
         let ptr = self.module.target_config().pointer_type();
         let mut sig = self.module.make_signature();
@@ -86,29 +92,35 @@ impl Compiler {
         if self.keep_clif {
             self.listings.push((name.to_string(), self.ctx.func.display().to_string()));
         }
-        self.ctx.set_disasm(self.keep_asm);
-        self.module.define_function(id, &mut self.ctx).map_err(|e| match e {
-            cranelift_module::ModuleError::Compilation(err) => {
-                anyhow::anyhow!("{}", cranelift_codegen::print_errors::pretty_error(&self.ctx.func, err))
-            }
-            other => other.into(),
-        })?;
-        if self.keep_asm {
-            let asm = self.ctx.compiled_code().and_then(|c| c.vcode.clone()).unwrap_or_default();
-            self.listings.push((name.to_string(), asm));
-        }
-        let size = self.ctx.compiled_code().map_or(0, |c| c.code_info().total_size as usize);
-        self.sizes.push((id, name.to_string(), size));
+        let func = std::mem::replace(&mut self.ctx.func, ir::Function::new());
+        self.pending.push((id, name.to_string(), func));
         self.module.clear_context(&mut self.ctx);
         Ok(id)
     }
 
-    /// Finalizes every kernel defined so far and returns their entry points.
+    /// Compiles the kernels built since the last call, on the worker threads (each on its own:
+    /// they share nothing; mnist.cnn's F(4x4) forward kernel alone takes 17–20 ms, most of it
+    /// register allocation), defines and finalizes them, and returns the entry points of `ids`.
     ///
     /// With `CNNC_PERF_MAP` set, also appends each kernel's address, size and name to
     /// `/tmp/perf-<pid>.map`, where `perf report` looks up the names of JIT-compiled code
     /// (a tool for profiling: any failure to write it is ignored).
     pub fn finish(&mut self, ids: &[FuncId]) -> anyhow::Result<Vec<KernelFn>> {
+        use rayon::prelude::*;
+        let isa = self.module.isa();
+        let floor = u64::from(isa.function_alignment().minimum).max(isa.symbol_alignment());
+        let keep_asm = self.keep_asm;
+        let pending = std::mem::take(&mut self.pending);
+        let compiled: Vec<anyhow::Result<Compiled>> =
+            pending.into_par_iter().map(|(id, name, func)| compile(isa, keep_asm, id, name, func)).collect();
+        for kernel in compiled {
+            let Compiled { id, name, code, alignment, relocs, asm } = kernel?;
+            self.module.define_function_bytes(id, alignment.max(floor), &code, &relocs)?;
+            if let Some(asm) = asm {
+                self.listings.push((name.clone(), asm));
+            }
+            self.sizes.push((id, name, code.len()));
+        }
         self.module.finalize_definitions()?;
         if std::env::var_os("CNNC_PERF_MAP").is_some() {
             self.write_perf_map(ids);
@@ -127,6 +139,38 @@ impl Compiler {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(path);
         let _ = file.and_then(|mut f| f.write_all(lines.as_bytes()));
     }
+}
+
+/// One kernel's machine code, compiled apart from the module ([`Compiler::finish`]).
+struct Compiled {
+    id: FuncId,
+    name: String,
+    code: Vec<u8>,
+    alignment: u64,
+    relocs: Vec<ModuleReloc>,
+    /// The disassembly, when asked for.
+    asm: Option<String>,
+}
+
+fn compile(
+    isa: &dyn TargetIsa,
+    keep_asm: bool,
+    id: FuncId,
+    name: String,
+    func: ir::Function,
+) -> anyhow::Result<Compiled> {
+    let mut ctx = Context::for_function(func);
+    ctx.set_disasm(keep_asm);
+    let mut control = ControlPlane::default();
+    ctx.compile(isa, &mut control).map_err(|e| {
+        anyhow::anyhow!("kernel {name}: {}", cranelift_codegen::print_errors::pretty_error(e.func, e.inner))
+    })?;
+    let code = ctx.compiled_code().expect("just compiled");
+    let alignment = u64::from(code.buffer.alignment);
+    let relocs =
+        code.buffer.relocs().iter().map(|r| ModuleReloc::from_mach_reloc(r, &ctx.func, id)).collect();
+    let asm = keep_asm.then(|| code.vcode.clone().unwrap_or_default());
+    Ok(Compiled { id, name, code: code.code_buffer().to_vec(), alignment, relocs, asm })
 }
 
 /// Turns finalized code into a callable kernel.
