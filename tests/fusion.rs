@@ -156,10 +156,24 @@ fn winograd_blocks_with_batchnorm_relu_and_pools() {
     for block in &fused.blocks {
         let kernels = jit.block_winograd(block.output()).expect("a Winograd block");
         assert!(kernels.pooled.is_some(), "{block:?}: the pooled inference kernel too");
-        assert_eq!(kernels.infer.is_some(), block.norm.is_some(), "{block:?}");
+        // the pooled kernel serves inference: no unpooled one is compiled
+        assert!(kernels.infer.is_none(), "{block:?}");
     }
     fused_matches_unfused(model, 3, 2);
     fused_matches_unfused(model, 6, 2);
+
+    // without a pool, a batchnorm block runs its folded inference kernel (F(4x4) here: 11x11)
+    let model = "input 13x13x32 conv2d(64, kernel=3, bias=false) batchnorm relu \
+                 conv2d(20, kernel=3) batchnorm flatten dense(3, activation=softmax)";
+    let fused = program(model).fused();
+    let jit = JitKernels::compile(&fused, Listing::default()).unwrap();
+    let first = jit.block_winograd(fused.blocks[0].output()).expect("a Winograd block");
+    assert!(first.infer.is_some_and(|(shape, _)| shape.m == 4), "the folded F(4x4) inference kernel");
+    for block in &fused.blocks {
+        let kernels = jit.block_winograd(block.output()).expect("a Winograd block");
+        assert!(kernels.infer.is_some() && kernels.pooled.is_none(), "{block:?}");
+    }
+    fused_matches_unfused(model, 3, 2);
 }
 
 /// The JIT's separate batchnorm kernels (outside any block), against the reference op by op.

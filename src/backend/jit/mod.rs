@@ -806,7 +806,9 @@ fn compile_winograd(
             winograd::forward(e, &shape, epilogue)
         })?;
         let folded = conv::Epilogue { rectify, stats: false };
-        let infer = match block.norm {
+        // A block that ends in a pool runs its pooled kernels at inference (compiled for every
+        // such block), never the unpooled one: not compiled (an F(4x4) kernel takes 17–20 ms).
+        let infer = match block.norm.filter(|_| block.pool.is_none()) {
             Some(_) => {
                 let folded_shape =
                     WinogradShape::new(ConvShape { bias: true, ..shape.conv }, shape.m).expect("as above");
