@@ -110,10 +110,17 @@ impl Compiler {
         let isa = self.module.isa();
         let floor = u64::from(isa.function_alignment().minimum).max(isa.symbol_alignment());
         let keep_asm = self.keep_asm;
-        let pending = std::mem::take(&mut self.pending);
-        let compiled: Vec<anyhow::Result<Compiled>> =
-            pending.into_par_iter().map(|(id, name, func)| compile(isa, keep_asm, id, name, func)).collect();
-        for kernel in compiled {
+        // The largest first, each a task of its own (the longest should not start last), then
+        // back in the order they were built.
+        let mut pending: Vec<_> = std::mem::take(&mut self.pending).into_iter().enumerate().collect();
+        pending.sort_by_key(|(_, (_, _, func))| std::cmp::Reverse(func.dfg.num_insts()));
+        let mut compiled: Vec<(usize, anyhow::Result<Compiled>)> = pending
+            .into_par_iter()
+            .with_max_len(1)
+            .map(|(i, (id, name, func))| (i, compile(isa, keep_asm, id, name, func)))
+            .collect();
+        compiled.sort_by_key(|(i, _)| *i);
+        for (_, kernel) in compiled {
             let Compiled { id, name, code, alignment, relocs, asm } = kernel?;
             self.module.define_function_bytes(id, alignment.max(floor), &code, &relocs)?;
             if let Some(asm) = asm {

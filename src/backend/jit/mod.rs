@@ -379,7 +379,19 @@ impl JitKernels {
         ids.extend(pending_rectifiers.iter().flat_map(|p| p.2));
         ids.extend(pending_norms.iter().flat_map(|p| p.2));
         ids.extend(pending_blocks.iter().flat_map(|p| p.5.iter().copied()));
-        let code = compiler.finish(&ids)?;
+        // Every kernel is compiled in one finish: the longest (an F(4x4) Winograd kernel, ~20
+        // ms) then overlaps all the others on the worker threads.
+        let (rest_ids, rest) = compile_rest(&mut compiler, program, optimizer)?;
+        let (winograd_ids, winograd) = compile_winograd(&mut compiler, program)?;
+        let main = ids.len();
+        ids.extend(&rest_ids);
+        ids.extend(&winograd_ids);
+        let all = compiler.finish(&ids)?;
+        let (code, later) = all.split_at(main);
+        let (rest_code, winograd_code) = later.split_at(rest_ids.len());
+        let others = rest(rest_code);
+        let (winograd, block_winograd) = winograd(winograd_code);
+        let ids = &ids[..main];
         let (code, mut rest) = code.split_at(
             ids.len() - pending_norms.len() * 4 - pending_blocks.iter().map(|p| p.5.len()).sum::<usize>(),
         );
@@ -430,8 +442,6 @@ impl JitKernels {
                 )
             })
             .collect();
-        let rest = compile_rest(&mut compiler, program, optimizer)?;
-        let (winograd, block_winograd) = compile_winograd(&mut compiler, program)?;
         let listings = std::mem::take(&mut compiler.listings);
         Ok(JitKernels {
             convs,
@@ -442,12 +452,12 @@ impl JitKernels {
             blocks,
             pools,
             rectifiers,
-            sigmoidals: rest.sigmoidals,
-            avgpools: rest.avgpools,
-            dropouts: rest.dropouts,
-            softmaxes: rest.softmaxes,
-            loss: rest.loss,
-            optimizer: rest.optimizer,
+            sigmoidals: others.sigmoidals,
+            avgpools: others.avgpools,
+            dropouts: others.dropouts,
+            softmaxes: others.softmaxes,
+            loss: others.loss,
+            optimizer: others.optimizer,
             runs: AtomicUsize::new(0),
             _compiler: std::sync::Mutex::new(compiler),
             compile_ms: started.elapsed().as_secs_f64() * 1e3,
@@ -577,13 +587,14 @@ fn define(
     Ok(ids.len() - 1)
 }
 
-/// Compiles the element-wise activations, average pools, dropouts, softmaxes, the fused loss
-/// and the optimizer step, and finalizes them.
-fn compile_rest(
+/// Builds the element-wise activations, average pools, dropouts, softmaxes, the fused loss
+/// and the optimizer step: their kernels' ids, and what makes them [`Rest`] once compiled
+/// (given the ids' entry points, in order).
+fn compile_rest<'p>(
     compiler: &mut Compiler,
-    program: &Program,
+    program: &'p Program,
     optimizer: Option<&Optimizer>,
-) -> anyhow::Result<Rest> {
+) -> anyhow::Result<(Vec<FuncId>, impl FnOnce(&[KernelFn]) -> Rest + use<'p>)> {
     let mut ids = Vec::new();
     let mut sigmoidals = Vec::new();
     let mut avgpools = Vec::new();
@@ -658,8 +669,7 @@ fn compile_rest(
         }
         None => None,
     };
-    let code = compiler.finish(&ids)?;
-    Ok(Rest {
+    let bind = move |code: &[KernelFn]| Rest {
         sigmoidals: sigmoidals
             .into_iter()
             .map(|(id, act, len, [f, b])| {
@@ -682,7 +692,8 @@ fn compile_rest(
             .collect(),
         loss: fused.map(|(loss, k, i)| LossKernel { node: program.logits, loss, k, kernel: code[i] }),
         optimizer: step.map(|(rule, i)| OptimizerKernel { rule, kernel: code[i] }),
-    })
+    };
+    Ok((ids, bind))
 }
 
 /// A pooled block's convolution at inference: only the rows and columns some window of the
@@ -757,13 +768,15 @@ fn winograd_wanted(conv: &ConvShape) -> bool {
     !std::env::var("CNNC_WINOGRAD").is_ok_and(|v| v == "0") && winograd::chosen(conv.c, conv.f)
 }
 
-/// Compiles the Winograd kernels of every conv2d node and block whose layer the cost model
-/// gives them.
-#[allow(clippy::type_complexity)]
+/// The Winograd kernels of a program's conv2d nodes and blocks, by node.
+type WinogradMaps = (HashMap<NodeId, WinogradKernels>, HashMap<NodeId, BlockWinograd>);
+
+/// Builds the Winograd kernels of every conv2d node and block whose layer the cost model gives
+/// them: their ids, and what makes the maps of them once compiled (as [`compile_rest`]).
 fn compile_winograd(
     compiler: &mut Compiler,
     program: &Program,
-) -> anyhow::Result<(HashMap<NodeId, WinogradKernels>, HashMap<NodeId, BlockWinograd>)> {
+) -> anyhow::Result<(Vec<FuncId>, impl FnOnce(&[KernelFn]) -> WinogradMaps + use<>)> {
     let mut ids = Vec::new();
     let mut convs = Vec::new();
     for (id, node) in program.graph.nodes() {
@@ -835,29 +848,31 @@ fn compile_winograd(
         };
         blocks.push((block.output(), (shape, forward), infer, pooled));
     }
-    let code = compiler.finish(&ids)?;
-    let convs = convs
-        .into_iter()
-        .map(|(id, forward, weights)| {
-            let kernels = WinogradKernels {
-                forward: forward.map(|(shape, f)| (shape, code[f])),
-                weight_gradient: weights.map(|(shape, w)| (shape, code[w])),
-            };
-            (id, kernels)
-        })
-        .collect();
-    let blocks = blocks
-        .into_iter()
-        .map(|(output, (shape, f), infer, pooled)| {
-            let kernels = BlockWinograd {
-                forward: (shape, code[f]),
-                infer: infer.map(|(s, i)| (s, code[i])),
-                pooled: pooled.map(|(s, i)| (s, code[i])),
-            };
-            (output, kernels)
-        })
-        .collect();
-    Ok((convs, blocks))
+    let bind = move |code: &[KernelFn]| {
+        let convs = convs
+            .into_iter()
+            .map(|(id, forward, weights)| {
+                let kernels = WinogradKernels {
+                    forward: forward.map(|(shape, f)| (shape, code[f])),
+                    weight_gradient: weights.map(|(shape, w)| (shape, code[w])),
+                };
+                (id, kernels)
+            })
+            .collect();
+        let blocks = blocks
+            .into_iter()
+            .map(|(output, (shape, f), infer, pooled)| {
+                let kernels = BlockWinograd {
+                    forward: (shape, code[f]),
+                    infer: infer.map(|(s, i)| (s, code[i])),
+                    pooled: pooled.map(|(s, i)| (s, code[i])),
+                };
+                (output, kernels)
+            })
+            .collect();
+        (convs, blocks)
+    };
+    Ok((ids, bind))
 }
 
 /// The largest dense weight matrix (elements) compiled into a kernel: 4 MB of f32.
