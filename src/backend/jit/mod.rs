@@ -381,16 +381,16 @@ impl JitKernels {
         ids.extend(pending_blocks.iter().flat_map(|p| p.5.iter().copied()));
         // Every kernel is compiled in one finish: the longest (an F(4x4) Winograd kernel, ~20
         // ms) then overlaps all the others on the worker threads.
-        let (rest_ids, rest) = compile_rest(&mut compiler, program, optimizer)?;
-        let (winograd_ids, winograd) = compile_winograd(&mut compiler, program)?;
+        let rest = compile_rest(&mut compiler, program, optimizer)?;
+        let winograd = compile_winograd(&mut compiler, program)?;
         let main = ids.len();
-        ids.extend(&rest_ids);
-        ids.extend(&winograd_ids);
+        ids.extend(&rest.ids);
+        ids.extend(&winograd.ids);
         let all = compiler.finish(&ids)?;
         let (code, later) = all.split_at(main);
-        let (rest_code, winograd_code) = later.split_at(rest_ids.len());
-        let others = rest(rest_code);
-        let (winograd, block_winograd) = winograd(winograd_code);
+        let (rest_code, winograd_code) = later.split_at(rest.ids.len());
+        let others = (rest.bind)(rest_code);
+        let (winograd, block_winograd) = (winograd.bind)(winograd_code);
         let ids = &ids[..main];
         let (code, mut rest) = code.split_at(
             ids.len() - pending_norms.len() * 4 - pending_blocks.iter().map(|p| p.5.len()).sum::<usize>(),
@@ -594,7 +594,7 @@ fn compile_rest<'p>(
     compiler: &mut Compiler,
     program: &'p Program,
     optimizer: Option<&Optimizer>,
-) -> anyhow::Result<(Vec<FuncId>, impl FnOnce(&[KernelFn]) -> Rest + use<'p>)> {
+) -> anyhow::Result<Built<impl FnOnce(&[KernelFn]) -> Rest + use<'p>>> {
     let mut ids = Vec::new();
     let mut sigmoidals = Vec::new();
     let mut avgpools = Vec::new();
@@ -693,7 +693,7 @@ fn compile_rest<'p>(
         loss: fused.map(|(loss, k, i)| LossKernel { node: program.logits, loss, k, kernel: code[i] }),
         optimizer: step.map(|(rule, i)| OptimizerKernel { rule, kernel: code[i] }),
     };
-    Ok((ids, bind))
+    Ok(Built { ids, bind })
 }
 
 /// A pooled block's convolution at inference: only the rows and columns some window of the
@@ -768,6 +768,13 @@ fn winograd_wanted(conv: &ConvShape) -> bool {
     !std::env::var("CNNC_WINOGRAD").is_ok_and(|v| v == "0") && winograd::chosen(conv.c, conv.f)
 }
 
+/// Kernels built and not compiled yet: their ids, and what puts their entry points (given in
+/// the ids' order) into the backend's tables.
+struct Built<B> {
+    ids: Vec<FuncId>,
+    bind: B,
+}
+
 /// The Winograd kernels of a program's conv2d nodes and blocks, by node.
 type WinogradMaps = (HashMap<NodeId, WinogradKernels>, HashMap<NodeId, BlockWinograd>);
 
@@ -776,7 +783,7 @@ type WinogradMaps = (HashMap<NodeId, WinogradKernels>, HashMap<NodeId, BlockWino
 fn compile_winograd(
     compiler: &mut Compiler,
     program: &Program,
-) -> anyhow::Result<(Vec<FuncId>, impl FnOnce(&[KernelFn]) -> WinogradMaps + use<>)> {
+) -> anyhow::Result<Built<impl FnOnce(&[KernelFn]) -> WinogradMaps + use<>>> {
     let mut ids = Vec::new();
     let mut convs = Vec::new();
     for (id, node) in program.graph.nodes() {
@@ -872,7 +879,7 @@ fn compile_winograd(
             .collect();
         (convs, blocks)
     };
-    Ok((ids, bind))
+    Ok(Built { ids, bind })
 }
 
 /// The largest dense weight matrix (elements) compiled into a kernel: 4 MB of f32.
