@@ -756,14 +756,14 @@ fn relu_pools(program: &Program) -> HashMap<NodeId, NodeId> {
     pools
 }
 
-/// Whether the cost model gives `conv` Winograd's kernels (and `CNNC_WINOGRAD=0` does not
-/// take them away).
 /// The Winograd shape of a pooled block's convolution, which reads the layer's padded input
 /// as it is: the cost model's tile where its windows fit that input, else 2x2 where they do.
 fn pooled_winograd(conv: &ConvShape) -> Option<WinogradShape> {
     WinogradShape::new(*conv, winograd_tile(conv)).or_else(|| WinogradShape::new(*conv, 2))
 }
 
+/// Whether the cost model gives `conv` Winograd's kernels (and `CNNC_WINOGRAD=0` does not
+/// take them away).
 fn winograd_wanted(conv: &ConvShape) -> bool {
     !std::env::var("CNNC_WINOGRAD").is_ok_and(|v| v == "0") && winograd::chosen(conv.c, conv.f)
 }
