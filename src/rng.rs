@@ -72,13 +72,13 @@ impl Rng {
     }
 }
 
-/// 24 bits of `bits` as a float in [0, 1).
 /// The integer k such that a draw of [`Rng::next_f32`] (k'/2^24 for its top 24 bits k') is at
 /// least `p` exactly when k' ≥ k: ⌈p·2^24⌉, p in [0, 1].
 pub fn unit_threshold(p: f32) -> u64 {
     (f64::from(p) * (1u64 << 24) as f64).ceil() as u64
 }
 
+/// 24 bits of `bits` as a float in [0, 1).
 #[inline]
 fn unit_f32(bits: u64) -> f32 {
     (bits >> 40) as f32 / (1u64 << 24) as f32

@@ -19,8 +19,8 @@
 //!
 //! The transforms are emitted from their matrices ([`combine`]: ±1 as adds and subtracts,
 //! other coefficients as fused multiply-adds), a vector of channels at a time so that a 6x6
-//! tile stays in registers. The products run on the register-blocked kernel of conv.rs (4 rows
-//! x 8 channels). The input gradient stays direct: the same operation as the forward pass (a
+//! tile stays in registers. The products run on the register-blocked kernel of conv.rs (up to
+//! 5 rows x 8 channels). The input gradient stays direct: the same operation as the forward pass (a
 //! valid convolution of dy padded by 2 with the kernel flipped and transposed), but measured
 //! on mnist.cnn's conv2d_1 (batch 128, 2 threads) F(2x2) took 8.3 ms against the direct
 //! kernel's 7.6: 13x13 outputs are 49 tiles of 2x2 (or 16 of 4x4, covering 16x16), and the
@@ -227,7 +227,8 @@ pub fn chosen(c: usize, f: usize) -> bool {
 /// [`chosen`]'s: Bᵀ d B takes 32 adds a tile per input channel for m = 2, 192 for m = 4;
 /// Aᵀ M A 24 and 170 per output channel), times the tiles that cover the output (a 13 x 13
 /// output is 49 tiles of 2x2 or 16 of 4x4, covering 14x14 and 16x16). F(4x4) must win by a
-/// tenth on paper, for its larger kernels (mnist.cnn's compile time 30–40 → 40–50 ms).
+/// tenth on paper: its kernels take 17–20 ms to compile, against 2–3 for F(2x2)'s (compiled
+/// in parallel with the others, which keeps mnist.cnn's compile near where F(2x2) had it).
 /// Measured (2 threads, side by side, batch 128): mnist.cnn's conv2d_1 (11x11, 32 → 64;
 /// counted 18% less) 9.5/9.8 → 7.5/7.2 ms forward with F(4x4), the training step 6% faster;
 /// its pooled inference (10x10, which 2x2 tiles cover exactly; counted 19% more) no faster.
@@ -243,7 +244,6 @@ pub fn tile_size(c: usize, f: usize, [oh, ow]: [usize; 2]) -> usize {
 
 /// The kernel's weights for `shape.conv`: U[ξ][c][f] = (G w[·][·][c][f] Gᵀ)[ξ] from `w` laid out
 /// (3, 3, C, F) (HWIO), each ξ's (C, F) matrix packed by [`pack_weights`].
-// Tile positions are indices in the transforms' formulas: loops over them read as the math.
 pub fn transform_weights(w: &[f32], shape: &WinogradShape) -> Vec<f32> {
     let mut u = vec![0.0; shape.positions() * shape.conv.c * shape.conv.f];
     transform_weights_into(w, shape, &mut u);
@@ -433,7 +433,7 @@ fn load_tile(
 }
 
 /// M[ξ] = V[ξ] (tiles x C) · U[ξ] (C x F) for every position, with conv.rs's register
-/// blocks: 4 tiles x one chunk of output channels, over the input channels.
+/// blocks: up to 5 tiles x one chunk of output channels, over the input channels.
 fn multiply(e: &mut Emit, shape: &WinogradShape, v: Value, u: Value, m: Value) {
     let s = shape.conv;
     let tiles = shape.tiles();
