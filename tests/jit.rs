@@ -136,22 +136,40 @@ fn winograd_for_wide_3x3_stride_1_layers() {
     differential(model, 5);
 }
 
-/// Winograd's weight gradient splits its tasks over threads: the same bits on 1 thread and 3.
+#[test]
+fn winograd_weight_gradient_by_4x4_tiles_of_dy() {
+    // 11x11 outputs (as mnist.cnn's conv2d_1): 9 tiles of 4x4, the last row and column of
+    // each 3 wide; an odd batch leaves the last group of samples partial
+    let model = "input 13x13x32 conv2d(40, kernel=3, activation=relu) flatten dense(3, activation=softmax)";
+    let jit = JitKernels::compile(&program(model), Listing::default()).unwrap();
+    let kernels = jit.winograd(NodeId::from_index(1)).expect("Winograd kernels");
+    assert_eq!(kernels.weight_gradient.map(|(shape, _)| shape.m), Some(4), "F(3x3, 4x4)");
+    differential(model, 1);
+    differential(model, 5);
+}
+
+/// Winograd's weight gradient splits its tasks over threads: the same bits on 1 thread and 3,
+/// by 2x2 tiles of dy (6x7 outputs) and by 4x4 (11x11).
 #[test]
 fn winograd_gradients_do_not_depend_on_the_thread_count() {
-    let model = "input 8x9x16 conv2d(21, kernel=3, activation=relu) flatten dense(3, activation=softmax)";
-    let program = program(model);
-    let jit = JitKernels::compile(&program, Listing::default()).unwrap();
-    assert!(jit.winograd(NodeId::from_index(1)).is_some_and(|k| k.weight_gradient.is_some()));
-    let mut rng = Rng::new(23, &[]);
-    let params: Vec<ArrayD<f32>> = program
-        .params
-        .iter()
-        .map(|p| ArrayD::from_shape_vec(p.spec.shape.clone(), random(p.spec.numel(), &mut rng)).unwrap())
-        .collect();
-    let input = reference::batch_array(&program, &random(7 * 8 * 9 * 16, &mut rng));
-    let labels = [0, 1, 2, 0, 1, 2, 0];
-    common::assert_same_on_1_and_3_threads(&jit, &program, &params, &input, &labels);
+    for (input, filters, batch) in [([8, 9, 16], 21, 7), ([13, 13, 32], 40, 5)] {
+        let [h, w, c] = input;
+        let model = format!(
+            "input {h}x{w}x{c} conv2d({filters}, kernel=3, activation=relu) flatten dense(3, activation=softmax)"
+        );
+        let program = program(&model);
+        let jit = JitKernels::compile(&program, Listing::default()).unwrap();
+        assert!(jit.winograd(NodeId::from_index(1)).is_some_and(|k| k.weight_gradient.is_some()));
+        let mut rng = Rng::new(23, &[]);
+        let params: Vec<ArrayD<f32>> = program
+            .params
+            .iter()
+            .map(|p| ArrayD::from_shape_vec(p.spec.shape.clone(), random(p.spec.numel(), &mut rng)).unwrap())
+            .collect();
+        let input = reference::batch_array(&program, &random(batch * h * w * c, &mut rng));
+        let labels: Vec<u8> = (0..batch).map(|i| (i % 3) as u8).collect();
+        common::assert_same_on_1_and_3_threads(&jit, &program, &params, &input, &labels);
+    }
 }
 
 #[test]

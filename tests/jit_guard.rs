@@ -710,34 +710,42 @@ fn winograd_kernels_stay_inside_their_buffers() {
     }
 }
 
-/// Winograd's weight-gradient kernel (odd outputs: partial last tiles) on guarded buffers,
-/// its tasks split over two calls as shards would be, each with a scratch of its own.
+/// Winograd's weight-gradient kernels, F(3x3, 2x2) and F(3x3, 4x4) (odd outputs: partial
+/// last tiles), on guarded buffers, their tasks split over two calls as shards would be, each
+/// with a scratch of its own.
 #[test]
 fn winograd_weight_gradient_stays_inside_its_buffers() {
-    let text = "model m { input 8x9x16 conv2d(21, kernel=3) flatten dense(3, activation=softmax) }
-                train { loss = categorical_crossentropy }";
-    let program = autodiff::build(&cnnc::check(&SourceFile::new("guard.cnn", text)).unwrap()).unwrap();
-    let jit = JitKernels::compile(&program, Listing::default()).unwrap();
-    let node = cnnc::ir::NodeId::from_index(1);
-    let (shape, kernel) =
-        jit.winograd(node).and_then(|k| k.weight_gradient).expect("the weight gradient runs Winograd");
-    let s = shape.conv;
-    let batch = 3;
-    let mut rng = Rng::new(41, &[]);
-    let x = random(batch * s.hp * s.wp * s.c, &mut rng);
-    let dy = random(batch * s.oh * s.ow * s.f, &mut rng);
-    let x4 = Array4::from_shape_vec((batch, s.hp, s.wp, s.c), x.clone()).unwrap();
-    let dy4 = Array4::from_shape_vec((batch, s.oh, s.ow, s.f), dy.clone()).unwrap();
-    let g = Geometry { kernel: [3, 3], stride: [1, 1], pad_before: [0, 0], out: [s.oh, s.ow] };
-    let (dw_ref, _) = Plain.conv2d_backward_weights(node, x4.view(), dy4.view(), [3, 3, s.c, s.f], &g);
-    let tasks = shape.weight_tasks();
-    for flush in [true, false] {
-        let mut m = vec![0.0f32; 16 * s.c * s.f];
-        for (lo, hi) in [(0, tasks / 2), (tasks / 2, tasks)] {
-            let buffers: [&[f32]; 4] = [&x, &dy, &m, &vec![0.0; shape.scratch()]];
-            m = run_guarded(kernel, &buffers, [lo, hi, batch], flush).swap_remove(2);
+    // 6x7 outputs take 2x2 tiles of dy, 11x11 (as mnist.cnn's conv2d_1) 4x4 tiles
+    for (input, filters, tile) in [("8x9x16", 21, 2), ("13x13x32", 40, 4)] {
+        let text = format!(
+            "model m {{ input {input} conv2d({filters}, kernel=3) flatten dense(3, activation=softmax) }}
+             train {{ loss = categorical_crossentropy }}"
+        );
+        let program =
+            autodiff::build(&cnnc::check(&SourceFile::new("guard.cnn", text.as_str())).unwrap()).unwrap();
+        let jit = JitKernels::compile(&program, Listing::default()).unwrap();
+        let node = cnnc::ir::NodeId::from_index(1);
+        let (shape, kernel) =
+            jit.winograd(node).and_then(|k| k.weight_gradient).expect("the weight gradient runs Winograd");
+        assert_eq!(shape.m, tile, "{input}: the cost model's tile");
+        let s = shape.conv;
+        let batch = 3;
+        let mut rng = Rng::new(41, &[]);
+        let x = random(batch * s.hp * s.wp * s.c, &mut rng);
+        let dy = random(batch * s.oh * s.ow * s.f, &mut rng);
+        let x4 = Array4::from_shape_vec((batch, s.hp, s.wp, s.c), x.clone()).unwrap();
+        let dy4 = Array4::from_shape_vec((batch, s.oh, s.ow, s.f), dy.clone()).unwrap();
+        let g = Geometry { kernel: [3, 3], stride: [1, 1], pad_before: [0, 0], out: [s.oh, s.ow] };
+        let (dw_ref, _) = Plain.conv2d_backward_weights(node, x4.view(), dy4.view(), [3, 3, s.c, s.f], &g);
+        let tasks = shape.weight_tasks();
+        for flush in [true, false] {
+            let mut m = vec![0.0f32; shape.positions() * s.c * s.f];
+            for (lo, hi) in [(0, tasks / 2), (tasks / 2, tasks)] {
+                let buffers: [&[f32]; 4] = [&x, &dy, &m, &vec![0.0; shape.weight_scratch()]];
+                m = run_guarded(kernel, &buffers, [lo, hi, batch], flush).swap_remove(2);
+            }
+            let dw = cnnc::backend::jit::winograd::weight_gradient_output(&m, &shape);
+            close("winograd weight gradient", dw_ref.as_slice().unwrap(), &dw);
         }
-        let dw = cnnc::backend::jit::winograd::weight_gradient_output(&m, s.c, s.f);
-        close("winograd weight gradient", dw_ref.as_slice().unwrap(), &dw);
     }
 }

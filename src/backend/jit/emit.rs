@@ -99,7 +99,7 @@ impl Compiler {
     }
 
     /// Compiles the kernels built since the last call, on the worker threads (each on its own:
-    /// they share nothing; mnist.cnn's F(4x4) forward kernel alone takes 17–20 ms, most of it
+    /// they share nothing; mnist.cnn's F(4x4) kernels take 10–20 ms each, most of it
     /// register allocation), defines and finalizes them, and returns the entry points of `ids`.
     ///
     /// With `CNNC_PERF_MAP` set, also appends each kernel's address, size and name to

@@ -799,7 +799,8 @@ fn compile_winograd(
             )),
             None => None,
         };
-        let weights = match WinogradShape::for_weights(conv).filter(|_| winograd_wanted(&conv)) {
+        let tile = winograd::weight_tile_size(conv.c, conv.f, [conv.oh, conv.ow]);
+        let weights = match WinogradShape::for_weights(conv, tile).filter(|_| winograd_wanted(&conv)) {
             Some(shape) => Some((
                 shape,
                 define(compiler, &mut ids, &format!("{name}_winograd_backward_weights"), |e| {
@@ -827,7 +828,7 @@ fn compile_winograd(
         })?;
         let folded = conv::Epilogue { rectify, stats: false };
         // A block that ends in a pool runs its pooled kernels at inference (compiled for every
-        // such block), never the unpooled one: not compiled (an F(4x4) kernel takes 17–20 ms).
+        // such block), never the unpooled one: not compiled (an F(4x4) kernel takes 10–20 ms).
         let infer = match block.norm.filter(|_| block.pool.is_none()) {
             Some(_) => {
                 let folded_shape =
@@ -1282,7 +1283,8 @@ impl JitKernels {
         let padded = piece(padded_len(n, input_hwc(k), k.pads));
         match self.winograd.get(&node).and_then(|wk| wk.weight_gradient) {
             Some((shape, _)) => {
-                padded + piece(16 * s.c * s.f) + piece(shard_count(shape.weight_tasks()) * shape.scratch())
+                let m = shape.positions() * s.c * s.f;
+                padded + piece(m) + piece(shard_count(shape.weight_tasks()) * shape.weight_scratch())
             }
             None => padded,
         }
@@ -1531,11 +1533,11 @@ impl Kernels<f32> for JitKernels {
         let dyp = contiguous(&dy);
         let dwp = out_ptr(&mut dw);
         if let Some((shape, kernel)) = self.winograd.get(&node).and_then(|wk| wk.weight_gradient) {
-            let m = s.zeroed(16 * sh.c * sh.f);
+            let m = s.zeroed(shape.positions() * sh.c * sh.f);
             let buffers = Buffers::new(&[xp, dyp, m.as_mut_ptr()]);
-            run_with_scratch(kernel, buffers, shape.scratch(), shape.weight_tasks(), n, s);
+            run_with_scratch(kernel, buffers, shape.weight_scratch(), shape.weight_tasks(), n, s);
             let dw = dw.as_slice_mut().expect("row-major");
-            winograd::weight_gradient_output_into(m, sh.c, sh.f, dw);
+            winograd::weight_gradient_output_into(m, &shape, dw);
         } else {
             dw.fill(0.0);
             run(k.backward_weights, Buffers::new(&[xp, dyp, dwp]), sh.weight_tasks(), n);

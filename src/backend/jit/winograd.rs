@@ -1,10 +1,11 @@
 //! Winograd convolution for 3x3 stride-1 layers (Lavin & Gray 2015): the forward pass by
 //! F(2x2, 3x3) or F(4x4, 3x3), each m x m block of outputs costing (m + 2)² multiply-adds per
 //! (input, output) channel pair instead of 9m² (16 instead of 36, 36 instead of 144), and the
-//! weight gradient by F(3x3, 2x2), 2x2 tiles of dy as the filter, 16 per tile instead of 36;
-//! each at the price of transforming into tiles and back. The cost model picks the tile per
-//! layer ([`tile_size`]): the larger one needs heavier transforms and covers an output that is
-//! not a multiple of 4 with more waste.
+//! weight gradient by F(3x3, 2x2) or F(3x3, 4x4), m x m tiles of dy as the filter, (m + 2)²
+//! per tile instead of 9m²; each at the price of transforming into tiles and back. The cost
+//! model picks the tile per layer and pass ([`tile_size`], [`weight_tile_size`]): the larger
+//! one needs heavier transforms and covers an output that is not a multiple of 4 with more
+//! waste.
 //!
 //! ```text
 //!   forward, per sample, vectors over channels (NHWC keeps them contiguous), α = m + 2:
@@ -13,8 +14,9 @@
 //!     y[tile t]  = Aᵀ M[·][t] A  (+ bias, epilogue)   m x m pixels, those inside the output
 //!   U[ξ][c][f] = (G w[·][·][c][f] Gᵀ)[ξ], computed once a step by [`transform_weights`]
 //!
-//!   weight gradient: V as above (its own Bᵀ), D[ξ][t][f] = (G g Gᵀ)[ξ] for dy's 2x2 tile g,
-//!     M[ξ][c][f] = Σ_samples Σ_t V[ξ][t][c] · D[ξ][t][f],   dw = Aᵀ M A (3x3), in Rust
+//!   weight gradient: V as above (its own Bᵀ), D[ξ][t][f] = (A g Aᵀ)[ξ] for dy's m x m tile g,
+//!     M[ξ][c][f] = Σ_samples Σ_t V[ξ][t][c] · D[ξ][t][f],   dw = Oᵀ M O (3x3), in Rust
+//!     (F(m x m, 3x3)'s matrices with A and G exchanged: [`weight_transforms`])
 //! ```
 //!
 //! The transforms are emitted from their matrices ([`combine`]: ±1 as adds and subtracts,
@@ -41,10 +43,11 @@ use super::conv::{
 use super::emit::Emit;
 use super::math::constant;
 
-/// Positions of a 4x4 tile.
-const XI: usize = 16;
 /// Input channels per task of the weight gradient (rows of its register block).
 const WEIGHT_ROWS: usize = 4;
+/// Samples whose tiles the weight gradient's products run over in one pass, accumulators
+/// kept in registers: mnist.cnn's conv2d_1 has 9 tiles of 4x4 a sample.
+const WEIGHT_SAMPLES: usize = 2;
 
 /// A 3x3 stride-1 convolution computed by tiles of m x m outputs (m = 2 or 4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,19 +75,21 @@ impl WinogradShape {
         (known && square && fits && conv.oh > 0 && conv.ow > 0).then_some(WinogradShape { conv, th, tw, m })
     }
 
-    /// The weight gradient's tiles: 2x2 blocks of dy (a partial last row or column where OH or
-    /// OW is odd) over 4x4 windows of the layer's padded input, which a 3x3 stride-1 layer has
-    /// exactly OH + 2 rows and OW + 2 columns of. `None` for other layers.
-    pub fn for_weights(conv: ConvShape) -> Option<Self> {
+    /// The weight gradient's tiles, F(3x3, m x m): m x m blocks of dy (a partial last row or
+    /// column where m does not divide OH or OW) over (m + 2) x (m + 2) windows of the layer's
+    /// padded input, which a 3x3 stride-1 layer has exactly OH + 2 rows and OW + 2 columns of.
+    /// `None` for other layers, or m other than 2 and 4 ([`weight_tile_size`] picks it).
+    pub fn for_weights(conv: ConvShape, m: usize) -> Option<Self> {
         let square = conv.kh == 3 && conv.kw == 3 && conv.sh == 1 && conv.sw == 1;
         let exact = conv.hp == conv.oh + 2 && conv.wp == conv.ow + 2;
-        let (th, tw) = (conv.oh.div_ceil(2), conv.ow.div_ceil(2));
-        (square && exact && conv.oh > 0 && conv.ow > 0).then_some(WinogradShape { conv, th, tw, m: 2 })
+        let (th, tw) = (conv.oh.div_ceil(m), conv.ow.div_ceil(m));
+        let known = m == 2 || m == 4;
+        (known && square && exact && conv.oh > 0 && conv.ow > 0).then_some(WinogradShape { conv, th, tw, m })
     }
 
     /// Work items of [`weight_gradient`]: one per position ξ and group of 4 input channels.
     pub fn weight_tasks(&self) -> usize {
-        XI * self.conv.c.div_ceil(WEIGHT_ROWS)
+        self.positions() * self.conv.c.div_ceil(WEIGHT_ROWS)
     }
 
     /// Tiles per sample.
@@ -102,10 +107,16 @@ impl WinogradShape {
         self.alpha() * self.alpha()
     }
 
-    /// Elements of a kernel's scratch for one sample: V (positions·tiles·C), then M (forward)
-    /// or D (weight gradient), positions·tiles·F.
+    /// Elements of the forward kernel's scratch, for one sample: V (positions·tiles·C), then M
+    /// (positions·tiles·F).
     pub fn scratch(&self) -> usize {
         self.positions() * self.tiles() * (self.conv.c + self.conv.f)
+    }
+
+    /// Elements of the weight gradient's scratch: V and D (as [`WinogradShape::scratch`]'s V
+    /// and M) for a group of samples.
+    pub fn weight_scratch(&self) -> usize {
+        WEIGHT_SAMPLES * self.scratch()
     }
 }
 
@@ -168,11 +179,33 @@ fn g_matrix(m: usize) -> &'static [[f64; 3]] {
     }
 }
 
-/// The weight gradient's Bᵀ (F(3x3, 2x2)): the forward one's but for its last row.
-fn weight_gradient_bt() -> Vec<Vec<f32>> {
-    let mut bt = transforms(2).bt;
-    bt[3] = vec![0.0, -1.0, 0.0, 1.0];
-    bt
+/// The transforms of the weight gradient F(3x3, m x m), α = m + 2: Bᵀ (α x α) for the input's
+/// tiles and A (α x m) for dy's; the output's in [`weight_output`]. They are F(m x m, 3x3)'s
+/// with A and G exchanged: the trilinear form Σ_i Σ_k y'_i g_k d_{i+k} is symmetric in y' and
+/// g, so Σ_i h_i d_{i+k} = (Gᵀ [(A h) ⊙ (Bᵀ d)])_k for a filter h of length m and 3 outputs k.
+/// For m = 2 the halves of G move onto A (exact in f32) and the sign of the last position onto
+/// Bᵀ, so that the output's coefficients are 0 and ±1.
+fn weight_transforms(m: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let forward = transforms(m);
+    let mut bt = forward.bt;
+    let a = match m {
+        2 => {
+            bt[3] = vec![0.0, -1.0, 0.0, 1.0];
+            vec![vec![1.0, 0.0], vec![0.5, 0.5], vec![0.5, -0.5], vec![0.0, 1.0]]
+        }
+        _ => (0..m + 2).map(|xi| forward.at.iter().map(|row| row[xi]).collect()).collect(),
+    };
+    (bt, a)
+}
+
+/// O[ξ][i] (α x 3) of the weight gradient's output dw = Oᵀ M O ([`weight_transforms`]): G of
+/// F(m x m, 3x3), for m = 2 with its halves taken out.
+fn weight_output(m: usize, xi: usize, i: usize) -> f64 {
+    const O2: [[f64; 3]; 4] = [[1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, -1.0, 1.0], [0.0, 0.0, 1.0]];
+    match m {
+        2 => O2[xi][i],
+        _ => g_matrix(m)[xi][i],
+    }
 }
 
 /// Σ_j row[j]·values[j] for one vector (or scalar) of channels each: a term with coefficient
@@ -227,7 +260,7 @@ pub fn chosen(c: usize, f: usize) -> bool {
 /// [`chosen`]'s: Bᵀ d B takes 32 adds a tile per input channel for m = 2, 192 for m = 4;
 /// Aᵀ M A 24 and 170 per output channel), times the tiles that cover the output (a 13 x 13
 /// output is 49 tiles of 2x2 or 16 of 4x4, covering 14x14 and 16x16). F(4x4) must win by a
-/// tenth on paper: its kernels take 17–20 ms to compile, against 2–3 for F(2x2)'s (compiled
+/// tenth on paper: its kernels take 10–20 ms to compile, against 2–3 for F(2x2)'s (compiled
 /// in parallel with the others, which keeps mnist.cnn's compile near where F(2x2) had it).
 /// Measured (2 threads, side by side, batch 128): mnist.cnn's conv2d_1 (11x11, 32 → 64;
 /// counted 18% less) 9.5/9.8 → 7.5/7.2 ms forward with F(4x4), the training step 6% faster;
@@ -235,11 +268,24 @@ pub fn chosen(c: usize, f: usize) -> bool {
 /// (A session before the separable weight transform and 5-pixel blocks had measured only 8%
 /// on conv2d_1, and asked for a fifth.)
 pub fn tile_size(c: usize, f: usize, [oh, ow]: [usize; 2]) -> usize {
-    let cost = |m: usize, input: usize, output: usize| {
-        let tiles = oh.div_ceil(m) * ow.div_ceil(m);
-        tiles * ((m + 2) * (m + 2) * c * f + 4 * (input * c + output * f))
-    };
-    if 10 * cost(4, 192, 170) < 9 * cost(2, 32, 24) { 4 } else { 2 }
+    let cost = |m: usize, transforms: [usize; 2]| tile_cost(m, [c, f], [oh, ow], transforms);
+    if 10 * cost(4, [192, 170]) < 9 * cost(2, [32, 24]) { 4 } else { 2 }
+}
+
+/// The tile of dy that the weight gradient F(3x3, m x m) takes, m = 2 or 4, counted as
+/// [`tile_size`] counts: its input transform is the forward's (32 or 192 adds a tile per input
+/// channel), dy's A g Aᵀ takes 24 or 120 per output channel. F(4x4) must win by a tenth. For
+/// mnist.cnn's conv2d_1 (11x11, 32 → 64): 36 tiles of 2x2 or 9 of 4x4, 25% less for 4x4.
+pub fn weight_tile_size(c: usize, f: usize, [oh, ow]: [usize; 2]) -> usize {
+    let cost = |m: usize, transforms: [usize; 2]| tile_cost(m, [c, f], [oh, ow], transforms);
+    if 10 * cost(4, [192, 120]) < 9 * cost(2, [32, 24]) { 4 } else { 2 }
+}
+
+/// Multiply-adds' worth of F(m x m) over an OH x OW grid with C x F channel pairs: per tile,
+/// (m + 2)² C F products and the transforms' adds (per input and per output channel) at 4 each.
+fn tile_cost(m: usize, [c, f]: [usize; 2], [oh, ow]: [usize; 2], [input, output]: [usize; 2]) -> usize {
+    let tiles = oh.div_ceil(m) * ow.div_ceil(m);
+    tiles * ((m + 2) * (m + 2) * c * f + 4 * (input * c + output * f))
 }
 
 /// The kernel's weights for `shape.conv`: U[ξ][c][f] = (G w[·][·][c][f] Gᵀ)[ξ] from `w` laid out
@@ -307,8 +353,8 @@ pub fn forward(e: &mut Emit, shape: &WinogradShape, epilogue: Epilogue) {
             let off = e.mul_k(n, 2 * s.f as i64);
             e.at(sums, off)
         });
-        let missing = [false; 2];
-        transform_input(e, &bt, shape.m, [shape.th, shape.tw], [s.wp, s.c], missing, xn, v);
+        let complete = [shape.alpha(); 2];
+        transform_tiles(e, &bt, shape.m, [shape.th, shape.tw], [s.wp, s.c], complete, [xn, v], tiles);
         multiply(e, shape, v, u, m);
         let out = Output { bias, yn, sums_n, epilogue };
         transform_output(e, shape, m, out);
@@ -339,60 +385,72 @@ fn for_tiles(
     }
 }
 
-/// V[ξ][t][c] = (Bᵀ d B)[ξ] for every (α x α) tile d of a sample at `xn` (rows WP·C apart, C
-/// channels; tile (ty, tx) at (m·ty, m·tx)), α = Bᵀ's size. With `missing`, the last tile row
-/// (column) has no last input row (column): it is taken as zeros (the weight gradient's, where
-/// that input meets only zeros of dy). One vector of channels at a time, so that a 6x6 tile
+/// V[ξ][t][c] = (T d Tᵀ)[ξ] for every k x k tile d of a sample at `src` (rows `width` pixels
+/// of `channels` apart; tile (ty, tx) at (m·ty, m·tx)) into `dst`, whose planes (one per
+/// position ξ) hold `plane` tiles of `channels`; T = `matrix` (α x k): the input's
+/// tiles by Bᵀ (k = α) and the weight gradient's tiles of dy by A (k = m). The last tile row
+/// (column) holds only `rest[0]` rows (`rest[1]` columns) of the sample, k where it is
+/// complete: the others are taken as zeros (the weight gradient's, where they meet only the
+/// zeros that complete dy's last tiles). One vector of channels at a time, so that a 6x6 tile
 /// stays in registers.
 #[allow(clippy::too_many_arguments)]
 // Tile positions are indices in the transforms' formulas: loops over them read as the math.
 #[allow(clippy::needless_range_loop)]
-fn transform_input(
+fn transform_tiles(
     e: &mut Emit,
-    bt: &[Vec<f32>],
+    matrix: &[Vec<f32>],
     m: usize,
     [th, tw]: [usize; 2],
-    [wp, c]: [usize; 2],
-    missing: [bool; 2],
-    xn: Value,
-    v: Value,
+    [width, channels]: [usize; 2],
+    rest: [usize; 2],
+    [src, dst]: [Value; 2],
+    plane: usize,
 ) {
-    let tiles = th * tw;
-    let alpha = bt.len();
-    for_tiles(e, [th, tw], missing, |e, ty, tx, last| {
-        let origin = tile_origin(e, [ty, tx], m, [wp, c]);
+    let (alpha, size) = (matrix.len(), matrix[0].len());
+    for_tiles(e, [th, tw], rest.map(|r| r < size), |e, ty, tx, last| {
+        let valid = [0, 1].map(|k| if last[k] { rest[k] } else { size });
+        let origin = tile_origin(e, [ty, tx], m, [width, channels]);
         let t = e.mul_k(ty, tw as i64);
         let t = e.add(t, tx);
-        for_chunks(e, c, |e, c0, width| {
-            let (one, vector) =
-                if width == Width::Scalar { (Width::Scalar, false) } else { (Width::One, true) };
-            for part in 0..width.parts() {
-                let c0 = e.add_k(c0, 4 * part as i64);
-                let base = e.add(origin, c0);
-                let base = e.at(xn, base);
-                // d[i][j]: one vector of channels per position
-                let d = load_tile(e, base, alpha, [wp, c], last, one);
-                // columns[j][a] = (Bᵀ d)[a][j]; then V[a][b] = Σ_j (Bᵀ d)[a][j] B[j][b]
-                let columns: Vec<Vec<Value>> = (0..alpha)
-                    .map(|j| {
-                        let column: Vec<Value> = (0..alpha).map(|i| d[i][j][0]).collect();
-                        apply(e, bt, &column, vector)
-                    })
-                    .collect();
-                for a in 0..alpha {
-                    let row: Vec<Value> = (0..alpha).map(|j| columns[j][a]).collect();
-                    for (b, value) in apply(e, bt, &row, vector).into_iter().enumerate() {
-                        let xi = a * alpha + b;
-                        let off = e.mul_k(t, c as i64);
-                        let off = e.add_k(off, (xi * tiles * c) as i64);
-                        let off = e.add(off, c0);
-                        let addr = e.at(v, off);
-                        store_chunk(e, &[value], addr, 0);
-                    }
+        // its positions' pieces of the tile, from the first channel of this one
+        let t_off = e.mul_k(t, channels as i64);
+        let out = e.at(dst, t_off);
+        for_vectors(e, channels, |e, c0, one| {
+            let vector = one != Width::Scalar;
+            let base = e.add(origin, c0);
+            let base = e.at(src, base);
+            // d[i][j]: one vector of channels per pixel
+            let d = load_tile(e, base, size, [width, channels], valid, one);
+            // columns[j][a] = (T d)[a][j]; then V[a][b] = Σ_j (T d)[a][j] T[b][j]
+            let columns: Vec<Vec<Value>> = (0..size)
+                .map(|j| {
+                    let column: Vec<Value> = (0..size).map(|i| d[i][j][0]).collect();
+                    apply(e, matrix, &column, vector)
+                })
+                .collect();
+            let out = e.at(out, c0);
+            for a in 0..alpha {
+                let row: Vec<Value> = (0..size).map(|j| columns[j][a]).collect();
+                for (b, value) in apply(e, matrix, &row, vector).into_iter().enumerate() {
+                    let xi = a * alpha + b;
+                    store_chunk(e, &[value], out, (xi * plane * channels) as i64);
                 }
             }
         });
     });
+}
+
+/// Calls `body(first channel, width)` for every vector of 4 of `total` channels (in a loop),
+/// then for each channel left over (`Width::Scalar`).
+fn for_vectors(e: &mut Emit, total: usize, mut body: impl FnMut(&mut Emit, Value, Width)) {
+    e.for_n(total / 4, |e, i| {
+        let first = e.mul_k(i, 4);
+        body(e, first, Width::One);
+    });
+    for channel in total / 4 * 4..total {
+        let first = e.int(channel as i64);
+        body(e, first, Width::Scalar);
+    }
 }
 
 /// The element offset of tile (ty, tx)'s first pixel, (m·ty, m·tx), in a sample of rows
@@ -405,23 +463,22 @@ fn tile_origin(e: &mut Emit, [ty, tx]: [Value; 2], m: usize, [width, channels]: 
 }
 
 /// One chunk of channels at each of a size x size tile's pixels from `base` (rows `width`
-/// pixels of `channels` apart): [row][column]. Where `last` flags it, the tile's last row
-/// (column) lies outside the sample and is zeros.
+/// pixels of `channels` apart): [row][column]. Only its first `valid` rows and columns lie
+/// inside the sample; the others are zeros.
 fn load_tile(
     e: &mut Emit,
     base: Value,
     size: usize,
     [width, channels]: [usize; 2],
-    last: [bool; 2],
+    valid: [usize; 2],
     chunk: Width,
 ) -> Vec<Vec<Vec<Value>>> {
-    let zero = if last.contains(&true) { vec![e.zero(chunk.ty()); chunk.parts()] } else { Vec::new() };
+    let zero = if valid != [size; 2] { vec![e.zero(chunk.ty()); chunk.parts()] } else { Vec::new() };
     (0..size)
         .map(|i| {
             (0..size)
                 .map(|j| {
-                    let absent = (i == size - 1 && last[0]) || (j == size - 1 && last[1]);
-                    if absent {
+                    if i >= valid[0] || j >= valid[1] {
                         zero.clone()
                     } else {
                         load_chunk(e, base, ((i * width + j) * channels) as i64, chunk)
@@ -557,35 +614,57 @@ fn output_tile(
     });
 }
 
-/// The weight gradient of a 3x3 stride-1 convolution by F(3x3, 2x2), in the transformed
-/// domain: per sample, the input's 4x4 tiles V = Bᵀ d B and dy's 2x2 tiles D = G g Gᵀ, then
-/// for each task (a position ξ and 4 input channels) M[ξ][c][f] += Σ_t V[ξ][t][c]·D[ξ][t][f],
-/// summed over samples in order, then tiles in order: each M element belongs to one task, so
-/// the result does not depend on how tasks are spread over threads. dw = Aᵀ M A is taken by
-/// [`weight_gradient_output`]. Every call transforms every sample (into its own scratch):
-/// the transforms are a few percent of the products, cheaper than a pass through memory.
-/// Buffers: [x (N, HP, WP, C) padded as the layer pads it, dy (N, OH, OW, F), M (16, C, F)
-/// zeroed, scratch ([`WinogradShape::scratch`])]; items: [`WinogradShape::weight_tasks`];
-/// batch: samples.
+/// The weight gradient of a 3x3 stride-1 convolution by F(3x3, m x m) ([`weight_transforms`]),
+/// in the transformed domain: per sample, the input's (m + 2) x (m + 2) tiles V = Bᵀ d B and
+/// dy's m x m tiles D = A g Aᵀ, then for each task (a position ξ and 4 input channels)
+/// M[ξ][c][f] += Σ_t V[ξ][t][c]·D[ξ][t][f], summed over samples in order, then tiles in
+/// order: each M element belongs to one task, so the result does not depend on how tasks are
+/// spread over threads. dw = Oᵀ M O is taken by [`weight_gradient_output`]. Every call
+/// transforms every sample (into its own scratch): cheaper than a pass through memory.
+/// Buffers: [x (N, HP, WP, C) padded as the layer pads it, dy (N, OH, OW, F), M (positions,
+/// C, F) zeroed, scratch ([`WinogradShape::scratch`])]; items:
+/// [`WinogradShape::weight_tasks`]; batch: samples.
 pub fn weight_gradient(e: &mut Emit, shape: &WinogradShape) {
+    use cranelift_codegen::ir::condcodes::IntCC;
     let s = shape.conv;
     let (x, dy, m, scratch) = (e.buf(0), e.buf(1), e.buf(2), e.buf(3));
     let tiles = shape.tiles();
+    // a group's tiles, sample after sample, in each position's plane of V and D
+    let span = WEIGHT_SAMPLES * tiles;
     let v = scratch;
-    let d = e.at_k(scratch, (XI * tiles * s.c) as i64);
+    let d = e.at_k(scratch, (shape.positions() * span * s.c) as i64);
     let groups = s.c.div_ceil(WEIGHT_ROWS);
     let rows_last = s.c - (groups - 1) * WEIGHT_ROWS;
-    let missing = [s.oh % 2 == 1, s.ow % 2 == 1];
+    let (bt, a) = weight_transforms(shape.m);
+    // the rows (columns) of dy in the last tile row (column), and of the input under them
+    let rest = [s.oh - shape.m * (shape.th - 1), s.ow - shape.m * (shape.tw - 1)];
     let (start, end, batch) = (e.start, e.end, e.batch);
+    let last = e.add_k(batch, WEIGHT_SAMPLES as i64 - 1);
+    let sample_groups = e.div_k(last, WEIGHT_SAMPLES as u64, u64::MAX >> 1);
     let zero = e.int(0);
-    e.for_range(zero, batch, |e, n| {
-        let xn_off = e.mul_k(n, (s.hp * s.wp * s.c) as i64);
-        let xn = e.at(x, xn_off);
-        let dyn_off = e.mul_k(n, (s.oh * s.ow * s.f) as i64);
-        let dyn_ = e.at(dy, dyn_off);
-        let grid = [shape.th, shape.tw];
-        transform_input(e, &weight_gradient_bt(), 2, grid, [s.wp, s.c], missing, xn, v);
-        transform_gradient(e, shape, dyn_, d);
+    e.for_range(zero, sample_groups, |e, group_n| {
+        e.for_n(WEIGHT_SAMPLES, |e, j| {
+            let first = e.mul_k(group_n, WEIGHT_SAMPLES as i64);
+            let n = e.add(first, j);
+            let (v_j, d_j) = (e.mul_k(j, (tiles * s.c) as i64), e.mul_k(j, (tiles * s.f) as i64));
+            let (v_j, d_j) = (e.at(v, v_j), e.at(d, d_j));
+            let present = e.icmp(IntCC::SignedLessThan, n, batch);
+            let absent = e.icmp(IntCC::SignedGreaterThanOrEqual, n, batch);
+            e.when(present, |e| {
+                let xn_off = e.mul_k(n, (s.hp * s.wp * s.c) as i64);
+                let xn = e.at(x, xn_off);
+                let dyn_off = e.mul_k(n, (s.oh * s.ow * s.f) as i64);
+                let dyn_ = e.at(dy, dyn_off);
+                let grid = [shape.th, shape.tw];
+                transform_tiles(e, &bt, shape.m, grid, [s.wp, s.c], rest.map(|r| r + 2), [xn, v_j], span);
+                transform_tiles(e, &a, shape.m, grid, [s.ow, s.f], rest, [dyn_, d_j], span);
+            });
+            // past the batch's end (in its last group): zeros, which add nothing
+            e.when(absent, |e| {
+                zero_planes(e, v_j, shape.positions(), [tiles * s.c, span * s.c]);
+                zero_planes(e, d_j, shape.positions(), [tiles * s.f, span * s.f]);
+            });
+        });
         e.for_range(start, end, |e, task| {
             let bound = shape.weight_tasks() as u64;
             let xi = e.div_k(task, groups as u64, bound);
@@ -596,8 +675,8 @@ pub fn weight_gradient(e: &mut Emit, shape: &WinogradShape) {
                 weight_block(e, shape, place, [xi, c0], WEIGHT_ROWS);
             } else {
                 let last = e.int(groups as i64 - 1);
-                let is_last = e.icmp(cranelift_codegen::ir::condcodes::IntCC::Equal, group, last);
-                let not_last = e.icmp(cranelift_codegen::ir::condcodes::IntCC::NotEqual, group, last);
+                let is_last = e.icmp(IntCC::Equal, group, last);
+                let not_last = e.icmp(IntCC::NotEqual, group, last);
                 e.when(not_last, |e| weight_block(e, shape, place, [xi, c0], WEIGHT_ROWS));
                 e.when(is_last, |e| weight_block(e, shape, place, [xi, c0], rows_last));
             }
@@ -605,56 +684,22 @@ pub fn weight_gradient(e: &mut Emit, shape: &WinogradShape) {
     });
 }
 
-/// D[ξ][t][f] = (G g Gᵀ)[ξ] for every 2x2 tile g of one sample's dy at `dyn_` (a partial last
-/// tile row or column is completed with zeros).
-// Tile positions are indices in the transforms' formulas: loops over them read as the math.
-#[allow(clippy::needless_range_loop)]
-fn transform_gradient(e: &mut Emit, shape: &WinogradShape, dyn_: Value, d: Value) {
-    let s = shape.conv;
-    let tiles = shape.tiles();
-    let partial = [s.oh % 2 == 1, s.ow % 2 == 1];
-    for_tiles(e, [shape.th, shape.tw], partial, |e, ty, tx, last| {
-        let origin = tile_origin(e, [ty, tx], 2, [s.ow, s.f]);
-        let t = e.mul_k(ty, shape.tw as i64);
-        let t = e.add(t, tx);
-        for_chunks(e, s.f, |e, f0, width| {
-            let base = e.add(origin, f0);
-            let base = e.at(dyn_, base);
-            let g = load_tile(e, base, 2, [s.ow, s.f], last, width);
-            let half = constant(e, 0.5, width != Width::Scalar);
-            // G on two values: [g0, (g0 + g1)/2, (g0 − g1)/2, g1]
-            let g_pair = |e: &mut Emit, a: &Vec<Value>, b: &Vec<Value>| -> [Vec<Value>; 4] {
-                let mut out: [Vec<Value>; 4] = Default::default();
-                for p in 0..a.len() {
-                    let sum = e.ins().fadd(a[p], b[p]);
-                    let diff = e.ins().fsub(a[p], b[p]);
-                    out[0].push(a[p]);
-                    out[1].push(e.ins().fmul(sum, half));
-                    out[2].push(e.ins().fmul(diff, half));
-                    out[3].push(b[p]);
-                }
-                out
-            };
-            // columns[w][a] = (G g)[a][w]; then D[a][b] = (G (G g)ᵀ)[b][a]
-            let columns: Vec<[Vec<Value>; 4]> = (0..2).map(|w| g_pair(e, &g[0][w], &g[1][w])).collect();
-            for a in 0..4 {
-                let row = g_pair(e, &columns[0][a], &columns[1][a]);
-                for (b, values) in row.iter().enumerate() {
-                    let xi = a * 4 + b;
-                    let off = e.mul_k(t, s.f as i64);
-                    let off = e.add_k(off, (xi * tiles * s.f) as i64);
-                    let off = e.add(off, f0);
-                    let addr = e.at(d, off);
-                    store_chunk(e, values, addr, 0);
-                }
-            }
+/// Zeros `len` elements at the start of each of `planes` planes, `stride` elements apart.
+fn zero_planes(e: &mut Emit, base: Value, planes: usize, [len, stride]: [usize; 2]) {
+    e.for_n(planes, |e, plane| {
+        let off = e.mul_k(plane, stride as i64);
+        let start = e.at(base, off);
+        for_vectors(e, len, |e, k, width| {
+            let zero = e.zero(width.ty());
+            let addr = e.at(start, k);
+            store_chunk(e, &[zero], addr, 0);
         });
     });
 }
 
-/// One task's share of one sample: M[ξ][c0 + r][f] += Σ_t V[ξ][t][c0 + r]·D[ξ][t][f] for
-/// `rows` input channels, every chunk of output channels, accumulators loaded from M and
-/// stored back.
+/// One task's share of one group of samples: M[ξ][c0 + r][f] += Σ_t V[ξ][t][c0 + r]·D[ξ][t][f]
+/// for `rows` input channels, every chunk of output channels, over the group's tiles in order,
+/// accumulators loaded from M and stored back.
 fn weight_block(
     e: &mut Emit,
     shape: &WinogradShape,
@@ -663,11 +708,11 @@ fn weight_block(
     rows: usize,
 ) {
     let s = shape.conv;
-    let tiles = shape.tiles();
-    let v_off = e.mul_k(xi, (tiles * s.c) as i64);
+    let span = WEIGHT_SAMPLES * shape.tiles();
+    let v_off = e.mul_k(xi, (span * s.c) as i64);
     let v_off = e.add(v_off, c0);
     let vrows = e.at(v, v_off);
-    let d_off = e.mul_k(xi, (tiles * s.f) as i64);
+    let d_off = e.mul_k(xi, (span * s.f) as i64);
     let dxi = e.at(d, d_off);
     let m_off = e.mul_k(xi, (s.c * s.f) as i64);
     let m_row = e.mul_k(c0, s.f as i64);
@@ -683,7 +728,7 @@ fn weight_block(
             }
         }
         let dchunk = e.at(dxi, f0);
-        e.for_n_unrolled(tiles, 4, |e, t| {
+        e.for_n_unrolled(span, 4, |e, t| {
             let d_t = e.mul_k(t, s.f as i64);
             let daddr = e.at(dchunk, d_t);
             let dv = load_chunk(e, daddr, 0, width);
@@ -698,32 +743,50 @@ fn weight_block(
     });
 }
 
-/// Aᵀ (3x4) of the weight gradient's algorithm: dw = Aᵀ M A.
-const AT_WEIGHTS: [[f64; 4]; 3] = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, 0.0], [0.0, 1.0, 1.0, 1.0]];
-
-/// dw (3, 3, C, F) = Aᵀ M A from [`weight_gradient`]'s M (16, C, F), summed in f64.
-pub fn weight_gradient_output(m: &[f32], c: usize, f: usize) -> Vec<f32> {
-    let mut dw = vec![0.0f32; 9 * c * f];
-    weight_gradient_output_into(m, c, f, &mut dw);
+/// dw (3, 3, C, F) = Oᵀ M O ([`weight_output`]) from [`weight_gradient`]'s M (positions, C,
+/// F), summed in f64.
+pub fn weight_gradient_output(m: &[f32], shape: &WinogradShape) -> Vec<f32> {
+    let mut dw = vec![0.0f32; 9 * shape.conv.c * shape.conv.f];
+    weight_gradient_output_into(m, shape, &mut dw);
     dw
 }
 
-/// [`weight_gradient_output`] into `dw` (9·C·F elements).
-pub fn weight_gradient_output_into(m: &[f32], c: usize, f: usize, dw: &mut [f32]) {
-    assert_eq!(m.len(), XI * c * f, "16 positions of (C, F)");
-    let plane = c * f;
+/// [`weight_gradient_output`] into `dw` (9·C·F elements). Separably, T = Oᵀ M (3 x α), then
+/// T O, for a run of (c, f) elements at a time: each position's plane of M is read in order,
+/// once. It runs once a step, on one thread.
+// Tile positions are indices in the transforms' formulas: loops over them read as the math.
+#[allow(clippy::needless_range_loop)]
+pub fn weight_gradient_output_into(m: &[f32], shape: &WinogradShape, dw: &mut [f32]) {
+    const RUN: usize = 32;
+    let plane = shape.conv.c * shape.conv.f;
+    let (alpha, tile) = (shape.alpha(), shape.m);
+    assert_eq!(m.len(), shape.positions() * plane, "a plane of (C, F) per position");
     assert_eq!(dw.len(), 9 * plane, "a 3x3 kernel");
-    for (tap, out) in dw.chunks_exact_mut(plane).enumerate() {
-        let (i, j) = (tap / 3, tap % 3);
-        for (k, value) in out.iter_mut().enumerate() {
-            let mut sum = 0.0;
-            for (xi, row) in m.chunks_exact(plane).enumerate() {
-                let weight = AT_WEIGHTS[i][xi / 4] * AT_WEIGHTS[j][xi % 4];
-                if weight != 0.0 {
-                    sum += weight * f64::from(row[k]);
+    let mut t = [[[0.0f64; RUN]; 6]; 3];
+    for k0 in (0..plane).step_by(RUN) {
+        let len = RUN.min(plane - k0);
+        t.iter_mut().flatten().for_each(|run| run.fill(0.0));
+        for a in 0..alpha {
+            for b in 0..alpha {
+                let row = &m[(a * alpha + b) * plane + k0..][..len];
+                for i in 0..3 {
+                    let o = weight_output(tile, a, i);
+                    if o != 0.0 {
+                        for (acc, &value) in t[i][b].iter_mut().zip(row) {
+                            *acc += o * f64::from(value);
+                        }
+                    }
                 }
             }
-            *value = sum as f32;
+        }
+        for i in 0..3 {
+            for j in 0..3 {
+                let out = &mut dw[(i * 3 + j) * plane + k0..][..len];
+                for (k, value) in out.iter_mut().enumerate() {
+                    let sum: f64 = (0..alpha).map(|b| t[i][b][k] * weight_output(tile, b, j)).sum();
+                    *value = sum as f32;
+                }
+            }
         }
     }
 }
@@ -849,34 +912,57 @@ mod tests {
     #[test]
     fn weight_gradient_matches_the_direct_sum() {
         let mut rng = Rng::new(12, &[]);
-        // (n, h, w, c, f): odd and even outputs, channel counts off 4
-        for (n, h, w, c, f) in [(3, 7, 9, 5, 7), (2, 6, 6, 8, 12), (1, 5, 4, 13, 3), (2, 4, 3, 1, 9)] {
+        // (n, h, w, c, f): outputs 1–4 rows and columns past a multiple of 4 (partial last
+        // tiles of each size), channel counts off 4
+        let shapes = [
+            (3, 7, 9, 5, 7),
+            (2, 6, 6, 8, 12),
+            (1, 5, 4, 13, 3),
+            (2, 4, 3, 1, 9),
+            (2, 8, 12, 6, 10),
+            (1, 13, 13, 9, 17),
+        ];
+        for (n, h, w, c, f) in shapes {
             let x = Array4::from_shape_vec((n, h, w, c), random(n * h * w * c, &mut rng)).unwrap();
             let (oh, ow) = (h - 2, w - 2);
             let dy = Array4::from_shape_vec((n, oh, ow, f), random(n * oh * ow * f, &mut rng)).unwrap();
             let g = Geometry { kernel: [3, 3], stride: [1, 1], pad_before: [0, 0], out: [oh, ow] };
             let (dw_ref, _) = ops::conv2d_backward_weights(x.view(), dy.view(), [3, 3, c, f], &g);
             let conv = ConvShape { hp: h, wp: w, c, kh: 3, kw: 3, f, oh, ow, sh: 1, sw: 1, bias: false };
-            let shape = WinogradShape::for_weights(conv).expect("3x3 stride 1");
-            let mut compiler = Compiler::new("none").unwrap();
-            let id = compiler.kernel("weights", |e| weight_gradient(e, &shape)).unwrap();
-            let kernel = compiler.finish(&[id]).unwrap()[0];
-            let tasks = shape.weight_tasks();
-            let (xs, dys): (Vec<f32>, Vec<f32>) = (x.iter().copied().collect(), dy.iter().copied().collect());
-            // all tasks in one call, then split in two calls with scratches of their own
-            for split in [tasks, tasks / 3] {
-                let m = vec![0.0f32; XI * c * f];
-                for (lo, hi) in [(0, split), (split, tasks)] {
-                    let scratch = vec![0.0f32; shape.scratch()];
-                    let buffers =
-                        [xs.as_ptr(), dys.as_ptr(), m.as_ptr(), scratch.as_ptr()].map(|p| p as *mut f32);
-                    // SAFETY: every buffer has the size the kernel was compiled for.
-                    unsafe { kernel(buffers.as_ptr(), lo as i64, hi as i64, n as i64) };
+            for tile in [2, 4] {
+                let shape = WinogradShape::for_weights(conv, tile).expect("3x3 stride 1");
+                let mut compiler = Compiler::new("none").unwrap();
+                let id = compiler.kernel("weights", |e| weight_gradient(e, &shape)).unwrap();
+                let kernel = compiler.finish(&[id]).unwrap()[0];
+                let tasks = shape.weight_tasks();
+                let (xs, dys): (Vec<f32>, Vec<f32>) =
+                    (x.iter().copied().collect(), dy.iter().copied().collect());
+                // all tasks in one call, then split in two calls with scratches of their own
+                for split in [tasks, tasks / 3] {
+                    let m = vec![0.0f32; shape.positions() * c * f];
+                    for (lo, hi) in [(0, split), (split, tasks)] {
+                        let scratch = vec![0.0f32; shape.weight_scratch()];
+                        let buffers =
+                            [xs.as_ptr(), dys.as_ptr(), m.as_ptr(), scratch.as_ptr()].map(|p| p as *mut f32);
+                        // SAFETY: every buffer has the size the kernel was compiled for.
+                        unsafe { kernel(buffers.as_ptr(), lo as i64, hi as i64, n as i64) };
+                    }
+                    let dw = weight_gradient_output(&m, &shape);
+                    let what = format!("F(3x3, {tile}x{tile}) weight gradient {n}x{h}x{w}x{c} -> {f}");
+                    close(&what, dw_ref.as_slice().unwrap(), &dw);
                 }
-                let dw = weight_gradient_output(&m, c, f);
-                close(&format!("weight gradient {n}x{h}x{w}x{c} -> {f}"), dw_ref.as_slice().unwrap(), &dw);
             }
         }
+    }
+
+    #[test]
+    fn weight_gradient_tiles_follow_the_cost_model() {
+        // mnist.cnn's conv2d_1: 9 tiles of 4x4 against 36 of 2x2, 25% less
+        assert_eq!(weight_tile_size(32, 64, [11, 11]), 4);
+        // 6x7 outputs, 16 → 21: 4 tiles of 4x4 cover 8x8, 12 of 2x2 cover 6x8
+        assert_eq!(weight_tile_size(16, 21, [6, 7]), 2);
+        // one input channel: the 4x4 tile's heavier transforms outweigh its products
+        assert_eq!(weight_tile_size(1, 32, [26, 26]), 2);
     }
 
     #[test]
