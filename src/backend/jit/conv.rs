@@ -36,6 +36,11 @@ const WEIGHT_ROWS: usize = 4;
 
 /// Below this many groups of rows, the weight gradient's tasks also split the output channels.
 const FEW_GROUPS: usize = 8;
+/// Rows of dw per weight-gradient task where there are few ([`FEW_GROUPS`]): each task then
+/// covers 8 output channels, 5 rows x 2 vectors being 10 accumulators. A first layer's 9 rows
+/// are 5 + 4, where groups of [`WEIGHT_ROWS`] were 4 + 4 + 1: a one-row group has 2
+/// accumulators, bound by the multiply-add's latency, as slow per pixel as a full group.
+const FEW_ROWS: usize = 5;
 
 /// One convolution's shapes, as its kernels bake them in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,21 +74,34 @@ impl ConvShape {
         [self.hp, self.wp, self.kh, self.kw, self.oh, self.ow] == [1; 6]
     }
 
-    /// Work items of the weight-gradient kernel: one per group of [`WEIGHT_ROWS`] rows of dw,
-    /// a row being one (kh, kw, ci), and part of its output channels ([`Self::weight_parts`]).
+    /// Work items of the weight-gradient kernel: one per group of rows of dw, a row being one
+    /// (kh, kw, ci), and part of its output channels ([`Self::weight_parts`]).
     pub fn weight_tasks(&self) -> usize {
         self.weight_groups() * self.weight_parts()
     }
 
+    /// Rows of dw: KH·KW·C.
+    fn weight_rows(&self) -> usize {
+        self.kh * self.kw * self.c
+    }
+
+    /// Whether there are fewer than [`FEW_GROUPS`] groups of [`WEIGHT_ROWS`] rows: too few
+    /// tasks to spread over threads (a first layer with one input channel has 3).
+    fn few_weight_rows(&self) -> bool {
+        self.weight_rows().div_ceil(WEIGHT_ROWS) < FEW_GROUPS
+    }
+
+    /// Groups of rows of dw, balanced (sizes that differ by at most one) and of at most
+    /// [`WEIGHT_ROWS`] rows, or [`FEW_ROWS`] where there are few.
     fn weight_groups(&self) -> usize {
-        (self.kh * self.kw * self.c).div_ceil(WEIGHT_ROWS)
+        let most = if self.few_weight_rows() { FEW_ROWS } else { WEIGHT_ROWS };
+        self.weight_rows().div_ceil(most)
     }
 
     /// Parts of 8 output channels that a weight-gradient task covers one of: all F channels
-    /// in one part, unless there are fewer than [`FEW_GROUPS`] groups of rows, too few tasks
-    /// to spread over threads (a first layer with one input channel has 3).
+    /// in one part, unless there are few rows ([`Self::few_weight_rows`]).
     pub fn weight_parts(&self) -> usize {
-        if self.weight_groups() < FEW_GROUPS { self.f.div_ceil(8) } else { 1 }
+        if self.few_weight_rows() { self.f.div_ceil(8) } else { 1 }
     }
 }
 
@@ -584,42 +602,53 @@ pub fn backward_input(e: &mut Emit, s: &ConvShape) {
 /// call passes over them, instead of the whole batch streaming from memory once per task.
 /// Buffers: [x (padded), dy, dw (KH,KW,C,F)].
 pub fn backward_weights(e: &mut Emit, s: &ConvShape) {
+    use cranelift_codegen::ir::condcodes::IntCC;
     let (x, dy, dw) = (e.buf(0), e.buf(1), e.buf(2));
     let (groups, parts) = (s.weight_groups(), s.weight_parts());
-    let rows_last = s.kh * s.kw * s.c - (groups - 1) * WEIGHT_ROWS;
+    // balanced groups of rows: the first `larger` have one row more
+    let (small, larger) = (s.weight_rows() / groups, s.weight_rows() % groups);
     let channels_last = s.f - (parts - 1) * 8;
+    let channels_full = if parts == 1 { s.f } else { 8 };
     let (start, end, batch) = (e.start, e.end, e.batch);
     let zero = e.int(0);
     e.for_range(zero, batch, |e, n| {
         e.for_range(start, end, |e, task| {
             let bound = s.weight_tasks() as u64;
-            let group = e.div_k(task, parts as u64, bound);
-            let part = e.rem_k(task, parts as u64, bound);
-            let k0 = e.mul_k(group, WEIGHT_ROWS as i64);
+            // part-major: a shard's tasks share output channels, and the lines of dy they read
+            let part = e.div_k(task, groups as u64, bound);
+            let group = e.rem_k(task, groups as u64, bound);
             let f0 = e.mul_k(part, 8);
-            // the last group (part) may be shorter: a variant for it, chosen at run time
-            let split = |e: &mut Emit,
-                         index: Value,
-                         count: usize,
-                         full: usize,
-                         last: usize,
-                         body: &mut dyn FnMut(&mut Emit, usize)| {
-                if last == full {
-                    body(e, full);
-                    return;
+            // the last part may be narrower: a variant for it, chosen at run time
+            let by_rows = |e: &mut Emit, rows: usize, k0: Value| {
+                let body = |e: &mut Emit, channels: usize| {
+                    weight_rows(e, s, [x, dy, dw], k0, n, rows, (f0, channels))
+                };
+                if channels_last == channels_full {
+                    return body(e, channels_full);
                 }
-                let final_index = e.int(count as i64 - 1);
-                let is_last = e.icmp(cranelift_codegen::ir::condcodes::IntCC::Equal, index, final_index);
-                let not_last = e.icmp(cranelift_codegen::ir::condcodes::IntCC::NotEqual, index, final_index);
-                e.when(not_last, |e| body(e, full));
-                e.when(is_last, |e| body(e, last));
+                let final_part = e.int(parts as i64 - 1);
+                let is_last = e.icmp(IntCC::Equal, part, final_part);
+                let not_last = e.icmp(IntCC::NotEqual, part, final_part);
+                e.when(not_last, |e| body(e, channels_full));
+                e.when(is_last, |e| body(e, channels_last));
             };
-            split(e, group, groups, WEIGHT_ROWS, rows_last, &mut |e, rows| {
-                let channels_full = if parts == 1 { s.f } else { 8 };
-                split(e, part, parts, channels_full, channels_last, &mut |e, channels| {
-                    weight_rows(e, s, [x, dy, dw], k0, n, rows, (f0, channels));
+            if larger == 0 {
+                let k0 = e.mul_k(group, small as i64);
+                by_rows(e, small, k0);
+            } else {
+                let first_small = e.int(larger as i64);
+                let is_larger = e.icmp(IntCC::UnsignedLessThan, group, first_small);
+                let is_small = e.icmp(IntCC::UnsignedGreaterThanOrEqual, group, first_small);
+                e.when(is_larger, |e| {
+                    let k0 = e.mul_k(group, small as i64 + 1);
+                    by_rows(e, small + 1, k0);
                 });
-            });
+                e.when(is_small, |e| {
+                    let k0 = e.mul_k(group, small as i64);
+                    let k0 = e.add_k(k0, larger as i64);
+                    by_rows(e, small, k0);
+                });
+            }
         });
     });
 }
