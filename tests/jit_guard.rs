@@ -711,8 +711,8 @@ fn winograd_kernels_stay_inside_their_buffers() {
 }
 
 /// Winograd's weight-gradient kernels, F(3x3, 2x2) and F(3x3, 4x4) (odd outputs: partial
-/// last tiles), on guarded buffers, their tasks split over two calls as shards would be, each
-/// with a scratch of its own.
+/// last tiles), on guarded buffers, the batch split over two calls into one M (a piece of
+/// one sample, a partial group of samples, then one of two), each with a scratch of its own.
 #[test]
 fn winograd_weight_gradient_stays_inside_its_buffers() {
     // 6x7 outputs take 2x2 tiles of dy, 11x11 (as mnist.cnn's conv2d_1) 4x4 tiles
@@ -737,10 +737,9 @@ fn winograd_weight_gradient_stays_inside_its_buffers() {
         let dy4 = Array4::from_shape_vec((batch, s.oh, s.ow, s.f), dy.clone()).unwrap();
         let g = Geometry { kernel: [3, 3], stride: [1, 1], pad_before: [0, 0], out: [s.oh, s.ow] };
         let (dw_ref, _) = Plain.conv2d_backward_weights(node, x4.view(), dy4.view(), [3, 3, s.c, s.f], &g);
-        let tasks = shape.weight_tasks();
         for flush in [true, false] {
             let mut m = vec![0.0f32; shape.positions() * s.c * s.f];
-            for (lo, hi) in [(0, tasks / 2), (tasks / 2, tasks)] {
+            for (lo, hi) in [(0, batch / 2), (batch / 2, batch)] {
                 let buffers: [&[f32]; 4] = [&x, &dy, &m, &vec![0.0; shape.weight_scratch()]];
                 m = run_guarded(kernel, &buffers, [lo, hi, batch], flush).swap_remove(2);
             }

@@ -1150,6 +1150,47 @@ fn run_with_scratch(
     });
 }
 
+/// Winograd's weight gradient ([`winograd::weight_gradient`]) of a batch of `n` samples of x
+/// and dy: the batch in [`winograd::weight_pieces`] pieces on the worker threads, each with
+/// an M and a scratch of its own, then the pieces' M added in order (in parallel over runs of
+/// elements). Returns M, in the first piece's place.
+fn winograd_weight_pieces<'s>(
+    kernel: KernelFn,
+    shape: &WinogradShape,
+    [x, dy]: [*mut f32; 2],
+    n: usize,
+    s: &mut Scratch<'s, f32>,
+) -> &'s mut [f32] {
+    let (pieces, plane) = (winograd::weight_pieces(n), shape.positions() * shape.conv.c * shape.conv.f);
+    let m = s.zeroed(pieces * plane);
+    let scratch = s.take(pieces * shape.weight_scratch());
+    let buffers = Buffers::new(&[x, dy, m.as_mut_ptr(), scratch.as_mut_ptr()]);
+    (0..pieces).into_par_iter().with_max_len(1).for_each(|piece| {
+        let (lo, hi) = (n * piece / pieces, n * (piece + 1) / pieces);
+        // SAFETY: M and the scratch hold `pieces` pieces of their sizes, each piece's its own.
+        let own = unsafe {
+            Buffers::new(&[
+                buffers.get(0),
+                buffers.get(1),
+                buffers.get(2).add(piece * plane),
+                buffers.get(3).add(piece * shape.weight_scratch()),
+            ])
+        };
+        // SAFETY: x and dy hold the batch's samples as the kernel was compiled for them, and
+        // samples lo..hi lie within them.
+        unsafe { kernel(own.as_ptr(), lo as i64, hi as i64, n as i64) };
+    });
+    let (first, rest) = m.split_at_mut(plane);
+    first.par_chunks_mut(4096).enumerate().for_each(|(chunk, sums)| {
+        for other in rest.chunks_exact(plane) {
+            for (sum, value) in sums.iter_mut().zip(&other[chunk * 4096..]) {
+                *sum += value;
+            }
+        }
+    });
+    first
+}
+
 /// Runs `kernel` over `items` work items, split into one contiguous shard per thread.
 fn run(kernel: KernelFn, buffers: Buffers, items: usize, batch: usize) {
     shards(items).for_each(|(_, lo, hi)| {
@@ -1283,8 +1324,8 @@ impl JitKernels {
         let padded = piece(padded_len(n, input_hwc(k), k.pads));
         match self.winograd.get(&node).and_then(|wk| wk.weight_gradient) {
             Some((shape, _)) => {
-                let m = shape.positions() * s.c * s.f;
-                padded + piece(m) + piece(shard_count(shape.weight_tasks()) * shape.weight_scratch())
+                let (pieces, m) = (winograd::weight_pieces(n), shape.positions() * s.c * s.f);
+                padded + piece(pieces * m) + piece(pieces * shape.weight_scratch())
             }
             None => padded,
         }
@@ -1533,9 +1574,7 @@ impl Kernels<f32> for JitKernels {
         let dyp = contiguous(&dy);
         let dwp = out_ptr(&mut dw);
         if let Some((shape, kernel)) = self.winograd.get(&node).and_then(|wk| wk.weight_gradient) {
-            let m = s.zeroed(shape.positions() * sh.c * sh.f);
-            let buffers = Buffers::new(&[xp, dyp, m.as_mut_ptr()]);
-            run_with_scratch(kernel, buffers, shape.weight_scratch(), shape.weight_tasks(), n, s);
+            let m = winograd_weight_pieces(kernel, &shape, [xp, dyp], n, s);
             let dw = dw.as_slice_mut().expect("row-major");
             winograd::weight_gradient_output_into(m, &shape, dw);
         } else {

@@ -48,6 +48,16 @@ const WEIGHT_ROWS: usize = 4;
 /// Samples whose tiles the weight gradient's products run over in one pass, accumulators
 /// kept in registers: mnist.cnn's conv2d_1 has 9 tiles of 4x4 a sample.
 const WEIGHT_SAMPLES: usize = 2;
+/// Pieces of a batch that the weight gradient runs as separate calls, at most.
+const WEIGHT_PIECES: usize = 8;
+
+/// Pieces of a batch of `n` samples that [`weight_gradient`] runs as, each with an M of its
+/// own: as many as there are samples, up to 8. Fixed by the batch size, so that the sums
+/// (each piece's, then the pieces' in order) do not depend on the thread count; 8 keeps 8
+/// threads busy, and costs 8 M's to zero and add (mnist.cnn's conv2d_1: 295 KB each).
+pub fn weight_pieces(n: usize) -> usize {
+    n.clamp(1, WEIGHT_PIECES)
+}
 
 /// A 3x3 stride-1 convolution computed by tiles of m x m outputs (m = 2 or 4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +97,7 @@ impl WinogradShape {
         (known && square && exact && conv.oh > 0 && conv.ow > 0).then_some(WinogradShape { conv, th, tw, m })
     }
 
-    /// Work items of [`weight_gradient`]: one per position ξ and group of 4 input channels.
+    /// Tasks of [`weight_gradient`]: one per position ξ and group of 4 input channels.
     pub fn weight_tasks(&self) -> usize {
         self.positions() * self.conv.c.div_ceil(WEIGHT_ROWS)
     }
@@ -615,15 +625,15 @@ fn output_tile(
 }
 
 /// The weight gradient of a 3x3 stride-1 convolution by F(3x3, m x m) ([`weight_transforms`]),
-/// in the transformed domain: per sample, the input's (m + 2) x (m + 2) tiles V = Bᵀ d B and
-/// dy's m x m tiles D = A g Aᵀ, then for each task (a position ξ and 4 input channels)
-/// M[ξ][c][f] += Σ_t V[ξ][t][c]·D[ξ][t][f], summed over samples in order, then tiles in
-/// order: each M element belongs to one task, so the result does not depend on how tasks are
-/// spread over threads. dw = Oᵀ M O is taken by [`weight_gradient_output`]. Every call
-/// transforms every sample (into its own scratch): cheaper than a pass through memory.
-/// Buffers: [x (N, HP, WP, C) padded as the layer pads it, dy (N, OH, OW, F), M (positions,
-/// C, F) zeroed, scratch ([`WinogradShape::scratch`])]; items:
-/// [`WinogradShape::weight_tasks`]; batch: samples.
+/// in the transformed domain, for samples start..end: per sample, the input's (m + 2) x (m + 2)
+/// tiles V = Bᵀ d B and dy's m x m tiles D = A g Aᵀ, then for every task (a position ξ and 4
+/// input channels) M[ξ][c][f] += Σ_t V[ξ][t][c]·D[ξ][t][f], over the samples in order, then
+/// tiles in order. Each call has an M of its own, and transforms only its own samples; the
+/// caller splits the batch into [`weight_pieces`] pieces (by the batch size, not the thread
+/// count, so that the sums do not depend on it) and adds the pieces' M in order. dw = Oᵀ M O
+/// is taken by [`weight_gradient_output`]. Buffers: [x (N, HP, WP, C) padded as the layer
+/// pads it, dy (N, OH, OW, F), M (positions, C, F) zeroed, scratch
+/// ([`WinogradShape::weight_scratch`])]; items: samples.
 pub fn weight_gradient(e: &mut Emit, shape: &WinogradShape) {
     use cranelift_codegen::ir::condcodes::IntCC;
     let s = shape.conv;
@@ -638,18 +648,20 @@ pub fn weight_gradient(e: &mut Emit, shape: &WinogradShape) {
     let (bt, a) = weight_transforms(shape.m);
     // the rows (columns) of dy in the last tile row (column), and of the input under them
     let rest = [s.oh - shape.m * (shape.th - 1), s.ow - shape.m * (shape.tw - 1)];
-    let (start, end, batch) = (e.start, e.end, e.batch);
-    let last = e.add_k(batch, WEIGHT_SAMPLES as i64 - 1);
+    let (start, end) = (e.start, e.end);
+    let count = e.ins().isub(end, start);
+    let last = e.add_k(count, WEIGHT_SAMPLES as i64 - 1);
     let sample_groups = e.div_k(last, WEIGHT_SAMPLES as u64, u64::MAX >> 1);
     let zero = e.int(0);
     e.for_range(zero, sample_groups, |e, group_n| {
         e.for_n(WEIGHT_SAMPLES, |e, j| {
             let first = e.mul_k(group_n, WEIGHT_SAMPLES as i64);
+            let first = e.add(first, start);
             let n = e.add(first, j);
             let (v_j, d_j) = (e.mul_k(j, (tiles * s.c) as i64), e.mul_k(j, (tiles * s.f) as i64));
             let (v_j, d_j) = (e.at(v, v_j), e.at(d, d_j));
-            let present = e.icmp(IntCC::SignedLessThan, n, batch);
-            let absent = e.icmp(IntCC::SignedGreaterThanOrEqual, n, batch);
+            let present = e.icmp(IntCC::SignedLessThan, n, end);
+            let absent = e.icmp(IntCC::SignedGreaterThanOrEqual, n, end);
             e.when(present, |e| {
                 let xn_off = e.mul_k(n, (s.hp * s.wp * s.c) as i64);
                 let xn = e.at(x, xn_off);
@@ -659,13 +671,13 @@ pub fn weight_gradient(e: &mut Emit, shape: &WinogradShape) {
                 transform_tiles(e, &bt, shape.m, grid, [s.wp, s.c], rest.map(|r| r + 2), [xn, v_j], span);
                 transform_tiles(e, &a, shape.m, grid, [s.ow, s.f], rest, [dyn_, d_j], span);
             });
-            // past the batch's end (in its last group): zeros, which add nothing
+            // past the call's last sample (in its last group): zeros, which add nothing
             e.when(absent, |e| {
                 zero_planes(e, v_j, shape.positions(), [tiles * s.c, span * s.c]);
                 zero_planes(e, d_j, shape.positions(), [tiles * s.f, span * s.f]);
             });
         });
-        e.for_range(start, end, |e, task| {
+        e.for_n(shape.weight_tasks(), |e, task| {
             let bound = shape.weight_tasks() as u64;
             let xi = e.div_k(task, groups as u64, bound);
             let group = e.rem_k(task, groups as u64, bound);
@@ -934,13 +946,13 @@ mod tests {
                 let mut compiler = Compiler::new("none").unwrap();
                 let id = compiler.kernel("weights", |e| weight_gradient(e, &shape)).unwrap();
                 let kernel = compiler.finish(&[id]).unwrap()[0];
-                let tasks = shape.weight_tasks();
                 let (xs, dys): (Vec<f32>, Vec<f32>) =
                     (x.iter().copied().collect(), dy.iter().copied().collect());
-                // all tasks in one call, then split in two calls with scratches of their own
-                for split in [tasks, tasks / 3] {
+                // all samples in one call, then split in two calls (into the same M), with
+                // scratches of their own
+                for split in [n, n / 2] {
                     let m = vec![0.0f32; shape.positions() * c * f];
-                    for (lo, hi) in [(0, split), (split, tasks)] {
+                    for (lo, hi) in [(0, split), (split, n)] {
                         let scratch = vec![0.0f32; shape.weight_scratch()];
                         let buffers =
                             [xs.as_ptr(), dys.as_ptr(), m.as_ptr(), scratch.as_ptr()].map(|p| p as *mut f32);
