@@ -161,8 +161,7 @@ fn winograd_weight_gradient_by_4x4_tiles_of_dy() {
 }
 
 /// Winograd's weight gradient runs the batch in pieces fixed by its size, added in order: the
-/// same bits on 1 thread and 3,
-/// by 2x2 tiles of dy (6x7 outputs) and by 4x4 (11x11).
+/// same bits on 1 thread and 3, by 2x2 tiles of dy (6x7 outputs) and by 4x4 (11x11).
 #[test]
 fn winograd_gradients_do_not_depend_on_the_thread_count() {
     for (input, filters, batch) in [([8, 9, 16], 21, 7), ([13, 13, 32], 40, 5)] {
