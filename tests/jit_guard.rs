@@ -121,7 +121,7 @@ fn check_with(model: &str, train: &str, batch: usize) -> Vec<&'static str> {
         let reference = cnnc::backend::reference::Plain;
         let y_ref = reference.conv2d_forward(id, x4.view(), w4.view(), s.bias.then(|| bias.view()), &g);
         let dx_ref = reference.conv2d_backward_input(id, dy4.view(), w4.view(), [s.hp, s.wp], &g);
-        let (dw_ref, _) =
+        let (dw_ref, db_ref) =
             reference.conv2d_backward_weights(id, x4.view(), dy4.view(), [s.kh, s.kw, s.c, s.f], &g);
 
         for flush_with_end in [true, false] {
@@ -134,14 +134,17 @@ fn check_with(model: &str, train: &str, batch: usize) -> Vec<&'static str> {
             let gwt = Guarded::new(&pack_weights(&wt, s.kh * s.kw * s.f, s.c), flush_with_end);
             let gdx = Guarded::new(&vec![0.0; x.len()], flush_with_end);
             let gdw = Guarded::new(&vec![0.0; w.len()], flush_with_end);
-            let bias_ptr = if s.bias { gb.ptr } else { std::ptr::null_mut() };
+            let gdb = Guarded::new(&vec![0.0; s.f], flush_with_end);
+            let (bias_ptr, db_ptr) =
+                if s.bias { (gb.ptr, gdb.ptr) } else { (std::ptr::null_mut(), std::ptr::null_mut()) };
             // SAFETY: each buffer has exactly the shape the kernel was compiled for; were a
             // kernel to step outside one, the guard page would stop the test with a fault.
             unsafe {
                 (k.forward)([gx.ptr, gw.ptr, bias_ptr, gy.ptr].as_ptr(), 0, batch as i64, batch as i64);
                 (k.backward_input)([gdy.ptr, gwt.ptr, gdx.ptr].as_ptr(), 0, batch as i64, batch as i64);
+                // with a bias, it sums db too
                 (k.backward_weights)(
-                    [gx.ptr, gdy.ptr, gdw.ptr].as_ptr(),
+                    [gx.ptr, gdy.ptr, gdw.ptr, db_ptr].as_ptr(),
                     0,
                     s.weight_tasks() as i64,
                     batch as i64,
@@ -151,6 +154,9 @@ fn check_with(model: &str, train: &str, batch: usize) -> Vec<&'static str> {
             close(&format!("{name} forward"), y_ref.as_slice().unwrap(), &gy.to_vec());
             close(&format!("{name} input gradient"), dx_ref.as_slice().unwrap(), &gdx.to_vec());
             close(&format!("{name} weight gradient"), dw_ref.as_slice().unwrap(), &gdw.to_vec());
+            if s.bias {
+                close(&format!("{name} bias gradient"), db_ref.as_slice().unwrap(), &gdb.to_vec());
+            }
         }
         checked_nodes += 1;
         kinds.push("conv");

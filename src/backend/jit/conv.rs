@@ -600,10 +600,13 @@ pub fn backward_input(e: &mut Emit, s: &ConvShape) {
 /// order, so the result does not depend on how tasks are spread over threads.
 /// Samples are the outer loop: each sample's x and dy stay in cache while every task of this
 /// call passes over them, instead of the whole batch streaming from memory once per task.
-/// Buffers: [x (padded), dy, dw (KH,KW,C,F)].
+/// With a bias, the tasks of the last group of rows also sum db[f] = Σ dy[n,oh,ow,f] over the
+/// batch's samples and pixels, in the order that dw's elements sum, while dy is in registers.
+/// Buffers: [x (padded), dy, dw (KH,KW,C,F)], then db (F) with a bias, each zeroed.
 pub fn backward_weights(e: &mut Emit, s: &ConvShape) {
     use cranelift_codegen::ir::condcodes::IntCC;
     let (x, dy, dw) = (e.buf(0), e.buf(1), e.buf(2));
+    let db = s.bias.then(|| e.buf(3));
     let (groups, parts) = (s.weight_groups(), s.weight_parts());
     // balanced groups of rows: the first `larger` have one row more
     let (small, larger) = (s.weight_rows() / groups, s.weight_rows() % groups);
@@ -619,9 +622,9 @@ pub fn backward_weights(e: &mut Emit, s: &ConvShape) {
             let group = e.rem_k(task, groups as u64, bound);
             let f0 = e.mul_k(part, 8);
             // the last part may be narrower: a variant for it, chosen at run time
-            let by_rows = |e: &mut Emit, rows: usize, k0: Value| {
+            let by_rows = |e: &mut Emit, rows: usize, k0: Value, bias: Option<Value>| {
                 let body = |e: &mut Emit, channels: usize| {
-                    weight_rows(e, s, [x, dy, dw], k0, n, rows, (f0, channels))
+                    weight_rows(e, s, [x, dy, dw], bias, k0, n, rows, (f0, channels))
                 };
                 if channels_last == channels_full {
                     return body(e, channels_full);
@@ -632,21 +635,32 @@ pub fn backward_weights(e: &mut Emit, s: &ConvShape) {
                 e.when(not_last, |e| body(e, channels_full));
                 e.when(is_last, |e| body(e, channels_last));
             };
+            // the last group (one of the smaller) also sums db over its part's channels
+            let smaller = |e: &mut Emit, k0: Value| match db {
+                None => by_rows(e, small, k0, None),
+                Some(db) => {
+                    let final_group = e.int(groups as i64 - 1);
+                    let is_last = e.icmp(IntCC::Equal, group, final_group);
+                    let not_last = e.icmp(IntCC::NotEqual, group, final_group);
+                    e.when(is_last, |e| by_rows(e, small, k0, Some(db)));
+                    e.when(not_last, |e| by_rows(e, small, k0, None));
+                }
+            };
             if larger == 0 {
                 let k0 = e.mul_k(group, small as i64);
-                by_rows(e, small, k0);
+                smaller(e, k0);
             } else {
                 let first_small = e.int(larger as i64);
                 let is_larger = e.icmp(IntCC::UnsignedLessThan, group, first_small);
                 let is_small = e.icmp(IntCC::UnsignedGreaterThanOrEqual, group, first_small);
                 e.when(is_larger, |e| {
                     let k0 = e.mul_k(group, small as i64 + 1);
-                    by_rows(e, small + 1, k0);
+                    by_rows(e, small + 1, k0, None);
                 });
                 e.when(is_small, |e| {
                     let k0 = e.mul_k(group, small as i64);
                     let k0 = e.add_k(k0, larger as i64);
-                    by_rows(e, small, k0);
+                    smaller(e, k0);
                 });
             }
         });
@@ -656,11 +670,14 @@ pub fn backward_weights(e: &mut Emit, s: &ConvShape) {
 /// Sample n's part of `rows` rows of the weight gradient from row k0 (a row is one kh, kw, c)
 /// and `channels` output channels from `first`, added into dw (zeroed by the caller): each
 /// chunk's accumulators are loaded from dw, run over the sample's output pixels, and stored
-/// back. Each dw element sums over samples, then output rows, then columns, in order.
+/// back. Each dw element sums over samples, then output rows, then columns, in order. With
+/// `db`, the chunk's dy is also added into db's accumulators (loaded and stored as dw's).
+#[allow(clippy::too_many_arguments)]
 fn weight_rows(
     e: &mut Emit,
     s: &ConvShape,
     [x, dy, dw]: [Value; 3],
+    db: Option<Value>,
     k0: Value,
     n: Value,
     rows: usize,
@@ -697,6 +714,12 @@ fn weight_rows(
                 acc.push(e.var(width.ty(), v));
             }
         }
+        let bias = db.map(|db| {
+            let addr = e.at(db, f0);
+            let sums: Vec<Variable> =
+                load_chunk(e, addr, 0, width).into_iter().map(|v| e.var(width.ty(), v)).collect();
+            (addr, sums)
+        });
         e.for_n(s.oh, |e, oh| {
             // the output row's pixels start at (oh·sh·WP)·C past each row's base
             let x_row = e.mul_k(oh, (s.sh * s.wp * s.c) as i64);
@@ -711,12 +734,23 @@ fn weight_rows(
                 let dofs = e.mul_k(ow, s.f as i64);
                 let daddr = e.at(dyrow, dofs);
                 let dv = load_chunk(e, daddr, 0, width);
+                if let Some((_, sums)) = &bias {
+                    for (sum, v) in sums.iter().zip(&dv) {
+                        let current = e.use_var(*sum);
+                        let added = e.ins().fadd(current, *v);
+                        e.def_var(*sum, added);
+                    }
+                }
                 accumulate(e, &acc, &dv, |e, r| e.at(xrows[r], index), width);
             });
         });
         for j in 0..rows {
             let values: Vec<Value> = (0..parts).map(|p| e.use_var(acc[j * parts + p])).collect();
             store_chunk(e, &values, base, (j * s.f) as i64);
+        }
+        if let Some((addr, sums)) = bias {
+            let values: Vec<Value> = sums.iter().map(|v| e.use_var(*v)).collect();
+            store_chunk(e, &values, addr, 0);
         }
     });
 }

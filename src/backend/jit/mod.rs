@@ -1327,6 +1327,8 @@ impl JitKernels {
                 let (pieces, m) = (winograd::weight_pieces(n), shape.positions() * s.c * s.f);
                 padded + piece(pieces * m) + piece(pieces * shape.weight_scratch())
             }
+            // a db for the kernel to sum into, should a layer with a bias come without one
+            None if s.bias => padded + piece(s.f),
             None => padded,
         }
     }
@@ -1573,16 +1575,30 @@ impl Kernels<f32> for JitKernels {
         let xp = padded_into(x, k.pads, 0.0, s);
         let dyp = contiguous(&dy);
         let dwp = out_ptr(&mut dw);
+        let db = db.map(|mut db| {
+            db.fill(0.0);
+            db
+        });
         if let Some((shape, kernel)) = self.winograd.get(&node).and_then(|wk| wk.weight_gradient) {
             let m = winograd_weight_pieces(kernel, &shape, [xp, dyp], n, s);
             let dw = dw.as_slice_mut().expect("row-major");
             winograd::weight_gradient_output_into(m, &shape, dw);
+            if let Some(mut db) = db {
+                bias_gradient(dy.as_slice().expect("row-major"), db.as_slice_mut().expect("contiguous"));
+            }
         } else {
             dw.fill(0.0);
-            run(k.backward_weights, Buffers::new(&[xp, dyp, dwp]), sh.weight_tasks(), n);
-        }
-        if let Some(mut db) = db {
-            bias_gradient(dy.as_slice().expect("row-major"), db.as_slice_mut().expect("contiguous"));
+            // the kernel sums db with dw where it has a bias (in the same order as bias_gradient)
+            let mut db = db;
+            let dbp = match (&mut db, sh.bias) {
+                (Some(db), true) => db.as_slice_mut().expect("contiguous").as_mut_ptr(),
+                (_, true) => s.zeroed(sh.f).as_mut_ptr(),
+                (_, false) => std::ptr::null_mut(),
+            };
+            run(k.backward_weights, Buffers::new(&[xp, dyp, dwp, dbp]), sh.weight_tasks(), n);
+            if let (Some(mut db), false) = (db, sh.bias) {
+                bias_gradient(dy.as_slice().expect("row-major"), db.as_slice_mut().expect("contiguous"));
+            }
         }
     }
 
