@@ -742,15 +742,22 @@ fn winograd_weight_gradient_stays_inside_its_buffers() {
         let x4 = Array4::from_shape_vec((batch, s.hp, s.wp, s.c), x.clone()).unwrap();
         let dy4 = Array4::from_shape_vec((batch, s.oh, s.ow, s.f), dy.clone()).unwrap();
         let g = Geometry { kernel: [3, 3], stride: [1, 1], pad_before: [0, 0], out: [s.oh, s.ow] };
-        let (dw_ref, _) = Plain.conv2d_backward_weights(node, x4.view(), dy4.view(), [3, 3, s.c, s.f], &g);
+        let (dw_ref, db_ref) =
+            Plain.conv2d_backward_weights(node, x4.view(), dy4.view(), [3, 3, s.c, s.f], &g);
+        assert!(s.bias, "the layers have a bias, which the kernel sums too");
         for flush in [true, false] {
-            let mut m = vec![0.0f32; shape.positions() * s.c * s.f];
+            let (mut m, mut sums) = (vec![0.0f32; shape.positions() * s.c * s.f], vec![0.0f32; s.f]);
             for (lo, hi) in [(0, batch / 2), (batch / 2, batch)] {
-                let buffers: [&[f32]; 4] = [&x, &dy, &m, &vec![0.0; shape.weight_scratch()]];
-                m = run_guarded(kernel, &buffers, [lo, hi, batch], flush).swap_remove(2);
+                let buffers: [&[f32]; 5] = [&x, &dy, &m, &vec![0.0; shape.weight_scratch()], &sums];
+                let mut out = run_guarded(kernel, &buffers, [lo, hi, batch], flush);
+                sums = out.swap_remove(4);
+                m = out.swap_remove(2);
             }
             let dw = cnnc::backend::jit::winograd::weight_gradient_output(&m, &shape);
             close("winograd weight gradient", dw_ref.as_slice().unwrap(), &dw);
+            let scale = cnnc::backend::jit::winograd::bias_scale(&shape);
+            let db: Vec<f32> = sums.iter().map(|v| v * scale).collect();
+            close("winograd bias gradient", db_ref.as_slice().unwrap(), &db);
         }
     }
 }

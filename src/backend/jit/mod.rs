@@ -1152,28 +1152,35 @@ fn run_with_scratch(
 
 /// Winograd's weight gradient ([`winograd::weight_gradient`]) of a batch of `n` samples of x
 /// and dy: the batch in [`winograd::weight_pieces`] pieces on the worker threads, each with
-/// an M and a scratch of its own, then the pieces' M added in order (in parallel over runs of
-/// elements). Returns M, in the first piece's place.
+/// an M, a scratch and (with a bias) sums for db of its own, then the pieces' M and sums added
+/// in order (M in parallel over runs of elements). Returns M and the sums (in [`winograd::bias_scale`]
+/// units), in the first piece's place.
 fn winograd_weight_pieces<'s>(
     kernel: KernelFn,
     shape: &WinogradShape,
     [x, dy]: [*mut f32; 2],
     n: usize,
     s: &mut Scratch<'s, f32>,
-) -> &'s mut [f32] {
+) -> (&'s mut [f32], Option<&'s mut [f32]>) {
     let (pieces, plane) = (winograd::weight_pieces(n), shape.positions() * shape.conv.c * shape.conv.f);
+    let f = shape.conv.f;
     let m = s.zeroed(pieces * plane);
     let scratch = s.take(pieces * shape.weight_scratch());
-    let buffers = Buffers::new(&[x, dy, m.as_mut_ptr(), scratch.as_mut_ptr()]);
+    let mut sums = shape.conv.bias.then(|| s.zeroed(pieces * f));
+    let sums_ptr = sums.as_mut().map_or(std::ptr::null_mut(), |b| b.as_mut_ptr());
+    let buffers = Buffers::new(&[x, dy, m.as_mut_ptr(), scratch.as_mut_ptr(), sums_ptr]);
     (0..pieces).into_par_iter().with_max_len(1).for_each(|piece| {
         let (lo, hi) = (n * piece / pieces, n * (piece + 1) / pieces);
-        // SAFETY: M and the scratch hold `pieces` pieces of their sizes, each piece's its own.
+        let sums = buffers.get(4);
+        // SAFETY: M, the scratch and the sums hold `pieces` pieces of their sizes, each
+        // piece's its own.
         let own = unsafe {
             Buffers::new(&[
                 buffers.get(0),
                 buffers.get(1),
                 buffers.get(2).add(piece * plane),
                 buffers.get(3).add(piece * shape.weight_scratch()),
+                if sums.is_null() { sums } else { sums.add(piece * f) },
             ])
         };
         // SAFETY: x and dy hold the batch's samples as the kernel was compiled for them, and
@@ -1188,7 +1195,14 @@ fn winograd_weight_pieces<'s>(
             }
         }
     });
-    first
+    let sums = sums.map(|sums| {
+        let (total, rest) = sums.split_at_mut(f);
+        for other in rest.chunks_exact(f) {
+            total.iter_mut().zip(other).for_each(|(sum, value)| *sum += value);
+        }
+        total
+    });
+    (first, sums)
 }
 
 /// Runs `kernel` over `items` work items, split into one contiguous shard per thread.
@@ -1325,7 +1339,8 @@ impl JitKernels {
         match self.winograd.get(&node).and_then(|wk| wk.weight_gradient) {
             Some((shape, _)) => {
                 let (pieces, m) = (winograd::weight_pieces(n), shape.positions() * s.c * s.f);
-                padded + piece(pieces * m) + piece(pieces * shape.weight_scratch())
+                let sums = if s.bias { piece(pieces * s.f) } else { 0 };
+                padded + piece(pieces * m) + piece(pieces * shape.weight_scratch()) + sums
             }
             // a db for the kernel to sum into, should a layer with a bias come without one
             None if s.bias => padded + piece(s.f),
@@ -1580,11 +1595,19 @@ impl Kernels<f32> for JitKernels {
             db
         });
         if let Some((shape, kernel)) = self.winograd.get(&node).and_then(|wk| wk.weight_gradient) {
-            let m = winograd_weight_pieces(kernel, &shape, [xp, dyp], n, s);
+            let (m, sums) = winograd_weight_pieces(kernel, &shape, [xp, dyp], n, s);
             let dw = dw.as_slice_mut().expect("row-major");
             winograd::weight_gradient_output_into(m, &shape, dw);
-            if let Some(mut db) = db {
-                bias_gradient(dy.as_slice().expect("row-major"), db.as_slice_mut().expect("contiguous"));
+            match (db, sums) {
+                (Some(mut db), Some(sums)) => {
+                    let scale = winograd::bias_scale(&shape);
+                    let db = db.as_slice_mut().expect("contiguous");
+                    db.iter_mut().zip(sums).for_each(|(out, sum)| *out = scale * *sum);
+                }
+                (Some(mut db), None) => {
+                    bias_gradient(dy.as_slice().expect("row-major"), db.as_slice_mut().expect("contiguous"))
+                }
+                (None, _) => {}
             }
         } else {
             dw.fill(0.0);

@@ -631,13 +631,17 @@ fn output_tile(
 /// tiles in order. Each call has an M of its own, and transforms only its own samples; the
 /// caller splits the batch into [`weight_pieces`] pieces (by the batch size, not the thread
 /// count, so that the sums do not depend on it) and adds the pieces' M in order. dw = Oᵀ M O
-/// is taken by [`weight_gradient_output`]. Buffers: [x (N, HP, WP, C) padded as the layer
-/// pads it, dy (N, OH, OW, F), M (positions, C, F) zeroed, scratch
-/// ([`WinogradShape::weight_scratch`])]; items: samples.
+/// is taken by [`weight_gradient_output`]. With a bias, each call also sums the bias gradient
+/// from D at position (1, 1), where A's row of ones (of halves, for m = 2) on both sides makes
+/// each tile's sum of dy (a quarter of it): db[f] += Σ_t D[(1, 1)][t][f] ([`bias_scale`]
+/// undoes the quarter). Buffers: [x (N, HP, WP, C) padded as the layer pads it, dy (N, OH,
+/// OW, F), M (positions, C, F) zeroed, scratch ([`WinogradShape::weight_scratch`]), db (F)
+/// zeroed, with a bias]; items: samples.
 pub fn weight_gradient(e: &mut Emit, shape: &WinogradShape) {
     use cranelift_codegen::ir::condcodes::IntCC;
     let s = shape.conv;
     let (x, dy, m, scratch) = (e.buf(0), e.buf(1), e.buf(2), e.buf(3));
+    let db = s.bias.then(|| e.buf(4));
     let tiles = shape.tiles();
     // a group's tiles, sample after sample, in each position's plane of V and D
     let span = WEIGHT_SAMPLES * tiles;
@@ -670,6 +674,12 @@ pub fn weight_gradient(e: &mut Emit, shape: &WinogradShape) {
                 let grid = [shape.th, shape.tw];
                 transform_tiles(e, &bt, shape.m, grid, [s.wp, s.c], rest.map(|r| r + 2), [xn, v_j], span);
                 transform_tiles(e, &a, shape.m, grid, [s.ow, s.f], rest, [dyn_, d_j], span);
+                if let Some(db) = db {
+                    // position (1, 1): A's row of ones (halves for m = 2) on both sides
+                    let off = ((shape.alpha() + 1) * span * s.f) as i64;
+                    let plane = e.at_k(d_j, off);
+                    add_tile_sums(e, plane, [tiles, s.f], db);
+                }
             });
             // past the call's last sample (in its last group): zeros, which add nothing
             e.when(absent, |e| {
@@ -694,6 +704,32 @@ pub fn weight_gradient(e: &mut Emit, shape: &WinogradShape) {
             }
         });
     });
+}
+
+/// db[f] += Σ_t plane[t][f] over `tiles` tiles of `f` channels, the tiles in order.
+fn add_tile_sums(e: &mut Emit, plane: Value, [tiles, f]: [usize; 2], db: Value) {
+    for_vectors(e, f, |e, f0, width| {
+        let addr = e.at(db, f0);
+        let first = load_chunk(e, addr, 0, width)[0];
+        let sum = e.var(width.ty(), first);
+        let column = e.at(plane, f0);
+        e.for_n(tiles, |e, t| {
+            let off = e.mul_k(t, f as i64);
+            let at = e.at(column, off);
+            let value = load_chunk(e, at, 0, width)[0];
+            let current = e.use_var(sum);
+            let added = e.ins().fadd(current, value);
+            e.def_var(sum, added);
+        });
+        let total = e.use_var(sum);
+        store_chunk(e, &[total], addr, 0);
+    });
+}
+
+/// What [`weight_gradient`]'s sums of D at position (1, 1) are multiplied by to be db: 4 for
+/// m = 2 (a power of two: exact), 1 for m = 4.
+pub fn bias_scale(shape: &WinogradShape) -> f32 {
+    if shape.m == 2 { 4.0 } else { 1.0 }
 }
 
 /// Zeros `len` elements at the start of each of `planes` planes, `stride` elements apart.
@@ -939,8 +975,10 @@ mod tests {
             let (oh, ow) = (h - 2, w - 2);
             let dy = Array4::from_shape_vec((n, oh, ow, f), random(n * oh * ow * f, &mut rng)).unwrap();
             let g = Geometry { kernel: [3, 3], stride: [1, 1], pad_before: [0, 0], out: [oh, ow] };
-            let (dw_ref, _) = ops::conv2d_backward_weights(x.view(), dy.view(), [3, 3, c, f], &g);
-            let conv = ConvShape { hp: h, wp: w, c, kh: 3, kw: 3, f, oh, ow, sh: 1, sw: 1, bias: false };
+            let (dw_ref, db_ref) = ops::conv2d_backward_weights(x.view(), dy.view(), [3, 3, c, f], &g);
+            // with a bias the kernel also sums db (the shape with an odd last tile row has one)
+            let bias = oh % 2 == 1;
+            let conv = ConvShape { hp: h, wp: w, c, kh: 3, kw: 3, f, oh, ow, sh: 1, sw: 1, bias };
             for tile in [2, 4] {
                 let shape = WinogradShape::for_weights(conv, tile).expect("3x3 stride 1");
                 let mut compiler = Compiler::new("none").unwrap();
@@ -951,17 +989,21 @@ mod tests {
                 // all samples in one call, then split in two calls (into the same M), with
                 // scratches of their own
                 for split in [n, n / 2] {
-                    let m = vec![0.0f32; shape.positions() * c * f];
+                    let (m, sums) = (vec![0.0f32; shape.positions() * c * f], vec![0.0f32; f]);
                     for (lo, hi) in [(0, split), (split, n)] {
                         let scratch = vec![0.0f32; shape.weight_scratch()];
                         let buffers =
-                            [xs.as_ptr(), dys.as_ptr(), m.as_ptr(), scratch.as_ptr()].map(|p| p as *mut f32);
+                            [xs.as_ptr(), dys.as_ptr(), m.as_ptr(), scratch.as_ptr(), sums.as_ptr()]
+                                .map(|p| p as *mut f32);
                         // SAFETY: every buffer has the size the kernel was compiled for.
                         unsafe { kernel(buffers.as_ptr(), lo as i64, hi as i64, n as i64) };
                     }
                     let dw = weight_gradient_output(&m, &shape);
                     let what = format!("F(3x3, {tile}x{tile}) weight gradient {n}x{h}x{w}x{c} -> {f}");
                     close(&what, dw_ref.as_slice().unwrap(), &dw);
+                    let db: Vec<f32> = sums.iter().map(|v| v * bias_scale(&shape)).collect();
+                    let expected = if bias { db_ref.to_vec() } else { vec![0.0; f] };
+                    close(&format!("{what}: bias gradient"), &expected, &db);
                 }
             }
         }
