@@ -62,7 +62,8 @@ pub struct ConvKernels {
     pub forward: KernelFn,
     /// Buffers [dy, w transposed (KH,KW,F,C) and packed, dx padded and zeroed]; items: samples.
     pub backward_input: KernelFn,
-    /// Buffers [x padded, dy, dw zeroed]; items: [`ConvShape::weight_tasks`]; batch: samples.
+    /// Buffers [x padded, dy, dw zeroed, then db zeroed with a bias]; items:
+    /// [`ConvShape::weight_tasks`]; batch: samples.
     pub backward_weights: KernelFn,
 }
 
