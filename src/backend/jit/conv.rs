@@ -604,7 +604,6 @@ pub fn backward_input(e: &mut Emit, s: &ConvShape) {
 /// batch's samples and pixels, in the order that dw's elements sum, while dy is in registers.
 /// Buffers: [x (padded), dy, dw (KH,KW,C,F)], then db (F) with a bias, each zeroed.
 pub fn backward_weights(e: &mut Emit, s: &ConvShape) {
-    use cranelift_codegen::ir::condcodes::IntCC;
     let (x, dy, dw) = (e.buf(0), e.buf(1), e.buf(2));
     let db = s.bias.then(|| e.buf(3));
     let (groups, parts) = (s.weight_groups(), s.weight_parts());
@@ -631,9 +630,7 @@ pub fn backward_weights(e: &mut Emit, s: &ConvShape) {
                 }
                 let final_part = e.int(parts as i64 - 1);
                 let is_last = e.icmp(IntCC::Equal, part, final_part);
-                let not_last = e.icmp(IntCC::NotEqual, part, final_part);
-                e.when(not_last, |e| body(e, channels_full));
-                e.when(is_last, |e| body(e, channels_last));
+                e.when_else(is_last, |e| body(e, channels_last), |e| body(e, channels_full));
             };
             // the last group (one of the smaller) also sums db over its part's channels
             let smaller = |e: &mut Emit, k0: Value| match db {
@@ -641,9 +638,11 @@ pub fn backward_weights(e: &mut Emit, s: &ConvShape) {
                 Some(db) => {
                     let final_group = e.int(groups as i64 - 1);
                     let is_last = e.icmp(IntCC::Equal, group, final_group);
-                    let not_last = e.icmp(IntCC::NotEqual, group, final_group);
-                    e.when(is_last, |e| by_rows(e, small, k0, Some(db)));
-                    e.when(not_last, |e| by_rows(e, small, k0, None));
+                    e.when_else(
+                        is_last,
+                        |e| by_rows(e, small, k0, Some(db)),
+                        |e| by_rows(e, small, k0, None),
+                    );
                 }
             };
             if larger == 0 {
@@ -652,16 +651,18 @@ pub fn backward_weights(e: &mut Emit, s: &ConvShape) {
             } else {
                 let first_small = e.int(larger as i64);
                 let is_larger = e.icmp(IntCC::UnsignedLessThan, group, first_small);
-                let is_small = e.icmp(IntCC::UnsignedGreaterThanOrEqual, group, first_small);
-                e.when(is_larger, |e| {
-                    let k0 = e.mul_k(group, small as i64 + 1);
-                    by_rows(e, small + 1, k0, None);
-                });
-                e.when(is_small, |e| {
-                    let k0 = e.mul_k(group, small as i64);
-                    let k0 = e.add_k(k0, larger as i64);
-                    smaller(e, k0);
-                });
+                e.when_else(
+                    is_larger,
+                    |e| {
+                        let k0 = e.mul_k(group, small as i64 + 1);
+                        by_rows(e, small + 1, k0, None);
+                    },
+                    |e| {
+                        let k0 = e.mul_k(group, small as i64);
+                        let k0 = e.add_k(k0, larger as i64);
+                        smaller(e, k0);
+                    },
+                );
             }
         });
     });

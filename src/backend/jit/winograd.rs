@@ -665,8 +665,7 @@ pub fn weight_gradient(e: &mut Emit, shape: &WinogradShape) {
             let (v_j, d_j) = (e.mul_k(j, (tiles * s.c) as i64), e.mul_k(j, (tiles * s.f) as i64));
             let (v_j, d_j) = (e.at(v, v_j), e.at(d, d_j));
             let present = e.icmp(IntCC::SignedLessThan, n, end);
-            let absent = e.icmp(IntCC::SignedGreaterThanOrEqual, n, end);
-            e.when(present, |e| {
+            let transform = |e: &mut Emit| {
                 let xn_off = e.mul_k(n, (s.hp * s.wp * s.c) as i64);
                 let xn = e.at(x, xn_off);
                 let dyn_off = e.mul_k(n, (s.oh * s.ow * s.f) as i64);
@@ -680,12 +679,13 @@ pub fn weight_gradient(e: &mut Emit, shape: &WinogradShape) {
                     let plane = e.at_k(d_j, off);
                     add_tile_sums(e, plane, [tiles, s.f], db);
                 }
-            });
+            };
             // past the call's last sample (in its last group): zeros, which add nothing
-            e.when(absent, |e| {
+            let zeros = |e: &mut Emit| {
                 zero_planes(e, v_j, shape.positions(), [tiles * s.c, span * s.c]);
                 zero_planes(e, d_j, shape.positions(), [tiles * s.f, span * s.f]);
-            });
+            };
+            e.when_else(present, transform, zeros);
         });
         e.for_n(shape.weight_tasks(), |e, task| {
             let bound = shape.weight_tasks() as u64;
@@ -698,9 +698,8 @@ pub fn weight_gradient(e: &mut Emit, shape: &WinogradShape) {
             } else {
                 let last = e.int(groups as i64 - 1);
                 let is_last = e.icmp(IntCC::Equal, group, last);
-                let not_last = e.icmp(IntCC::NotEqual, group, last);
-                e.when(not_last, |e| weight_block(e, shape, place, [xi, c0], WEIGHT_ROWS));
-                e.when(is_last, |e| weight_block(e, shape, place, [xi, c0], rows_last));
+                let full = |e: &mut Emit| weight_block(e, shape, place, [xi, c0], WEIGHT_ROWS);
+                e.when_else(is_last, |e| weight_block(e, shape, place, [xi, c0], rows_last), full);
             }
         });
     });
