@@ -1154,7 +1154,7 @@ fn run_with_scratch(
 /// Winograd's weight gradient ([`winograd::weight_gradient`]) of a batch of `n` samples of x
 /// and dy: the batch in [`winograd::weight_pieces`] pieces on the worker threads, each with
 /// an M, a scratch and (with a bias) sums for db of its own, then the pieces' M and sums added
-/// in order (M in parallel over runs of elements). Returns M and the sums (in [`winograd::bias_scale`]
+/// in order ([`add_pieces`]). Returns M and the sums (in [`winograd::bias_scale`]
 /// units), in the first piece's place.
 fn winograd_weight_pieces<'s>(
     kernel: KernelFn,
@@ -1188,22 +1188,22 @@ fn winograd_weight_pieces<'s>(
         // samples lo..hi lie within them.
         unsafe { kernel(own.as_ptr(), lo as i64, hi as i64, n as i64) };
     });
-    let (first, rest) = m.split_at_mut(plane);
-    first.par_chunks_mut(4096).enumerate().for_each(|(chunk, sums)| {
-        for other in rest.chunks_exact(plane) {
-            for (sum, value) in sums.iter_mut().zip(&other[chunk * 4096..]) {
+    (add_pieces(m, plane), sums.map(|sums| add_pieces(sums, f)))
+}
+
+/// The pieces of `len` elements that `all` holds, added in order into the first (in parallel
+/// over runs of elements, each summing the pieces in order): the first piece, returned.
+fn add_pieces(all: &mut [f32], len: usize) -> &mut [f32] {
+    const RUN: usize = 4096;
+    let (first, rest) = all.split_at_mut(len);
+    first.par_chunks_mut(RUN).enumerate().for_each(|(run, sums)| {
+        for other in rest.chunks_exact(len) {
+            for (sum, value) in sums.iter_mut().zip(&other[run * RUN..]) {
                 *sum += value;
             }
         }
     });
-    let sums = sums.map(|sums| {
-        let (total, rest) = sums.split_at_mut(f);
-        for other in rest.chunks_exact(f) {
-            total.iter_mut().zip(other).for_each(|(sum, value)| *sum += value);
-        }
-        total
-    });
-    (first, sums)
+    first
 }
 
 /// Runs `kernel` over `items` work items, split into one contiguous shard per thread.
