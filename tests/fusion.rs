@@ -162,6 +162,20 @@ fn winograd_blocks_with_batchnorm_relu_and_pools() {
     fused_matches_unfused(model, 3, 2);
     fused_matches_unfused(model, 6, 2);
 
+    // 11x11 outputs of which a 2x2 pool reads 10x10 (as mnist.cnn's conv2d_1): the pooled
+    // inference kernel by 5x5 tiles, with batchnorm folded in and with a relu only; 40 output
+    // channels, 32 input channels (the error grows with them: F(5x5) rounds ~2x F(4x4))
+    for model in [
+        "input 13x13x32 conv2d(40, kernel=3, bias=false) batchnorm relu maxpool(2) flatten dense(3, activation=softmax)",
+        "input 13x13x32 conv2d(40, kernel=3, activation=relu) maxpool(2) flatten dense(3, activation=softmax)",
+    ] {
+        let fused = program(model).fused();
+        let jit = JitKernels::compile(&fused, Listing::default()).unwrap();
+        let kernels = jit.block_winograd(fused.blocks[0].output()).expect("a Winograd block");
+        assert_eq!(kernels.pooled.map(|(shape, _)| shape.m), Some(5), "{model}: F(5x5) at inference");
+        fused_matches_unfused(model, 3, 1);
+    }
+
     // without a pool, a batchnorm block runs its folded inference kernel (F(4x4) here: 11x11)
     let model = "input 13x13x32 conv2d(64, kernel=3, bias=false) batchnorm relu \
                  conv2d(20, kernel=3) batchnorm flatten dense(3, activation=softmax)";

@@ -724,14 +724,17 @@ fn winograd_shape(conv: &ConvShape) -> Option<WinogradShape> {
     WinogradShape::new(ConvShape { hp, wp, ..*conv }, m)
 }
 
-/// The Winograd tile for `conv`: the cost model's ([`winograd::tile_size`]), or the one
-/// `CNNC_WINOGRAD=2` or `=4` asks for (for comparisons).
+/// The Winograd tile for `conv` in training: the cost model's ([`winograd::tile_size`]), or
+/// the one `CNNC_WINOGRAD=2` or `=4` asks for (for comparisons).
 fn winograd_tile(conv: &ConvShape) -> usize {
-    match std::env::var("CNNC_WINOGRAD").as_deref() {
-        Ok("2") => 2,
-        Ok("4") => 4,
-        _ => winograd::tile_size(conv.c, conv.f, [conv.oh, conv.ow]),
-    }
+    forced_tile()
+        .filter(|&m| m <= 4)
+        .unwrap_or_else(|| winograd::tile_size(conv.c, conv.f, [conv.oh, conv.ow]))
+}
+
+/// The tile that `CNNC_WINOGRAD` = 2, 4, 5 or 6 asks for, if any (5 and 6 only at inference).
+fn forced_tile() -> Option<usize> {
+    std::env::var("CNNC_WINOGRAD").ok()?.parse().ok().filter(|m| matches!(m, 2 | 4 | 5 | 6))
 }
 
 /// Max pools (with the block they read) whose input is a fused block's relu output and which
@@ -757,10 +760,15 @@ fn relu_pools(program: &Program) -> HashMap<NodeId, NodeId> {
     pools
 }
 
-/// The Winograd shape of a pooled block's convolution, which reads the layer's padded input
-/// as it is: the cost model's tile where its windows fit that input, else 2x2 where they do.
+/// The Winograd shape of a pooled block's convolution at inference, which reads the layer's
+/// padded input as it is: the inference cost model's tile ([`winograd::inference_tile_size`])
+/// among those whose windows fit that input, or the one `CNNC_WINOGRAD` forces where it fits.
 fn pooled_winograd(conv: &ConvShape) -> Option<WinogradShape> {
-    WinogradShape::new(*conv, winograd_tile(conv)).or_else(|| WinogradShape::new(*conv, 2))
+    let fits = |m: usize| WinogradShape::new(*conv, m).is_some();
+    let m = forced_tile()
+        .filter(|&m| fits(m))
+        .or_else(|| winograd::inference_tile_size(conv.c, conv.f, [conv.oh, conv.ow], fits))?;
+    WinogradShape::new(*conv, m)
 }
 
 /// Whether the cost model gives `conv` Winograd's kernels (and `CNNC_WINOGRAD=0` does not
