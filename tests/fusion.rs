@@ -146,6 +146,35 @@ fn pools_fused_at_inference_with_floors_strides_and_overlap() {
 }
 
 #[test]
+fn convolutions_and_max_pools_in_one_kernel_at_inference() {
+    // windows that tile what they read: 14x15 → maxpool(2) drops a column, 7 windows a row
+    // (blocks of 2, 2, 2, 1), 13 = 8 + 4 + 1 channels; then 3x3 windows (one a block) after a
+    // leaky relu (α ≥ 0 commutes with the max), 6 = 4 + 1 + 1 channels; then batchnorm folded in
+    let model = "input 16x17x1 conv2d(13, kernel=3, activation=relu) maxpool(2) \
+                 conv2d(6, kernel=2) leaky_relu(alpha=0.2) maxpool(3) \
+                 conv2d(5, kernel=1, bias=false) batchnorm relu maxpool(2) flatten dense(3, activation=softmax)";
+    let fused = program(model).fused();
+    let jit = JitKernels::compile(&fused, Listing::default()).unwrap();
+    let pooled: Vec<bool> = fused
+        .blocks
+        .iter()
+        .filter(|b| b.pool.is_some())
+        .map(|b| jit.block(b.output()).and_then(|k| k.pooled).is_some_and(|(shape, _)| shape.fused))
+        .collect();
+    assert_eq!(pooled, [true, true, true], "{model}: each block's pool in its convolution's kernel");
+    fused_matches_unfused(model, 1, fused.blocks.len());
+    fused_matches_unfused(model, 5, fused.blocks.len());
+
+    // overlapping windows (and the 19x19 → 9x9 floor) keep the pool a pass of its own
+    let model = "input 21x21x3 conv2d(9, kernel=3, activation=relu) maxpool(3, stride=2) flatten dense(3, activation=softmax)";
+    let fused = program(model).fused();
+    let jit = JitKernels::compile(&fused, Listing::default()).unwrap();
+    let kernels = jit.block(fused.blocks[0].output()).and_then(|k| k.pooled).expect("a pooled block");
+    assert!(!kernels.0.fused, "{model}: overlapping windows");
+    fused_matches_unfused(model, 2, 1);
+}
+
+#[test]
 fn winograd_blocks_with_batchnorm_relu_and_pools() {
     // 16 -> 24 at 9x9 (odd: a last tile row and column of one pixel) with batchnorm, then
     // 24 -> 20 with relu; both pooled at inference, on Winograd's kernels (asserted)

@@ -621,22 +621,64 @@ fn batchnorm_and_fused_block_kernels_stay_inside_their_buffers() {
     }
 
     // The pooled block at inference (6x4x7 → conv 2x2 with bias → 5x3x6 → relu → maxpool 2 →
-    // 2x1x6), one sample a call as the backend runs it: the conv computes only the 4x2 pixels
-    // the pool reads, into the scratch.
+    // 2x1x6): the conv computes only the 4x2 pixels the pool reads, and its windows tile
+    // them, so one kernel convolves and pools, the whole batch a call.
     let pooled = jit.block(node(6)).expect("conv → relu is a block");
-    let (shape, [conv_kernel, pool_kernel]) = pooled.pooled.expect("the max pool joins it at inference");
+    let (shape, [conv_kernel, _]) = pooled.pooled.expect("the max pool joins it at inference");
+    assert!(shape.fused, "2x2 windows that tile the pixels read: one kernel");
     let conv = jit.conv(node(5)).unwrap().shape;
-    let x = random(conv.hp * conv.wp * conv.c, &mut rng);
+    let x = random(batch * conv.hp * conv.wp * conv.c, &mut rng);
     let w = random(conv.kh * conv.kw * conv.c * conv.f, &mut rng);
     let b = random(conv.f, &mut rng);
     let g = Geometry { kernel: [2, 2], stride: [1, 1], pad_before: [0, 0], out: [conv.oh, conv.ow] };
-    let x4 = Array4::from_shape_vec((1, conv.hp, conv.wp, conv.c), x.clone()).unwrap();
+    let x4 = Array4::from_shape_vec((batch, conv.hp, conv.wp, conv.c), x.clone()).unwrap();
     let w4 = Array4::from_shape_vec((conv.kh, conv.kw, conv.c, conv.f), w.clone()).unwrap();
     let b1 = Array1::from(b.clone());
     let y = Plain.conv2d_forward(node(5), x4.view(), w4.view(), Some(b1.view()), &g).mapv(|v| v.max(0.0));
     let pool_g =
         Geometry { kernel: [2, 2], stride: [2, 2], pad_before: [0, 0], out: [conv.oh / 2, conv.ow / 2] };
     let expected = Plain.maxpool_forward(node(7), y.view(), &pool_g);
+    assert_eq!(expected.len(), batch * shape.output);
+    for flush in [true, false] {
+        let packed = pack_weights(&w, conv.kh * conv.kw * conv.c, conv.f);
+        let out = run_guarded(
+            conv_kernel,
+            &[&x, &packed, &b, &vec![0.0; expected.len()]],
+            [0, batch, batch],
+            flush,
+        );
+        close("convolution and pool in one kernel", expected.as_slice().unwrap(), &out[3]);
+    }
+}
+
+/// A pooled block whose windows overlap, at inference: the convolution's kernel (the pixels
+/// the pool reads, 7x7 of 8x8) into a scratch buffer of one sample, then the pool's kernel,
+/// both on guarded buffers.
+#[test]
+fn pooled_blocks_with_overlapping_windows_stay_inside_their_buffers() {
+    let text = "model m { input 9x9x5 conv2d(6, kernel=2) relu maxpool(3, stride=2) flatten dense(3, activation=softmax) }
+                train { loss = categorical_crossentropy }";
+    let program =
+        autodiff::build(&cnnc::check(&SourceFile::new("guard.cnn", text)).unwrap()).unwrap().fused();
+    let jit = JitKernels::compile(&program, Listing::default()).unwrap();
+    let node = |i: usize| cnnc::ir::NodeId::from_index(i);
+    let mut rng = Rng::new(22, &[]);
+    let pooled = jit.block(node(2)).expect("conv → relu is a block");
+    let (shape, [conv_kernel, pool_kernel]) = pooled.pooled.expect("the max pool joins it at inference");
+    assert!(!shape.fused, "overlapping windows: the pool runs on its own");
+    let conv = jit.conv(node(1)).unwrap().shape;
+    let x = random(conv.hp * conv.wp * conv.c, &mut rng);
+    let w = random(conv.kh * conv.kw * conv.c * conv.f, &mut rng);
+    let b = random(conv.f, &mut rng);
+    let (rows, cols) = (shape.scratch / conv.f / 7, 7);
+    assert_eq!([rows, cols], [7, 7], "the pixels 3x3 windows of stride 2 read of 8x8");
+    let g = Geometry { kernel: [2, 2], stride: [1, 1], pad_before: [0, 0], out: [rows, cols] };
+    let x4 = Array4::from_shape_vec((1, conv.hp, conv.wp, conv.c), x.clone()).unwrap();
+    let w4 = Array4::from_shape_vec((conv.kh, conv.kw, conv.c, conv.f), w.clone()).unwrap();
+    let b1 = Array1::from(b.clone());
+    let y = Plain.conv2d_forward(node(1), x4.view(), w4.view(), Some(b1.view()), &g).mapv(|v| v.max(0.0));
+    let pool_g = Geometry { kernel: [3, 3], stride: [2, 2], pad_before: [0, 0], out: [3, 3] };
+    let expected = Plain.maxpool_forward(node(3), y.view(), &pool_g);
     assert_eq!(expected.len(), shape.output);
     for flush in [true, false] {
         let packed = pack_weights(&w, conv.kh * conv.kw * conv.c, conv.f);

@@ -363,38 +363,7 @@ pub fn forward(e: &mut Emit, s: &ConvShape, epilogue: Epilogue) {
             for_pixel_blocks(e, s.ow, |e, ow0, pixels| {
                 for_chunks(e, s.f, |e, f0, width| {
                     let parts = width.parts();
-                    let acc = accumulators(e, pixels * parts, width);
-                    if let Some(bias) = bias {
-                        let addr = e.at(bias, f0);
-                        let b = load_chunk(e, addr, 0, width);
-                        for (i, a) in acc.iter().enumerate() {
-                            e.def_var(*a, b[i % parts]);
-                        }
-                    }
-                    // With few input channels the tap loops are most of the work: unroll them.
-                    let taps = if s.c < UNROLL { [s.kh, s.kw] } else { [1, 1] };
-                    e.for_n_unrolled(s.kh, taps[0], |e, kh| {
-                        e.for_n_unrolled(s.kw, taps[1], |e, kw| {
-                            let x_off = input_offset(e, s.input(), s.stride(), None, [oh, ow0], [kh, kw]);
-                            let xbase = e.at(xn, x_off);
-                            // w (packed) at (kh, kw, 0) of the chunk from f0
-                            let w_off = packed_tap_offset(e, s, [kh, kw], s.c, f0, width);
-                            let wbase = e.at(w, w_off);
-                            e.for_n_unrolled(s.c, UNROLL, |e, ci| {
-                                let wci_off = e.mul_k(ci, width.lanes() as i64);
-                                let waddr = e.at(wbase, wci_off);
-                                let wv = load_chunk(e, waddr, 0, width);
-                                let xaddr = e.at(xbase, ci);
-                                accumulate(
-                                    e,
-                                    &acc,
-                                    &wv,
-                                    |e, r| e.at_k(xaddr, (r * s.sw * s.c) as i64),
-                                    width,
-                                );
-                            });
-                        });
-                    });
+                    let acc = pixel_block(e, s, [xn, w, bias.unwrap_or(xn)], [oh, ow0], pixels, [f0], width);
                     let pixel = e.mul_k(oh, s.ow as i64);
                     let pixel = e.add(pixel, ow0);
                     let y_off = e.mul_k(pixel, s.f as i64);
@@ -421,6 +390,131 @@ pub fn forward(e: &mut Emit, s: &ConvShape, epilogue: Epilogue) {
                 });
             });
         });
+    });
+}
+
+/// The accumulators of one register block of [`forward`]: `pixels` outputs from (oh, ow0)
+/// along a row, one chunk of output channels from f0: the bias (where `s.bias`, from `b`),
+/// then Σ over the taps and input channels in order.
+fn pixel_block(
+    e: &mut Emit,
+    s: &ConvShape,
+    [xn, w, b]: [Value; 3],
+    [oh, ow0]: [Value; 2],
+    pixels: usize,
+    [f0]: [Value; 1],
+    width: Width,
+) -> Vec<Variable> {
+    let parts = width.parts();
+    let acc = accumulators(e, pixels * parts, width);
+    if s.bias {
+        let addr = e.at(b, f0);
+        let b = load_chunk(e, addr, 0, width);
+        for (i, a) in acc.iter().enumerate() {
+            e.def_var(*a, b[i % parts]);
+        }
+    }
+    // With few input channels the tap loops are most of the work: unroll them.
+    let taps = if s.c < UNROLL { [s.kh, s.kw] } else { [1, 1] };
+    e.for_n_unrolled(s.kh, taps[0], |e, kh| {
+        e.for_n_unrolled(s.kw, taps[1], |e, kw| {
+            let x_off = input_offset(e, s.input(), s.stride(), None, [oh, ow0], [kh, kw]);
+            let xbase = e.at(xn, x_off);
+            // w (packed) at (kh, kw, 0) of the chunk from f0
+            let w_off = packed_tap_offset(e, s, [kh, kw], s.c, f0, width);
+            let wbase = e.at(w, w_off);
+            e.for_n_unrolled(s.c, UNROLL, |e, ci| {
+                let wci_off = e.mul_k(ci, width.lanes() as i64);
+                let waddr = e.at(wbase, wci_off);
+                let wv = load_chunk(e, waddr, 0, width);
+                let xaddr = e.at(xbase, ci);
+                accumulate(e, &acc, &wv, |e, r| e.at_k(xaddr, (r * s.sw * s.c) as i64), width);
+            });
+        });
+    });
+    acc
+}
+
+/// [`forward`] followed by a max pool whose windows (`window`, its stride too, no padding) tile
+/// the convolution's outputs, for inference: y[n, py, px, f] = ε(max over the window of the
+/// convolution), ε the rectifier (α ≥ 0, so that it commutes with the max: the same bits as
+/// rectifying first). The convolution's OH x OW are the rows and columns the windows read.
+/// Each window row is a register block (whole windows, up to [`PIXELS`] pixels); its maxima
+/// go into y, and the next rows' are taken with them there: the convolution's output never
+/// leaves the registers, and no pool pass reads it back. Buffers: [x (padded), w (packed),
+/// b (F) or unused, y (N, OH / wh, OW / ww, F)].
+pub fn forward_max_pooled(e: &mut Emit, s: &ConvShape, window: [usize; 2], rectify: Option<f32>) {
+    let (x, w, y) = (e.buf(0), e.buf(1), e.buf(3));
+    let b = e.buf(2);
+    let [wh, ww] = window;
+    assert!(s.oh.is_multiple_of(wh) && s.ow.is_multiple_of(ww), "windows that tile the convolution's output");
+    assert!(rectify.is_none_or(|a| a >= 0.0), "a rectifier that commutes with the max");
+    let (ph, pw) = (s.oh / wh, s.ow / ww);
+    // whole windows per block: up to PIXELS pixels, at least one window
+    let per_block = (PIXELS / ww).max(1);
+    let (start, end) = (e.start, e.end);
+    e.for_range(start, end, |e, n| {
+        let xn_off = e.mul_k(n, (s.hp * s.wp * s.c) as i64);
+        let xn = e.at(x, xn_off);
+        let yn_off = e.mul_k(n, (ph * pw * s.f) as i64);
+        let yn = e.at(y, yn_off);
+        e.for_n(ph, |e, py| {
+            for_blocks(e, pw, per_block, |e, px0, windows| {
+                for_chunks(e, s.f, |e, f0, width| {
+                    let parts = width.parts();
+                    let vector = width != Width::Scalar;
+                    let y_off = e.mul_k(py, pw as i64);
+                    let y_off = e.add(y_off, px0);
+                    let y_off = e.mul_k(y_off, s.f as i64);
+                    let y_off = e.add(y_off, f0);
+                    let ybase = e.at(yn, y_off);
+                    let ow0 = e.mul_k(px0, ww as i64);
+                    for dy in 0..wh {
+                        let oh = e.mul_k(py, wh as i64);
+                        let oh = e.add_k(oh, dy as i64);
+                        let acc = pixel_block(e, s, [xn, w, b], [oh, ow0], windows * ww, [f0], width);
+                        // each window's maximum so far, in the pool's order (row by row)
+                        let one = if vector { Width::One } else { Width::Scalar };
+                        for q in 0..windows {
+                            for p in 0..parts {
+                                let at = |e: &mut Emit, i: usize| e.use_var(acc[(q * ww + i) * parts + p]);
+                                let offset = (q * s.f + 4 * p) as i64;
+                                let mut best =
+                                    if dy == 0 { at(e, 0) } else { load_chunk(e, ybase, offset, one)[0] };
+                                for i in usize::from(dy == 0)..ww {
+                                    let v = at(e, i);
+                                    best = super::pool::max(e, best, v, one);
+                                }
+                                if dy == wh - 1
+                                    && let Some(alpha) = rectify
+                                {
+                                    best = super::eltwise::rectify(e, best, alpha, vector);
+                                }
+                                store_chunk(e, &[best], ybase, offset);
+                            }
+                        }
+                    }
+                });
+            });
+        });
+    });
+}
+
+/// Calls `body(first, count)` for blocks of up to `most` of `total` items, balanced (sizes
+/// that differ by at most one), as [`for_pixel_blocks`] splits a row.
+fn for_blocks(e: &mut Emit, total: usize, most: usize, mut body: impl FnMut(&mut Emit, Value, usize)) {
+    let blocks = total.div_ceil(most);
+    let (small, larger) = (total / blocks, total % blocks);
+    if larger > 0 {
+        e.for_n(larger, |e, b| {
+            let first = e.mul_k(b, (small + 1) as i64);
+            body(e, first, small + 1);
+        });
+    }
+    e.for_n(blocks - larger, |e, b| {
+        let first = e.mul_k(b, small as i64);
+        let first = e.add_k(first, (larger * (small + 1)) as i64);
+        body(e, first, small);
     });
 }
 

@@ -139,7 +139,9 @@ pub struct BlockKernels {
     /// rectifier in the epilogue; then normalize + rectify, and the backward's two passes.
     pub norm: Option<[KernelFn; 4]>,
     /// With a pool at inference: the convolution (batchnorm folded, rectifier in the epilogue)
-    /// over the pixels the pool reads, into a per-sample scratch buffer, and the pool from it.
+    /// over the pixels the pool reads, into a per-sample scratch buffer, and the pool from it;
+    /// or, where [`PooledShape::fused`], the convolution and the pool in one kernel
+    /// ([`conv::forward_max_pooled`]), and the pool for a Winograd kernel's output.
     pub pooled: Option<(PooledShape, [KernelFn; 2])>,
 }
 
@@ -149,6 +151,10 @@ pub struct BlockKernels {
 pub struct PooledShape {
     pub scratch: usize,
     pub output: usize,
+    /// Whether the first kernel pools too (a max pool whose windows tile the convolution's
+    /// output, after a rectifier with α ≥ 0 or none): it writes the pool's output itself, for
+    /// all the samples, with no scratch.
+    pub fused: bool,
 }
 
 /// The compiled kernels of one sigmoid or tanh node.
@@ -364,14 +370,23 @@ impl JitKernels {
                 let (rows, cols) = (conv_part.oh, conv_part.ow);
                 let pool_part = PoolShape { hp: rows, wp: cols, ..ps };
                 let epilogue = conv::Epilogue { rectify, stats: false };
-                ids.push(
-                    compiler.kernel(&format!("{name}_infer_pooled"), |e| {
-                        conv::forward(e, &conv_part, epilogue)
-                    })?,
-                );
+                // windows that tile the rows and columns read, and a rectifier that commutes
+                // with the max: one kernel for both
+                let tiling =
+                    ps.kh == ps.sh && ps.kw == ps.sw && [rows, cols] == [ps.oh * ps.kh, ps.ow * ps.kw];
+                let fused = tiling && rectify.is_none_or(|a| a >= 0.0) && !conv_part.is_point();
+                let window = [ps.kh, ps.kw];
+                ids.push(if fused {
+                    compiler.kernel(&format!("{name}_infer_conv_pool"), |e| {
+                        conv::forward_max_pooled(e, &conv_part, window, rectify)
+                    })?
+                } else {
+                    compiler
+                        .kernel(&format!("{name}_infer_pooled"), |e| conv::forward(e, &conv_part, epilogue))?
+                });
                 ids.push(compiler.kernel(&format!("{name}_pool"), |e| pool::forward(e, &pool_part))?);
-                pooled =
-                    Some(PooledShape { scratch: rows * cols * conv_shape.f, output: ps.oh * ps.ow * ps.c });
+                let (scratch, output) = (rows * cols * conv_shape.f, ps.oh * ps.ow * ps.c);
+                pooled = Some(PooledShape { scratch, output, fused });
             }
             pending_blocks.push((block.output(), shape, rectify, block.norm.is_some(), pooled, ids));
         }
@@ -1429,7 +1444,8 @@ impl JitKernels {
                     if block.norm.is_some() { piece(s.kh * s.kw * s.c * s.f) + piece(s.f) } else { 0 };
                 if let (Some(_), Some((shape, [direct, _]))) = (block.pool, k.pooled) {
                     let forward = ConvForward::of(direct, wino.and_then(|wk| wk.pooled));
-                    let per_shard = shape.scratch + forward.scratch();
+                    let fused = shape.fused && matches!(forward, ConvForward::Direct(_));
+                    let per_shard = if fused { 0 } else { shape.scratch + forward.scratch() };
                     return folded
                         + piece(forward.weights_len(s))
                         + piece(padded_len(n, input_hwc(conv), conv.pads))
@@ -1886,6 +1902,9 @@ impl Kernels<f32> for JitKernels {
                 let xp = padded_into(x4, conv.pads, 0.0, s);
                 let x_sample = sh.hp * sh.wp * sh.c;
                 let buffers = [xp, prepared.as_mut_ptr(), bp, yp];
+                if shape.fused && matches!(forward, ConvForward::Direct(_)) {
+                    return run(direct, Buffers::new(&buffers), n, n);
+                }
                 return run_pooled(forward, pool_kernel, buffers, x_sample, shape, n, s);
             }
             let forward = self.block_infer_kernel(block, k);

@@ -42,7 +42,7 @@ impl PoolShape {
 }
 
 /// `max(a, b)` that keeps `a` when `b` is NaN, as `f32::max` does for the reference.
-fn max(e: &mut Emit, a: Value, b: Value, width: Width) -> Value {
+pub(super) fn max(e: &mut Emit, a: Value, b: Value, width: Width) -> Value {
     let greater = e.ins().fcmp(FloatCC::GreaterThan, b, a);
     if width == Width::Scalar {
         e.ins().select(greater, b, a)
