@@ -312,20 +312,8 @@ fn packed_tap_offset(
 /// Calls `body(first pixel, pixels)` for the blocks of a row of `ow` pixels: as few blocks
 /// as [`PIXELS`] allows, of sizes that differ by at most one (36 pixels are 4 blocks of 5 and
 /// 4 of 4, not 7 of 5 and one of 1: a block of one pixel keeps two accumulators busy).
-pub(super) fn for_pixel_blocks(e: &mut Emit, ow: usize, mut body: impl FnMut(&mut Emit, Value, usize)) {
-    let blocks = ow.div_ceil(PIXELS);
-    let (small, larger) = (ow / blocks, ow % blocks);
-    if larger > 0 {
-        e.for_n(larger, |e, b| {
-            let first = e.mul_k(b, (small + 1) as i64);
-            body(e, first, small + 1);
-        });
-    }
-    e.for_n(blocks - larger, |e, b| {
-        let first = e.mul_k(b, small as i64);
-        let first = e.add_k(first, (larger * (small + 1)) as i64);
-        body(e, first, small);
-    });
+pub(super) fn for_pixel_blocks(e: &mut Emit, ow: usize, body: impl FnMut(&mut Emit, Value, usize)) {
+    for_blocks(e, ow, PIXELS, body);
 }
 
 /// What the forward kernel does with its accumulators besides storing them, while they are
@@ -501,7 +489,7 @@ pub fn forward_max_pooled(e: &mut Emit, s: &ConvShape, window: [usize; 2], recti
 }
 
 /// Calls `body(first, count)` for blocks of up to `most` of `total` items, balanced (sizes
-/// that differ by at most one), as [`for_pixel_blocks`] splits a row.
+/// that differ by at most one): [`for_pixel_blocks`]'s pixels, [`forward_max_pooled`]'s windows.
 fn for_blocks(e: &mut Emit, total: usize, most: usize, mut body: impl FnMut(&mut Emit, Value, usize)) {
     let blocks = total.div_ceil(most);
     let (small, larger) = (total / blocks, total % blocks);
