@@ -1275,6 +1275,13 @@ fn run_pooled(
     });
 }
 
+/// Whether a pooled block runs at inference as its one kernel that convolves and pools
+/// ([`PooledShape::fused`]): unless a Winograd kernel takes the convolution, whose output the
+/// pool's kernel then reads from [`run_pooled`]'s scratch.
+fn in_one(shape: PooledShape, forward: ConvForward) -> bool {
+    shape.fused && matches!(forward, ConvForward::Direct(_))
+}
+
 /// Elements of [`padded_into`]'s copy of `n` samples of (H, W, C) inside `pads`.
 fn padded_len(n: usize, [h, w, c]: [usize; 3], pads: [usize; 4]) -> usize {
     if pads == [0; 4] { 0 } else { n * (h + pads[0] + pads[1]) * (w + pads[2] + pads[3]) * c }
@@ -1444,8 +1451,8 @@ impl JitKernels {
                     if block.norm.is_some() { piece(s.kh * s.kw * s.c * s.f) + piece(s.f) } else { 0 };
                 if let (Some(_), Some((shape, [direct, _]))) = (block.pool, k.pooled) {
                     let forward = ConvForward::of(direct, wino.and_then(|wk| wk.pooled));
-                    let fused = shape.fused && matches!(forward, ConvForward::Direct(_));
-                    let per_shard = if fused { 0 } else { shape.scratch + forward.scratch() };
+                    let per_shard =
+                        if in_one(shape, forward) { 0 } else { shape.scratch + forward.scratch() };
                     return folded
                         + piece(forward.weights_len(s))
                         + piece(padded_len(n, input_hwc(conv), conv.pads))
@@ -1902,7 +1909,7 @@ impl Kernels<f32> for JitKernels {
                 let xp = padded_into(x4, conv.pads, 0.0, s);
                 let x_sample = sh.hp * sh.wp * sh.c;
                 let buffers = [xp, prepared.as_mut_ptr(), bp, yp];
-                if shape.fused && matches!(forward, ConvForward::Direct(_)) {
+                if in_one(shape, forward) {
                     return run(direct, Buffers::new(&buffers), n, n);
                 }
                 return run_pooled(forward, pool_kernel, buffers, x_sample, shape, n, s);
