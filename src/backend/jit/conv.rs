@@ -351,7 +351,7 @@ pub fn forward(e: &mut Emit, s: &ConvShape, epilogue: Epilogue) {
             for_pixel_blocks(e, s.ow, |e, ow0, pixels| {
                 for_chunks(e, s.f, |e, f0, width| {
                     let parts = width.parts();
-                    let acc = pixel_block(e, s, [xn, w, bias.unwrap_or(xn)], [oh, ow0], pixels, [f0], width);
+                    let acc = pixel_block(e, s, [xn, w, bias.unwrap_or(xn)], [oh, ow0], pixels, f0, width);
                     let pixel = e.mul_k(oh, s.ow as i64);
                     let pixel = e.add(pixel, ow0);
                     let y_off = e.mul_k(pixel, s.f as i64);
@@ -382,15 +382,15 @@ pub fn forward(e: &mut Emit, s: &ConvShape, epilogue: Epilogue) {
 }
 
 /// The accumulators of one register block of [`forward`]: `pixels` outputs from (oh, ow0)
-/// along a row, one chunk of output channels from f0: the bias (where `s.bias`, from `b`),
-/// then Σ over the taps and input channels in order.
+/// along a row, one chunk of output channels from f0: the bias (where `s.bias`, from `b`;
+/// `b` is not read otherwise), then Σ over the taps and input channels in order.
 fn pixel_block(
     e: &mut Emit,
     s: &ConvShape,
     [xn, w, b]: [Value; 3],
     [oh, ow0]: [Value; 2],
     pixels: usize,
-    [f0]: [Value; 1],
+    f0: Value,
     width: Width,
 ) -> Vec<Variable> {
     let parts = width.parts();
@@ -428,8 +428,8 @@ fn pixel_block(
 /// convolution), ε the rectifier (α ≥ 0, so that it commutes with the max: the same bits as
 /// rectifying first). The convolution's OH x OW are the rows and columns the windows read.
 /// Each window row is a register block (whole windows, up to [`PIXELS`] pixels); its maxima
-/// go into y, and the next rows' are taken with them there: the convolution's output never
-/// leaves the registers, and no pool pass reads it back. Buffers: [x (padded), w (packed),
+/// go into y, and the next rows' are taken with them there: the convolution's output is
+/// never stored (only the running maxima, in y), and no pool pass reads it back. Buffers: [x (padded), w (packed),
 /// b (F) or unused, y (N, OH / wh, OW / ww, F)].
 pub fn forward_max_pooled(e: &mut Emit, s: &ConvShape, window: [usize; 2], rectify: Option<f32>) {
     let (x, w, y) = (e.buf(0), e.buf(1), e.buf(3));
@@ -460,7 +460,7 @@ pub fn forward_max_pooled(e: &mut Emit, s: &ConvShape, window: [usize; 2], recti
                     for dy in 0..wh {
                         let oh = e.mul_k(py, wh as i64);
                         let oh = e.add_k(oh, dy as i64);
-                        let acc = pixel_block(e, s, [xn, w, b], [oh, ow0], windows * ww, [f0], width);
+                        let acc = pixel_block(e, s, [xn, w, b], [oh, ow0], windows * ww, f0, width);
                         // each window's maximum so far, in the pool's order (row by row)
                         let one = if vector { Width::One } else { Width::Scalar };
                         for q in 0..windows {

@@ -181,8 +181,9 @@ fn transforms(m: usize) -> Transforms {
 /// The finite interpolation points of F(m x m, 3x3) for the tiles past 4 (∞ is the last
 /// position), m + 1 of them: 0, ±1, ±1/2 and 2 for m = 5, and F(6x6)'s usual 0, ±1, ±2, ±1/2.
 /// Points of magnitude 1/2 and 2 keep the coefficients small; for F(5x5) the set with both
-/// halves rounded least of those tried (0, ±1, ±2 and ±1/2 one of them: ~1.5x the largest
-/// error over 32 channels of uniform ±1 values, 7.5e-5 against 5.1e-5; F(4x4) 3.3e-5).
+/// halves rounded least of the three tried in a float32 simulation (largest error over 32
+/// channels of uniform ±1 values: 5.1e-5, against 7.5e-5 for 0, ±1, ±2 and one of ±1/2;
+/// F(4x4) 3.3e-5 there).
 fn points(m: usize) -> &'static [f64] {
     match m {
         5 => &[0.0, 1.0, -1.0, 0.5, -0.5, 2.0],
@@ -350,7 +351,7 @@ pub fn tile_size(c: usize, f: usize, [oh, ow]: [usize; 2]) -> usize {
 /// The output tile of the forward pass at inference, counted as [`tile_size`] counts, among
 /// the tiles whose windows the layer's input holds (`fits`): also F(5x5) and F(6x6), whose
 /// products are fewer again but whose transforms are heavier (7x7 and 8x8 input tiles) and
-/// round more (F(5x5)'s error on 32 channels ~1.5x F(4x4)'s, see [`points`]); training keeps
+/// round more (~2x F(4x4)'s error in this file's tests, within 3e-4); training keeps
 /// to 2 and 4, whose error its gradients and accuracy were measured with. A larger tile must
 /// win by a tenth (its kernel compiles longer). mnist.cnn's pooled conv2d_1 (10x10, which
 /// 5x5 tiles cover exactly): 1.08M multiply-adds' worth for F(2x2), 1.28M for F(4x4) (its
