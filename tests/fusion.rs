@@ -193,7 +193,7 @@ fn winograd_blocks_with_batchnorm_relu_and_pools() {
 
     // 11x11 outputs of which a 2x2 pool reads 10x10 (as mnist.cnn's conv2d_1): the pooled
     // inference kernel by 5x5 tiles, with batchnorm folded in and with a relu only; 40 output
-    // channels, 32 input channels (the error grows with them: F(5x5) rounds ~2x F(4x4))
+    // channels, 32 input channels (the error grows with them: F(5x5) rounds ~3x F(4x4))
     for model in [
         "input 13x13x32 conv2d(40, kernel=3, bias=false) batchnorm relu maxpool(2) flatten dense(3, activation=softmax)",
         "input 13x13x32 conv2d(40, kernel=3, activation=relu) maxpool(2) flatten dense(3, activation=softmax)",
