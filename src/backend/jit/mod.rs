@@ -152,8 +152,8 @@ pub struct PooledShape {
     pub scratch: usize,
     pub output: usize,
     /// Whether the first kernel pools too (a max pool whose windows tile the convolution's
-    /// output, after a rectifier with α ≥ 0 or none): it writes the pool's output itself, for
-    /// all the samples, with no scratch.
+    /// output, after a rectifier with α ≥ 0 or none, where no Winograd kernel takes the
+    /// convolution): it writes the pool's output itself, for all the samples, with no scratch.
     pub fused: bool,
 }
 
@@ -374,7 +374,10 @@ impl JitKernels {
                 // with the max: one kernel for both
                 let tiling =
                     ps.kh == ps.sh && ps.kw == ps.sw && [rows, cols] == [ps.oh * ps.kh, ps.ow * ps.kw];
-                let fused = tiling && rectify.is_none_or(|a| a >= 0.0) && !conv_part.is_point();
+                // (where a Winograd kernel takes the convolution, this one is only its fallback)
+                let by_winograd = pooled_block_winograd(&conv_shape, &conv_part).is_some();
+                let fused =
+                    tiling && rectify.is_none_or(|a| a >= 0.0) && !conv_part.is_point() && !by_winograd;
                 let window = [ps.kh, ps.kw];
                 ids.push(if fused {
                     compiler.kernel(&format!("{name}_infer_conv_pool"), |e| {
@@ -786,6 +789,15 @@ fn pooled_winograd(conv: &ConvShape) -> Option<WinogradShape> {
     WinogradShape::new(*conv, m)
 }
 
+/// The Winograd shape of a pooled block's convolution `part` (the pixels the pool reads of the
+/// layer `conv`) at inference, where the layer has Winograd's kernels at all
+/// ([`winograd_shape`]) and a tile fits ([`pooled_winograd`]): one predicate for the block's
+/// kernels and for Winograd's, so that they agree on which kernel convolves.
+fn pooled_block_winograd(conv: &ConvShape, part: &ConvShape) -> Option<WinogradShape> {
+    winograd_shape(conv)?;
+    pooled_winograd(part)
+}
+
 /// Whether the cost model gives `conv` Winograd's kernels (and `CNNC_WINOGRAD=0` does not
 /// take them away).
 fn winograd_wanted(conv: &ConvShape) -> bool {
@@ -867,7 +879,7 @@ fn compile_winograd(
         // The pooled block at inference reads one sample of the layer's padded input as it is.
         let pooled = match block.pool.and_then(|pool| pool_shape(program, pool, &program.graph.node(pool).op))
         {
-            Some((ps, _)) => match pooled_winograd(&pooled_conv_shape(&conv, &ps, block)) {
+            Some((ps, _)) => match pooled_block_winograd(&conv, &pooled_conv_shape(&conv, &ps, block)) {
                 Some(pooled_shape) => {
                     let i = define(compiler, &mut ids, &format!("{name}_winograd_infer_pooled"), |e| {
                         winograd::forward(e, &pooled_shape, folded)
@@ -1275,13 +1287,6 @@ fn run_pooled(
     });
 }
 
-/// Whether a pooled block runs at inference as its one kernel that convolves and pools
-/// ([`PooledShape::fused`]): unless a Winograd kernel takes the convolution, whose output the
-/// pool's kernel then reads from [`run_pooled`]'s scratch.
-fn in_one(shape: PooledShape, forward: ConvForward) -> bool {
-    shape.fused && matches!(forward, ConvForward::Direct(_))
-}
-
 /// Elements of [`padded_into`]'s copy of `n` samples of (H, W, C) inside `pads`.
 fn padded_len(n: usize, [h, w, c]: [usize; 3], pads: [usize; 4]) -> usize {
     if pads == [0; 4] { 0 } else { n * (h + pads[0] + pads[1]) * (w + pads[2] + pads[3]) * c }
@@ -1451,8 +1456,7 @@ impl JitKernels {
                     if block.norm.is_some() { piece(s.kh * s.kw * s.c * s.f) + piece(s.f) } else { 0 };
                 if let (Some(_), Some((shape, [direct, _]))) = (block.pool, k.pooled) {
                     let forward = ConvForward::of(direct, wino.and_then(|wk| wk.pooled));
-                    let per_shard =
-                        if in_one(shape, forward) { 0 } else { shape.scratch + forward.scratch() };
+                    let per_shard = if shape.fused { 0 } else { shape.scratch + forward.scratch() };
                     return folded
                         + piece(forward.weights_len(s))
                         + piece(padded_len(n, input_hwc(conv), conv.pads))
@@ -1909,7 +1913,11 @@ impl Kernels<f32> for JitKernels {
                 let xp = padded_into(x4, conv.pads, 0.0, s);
                 let x_sample = sh.hp * sh.wp * sh.c;
                 let buffers = [xp, prepared.as_mut_ptr(), bp, yp];
-                if in_one(shape, forward) {
+                if shape.fused {
+                    debug_assert!(
+                        matches!(forward, ConvForward::Direct(_)),
+                        "no Winograd kernel for a fused pool"
+                    );
                     return run(direct, Buffers::new(&buffers), n, n);
                 }
                 return run_pooled(forward, pool_kernel, buffers, x_sample, shape, n, s);
