@@ -106,7 +106,7 @@ fn conv2d_wide_chunks_and_tails() {
 #[test]
 fn first_layers_with_one_input_channel() {
     // 9 rows of dw: weight-gradient tasks of 5 + 4 rows, split into 8 output channels each
-    // (4 parts; 2 parts, the last of 4 channels); 3 batches' sizes over 2 and 3 threads
+    // (4 parts; 2 parts, the last of 4 channels), at a batch of 5
     for model in [
         "input 12x11x1 conv2d(32, kernel=3, activation=relu) maxpool(2) flatten dense(10, activation=softmax)",
         "input 9x9x1 conv2d(12, kernel=3) flatten dense(3, activation=softmax)",
