@@ -355,6 +355,93 @@ fn apply_paired(e: &mut Emit, matrix: &[Vec<f32>], values: &[Value], vector: boo
     apply(e, &matrix, &values, vector)
 }
 
+/// Bᵀ·d for one column of an input tile of the inference tiles (past 4), by factors of its
+/// rows' polynomials instead of from the matrix: 20 adds and multiply-adds a column for
+/// F(5x5) against 27 from the matrix (34 terms), 24 for F(6x6), and fewer constants.
+///
+/// Bᵀ's row for a point p is Π_{k≠p} (x − p_k) (for ∞, Π_k), its coefficients applied to d
+/// (lowest power on d₀); a factor x shifts d by one. [`points`] are 0, pairs ±p and at most
+/// one single q. With P = Π_pairs (x² − p²), an even polynomial, and E_j = d_{j+1} − q·d_j
+/// (the factor x − q; E = d without a single):
+///
+/// ```text
+///   row 0:  P on E from 0        row ∞: P on E from 1        row q: P on d from 1
+///   rows ±p: a ± p·b,  a = P/(x² − p²) on E from 2,  b = the same on E from 1
+/// ```
+///
+/// (rows ±p are x·(x − q)·P/(x² − p²)·(x ± p)). It rounds differently from the matrix: the
+/// inference tiles take it, as [`apply_paired`].
+fn factored_input(e: &mut Emit, points: &[f64], d: &[Value], vector: bool) -> Vec<Value> {
+    let pairs: Vec<f64> = points.iter().copied().filter(|&p| p > 0.0 && points.contains(&-p)).collect();
+    let singles: Vec<f64> = points.iter().copied().filter(|&p| p != 0.0 && !points.contains(&-p)).collect();
+    assert!(points.contains(&0.0) && singles.len() <= 1, "points 0, pairs ±p and at most one single");
+    assert_eq!(d.len(), points.len() + 1, "a column of α values");
+    // Σ_i poly[i]·seq[from + 2i] for an even polynomial by its coefficients in x², monic
+    let even = |e: &mut Emit, poly: &[f64], seq: &[Value], from: usize| {
+        let top = poly.len() - 1;
+        let mut acc = seq[from + 2 * top];
+        for (i, &k) in poly.iter().enumerate().take(top).rev() {
+            acc = scaled_add(e, acc, k, seq[from + 2 * i], vector);
+        }
+        acc
+    };
+    // coefficients in x² of Π (x² − p²) over `pairs` but `except`
+    let product = |except: Option<f64>| {
+        let mut poly = vec![1.0f64];
+        for &p in pairs.iter().filter(|&&p| Some(p) != except) {
+            let mut next = vec![0.0; poly.len() + 1];
+            for (power, c) in poly.iter().enumerate() {
+                next[power + 1] += c;
+                next[power] -= p * p * c;
+            }
+            poly = next;
+        }
+        poly
+    };
+    let e_seq: Vec<Value> = match singles.first() {
+        Some(&q) => (0..d.len() - 1).map(|j| scaled_add(e, d[j + 1], -q, d[j], vector)).collect(),
+        None => d.to_vec(),
+    };
+    let full = product(None);
+    let mut rows: Vec<Value> = Vec::with_capacity(d.len());
+    let mut halves: Vec<(f64, [Value; 2])> = Vec::new();
+    for &point in points {
+        let row = if point == 0.0 {
+            even(e, &full, &e_seq, 0)
+        } else if singles.contains(&point) {
+            even(e, &full, d, 1)
+        } else {
+            let p = point.abs();
+            let [a, b] = match halves.iter().find(|(q, _)| *q == p) {
+                Some(&(_, ab)) => ab,
+                None => {
+                    let poly = product(Some(p));
+                    let ab = [even(e, &poly, &e_seq, 2), even(e, &poly, &e_seq, 1)];
+                    halves.push((p, ab));
+                    ab
+                }
+            };
+            scaled_add(e, a, point, b, vector)
+        };
+        rows.push(row);
+    }
+    rows.push(even(e, &full, &e_seq, 1));
+    rows
+}
+
+/// acc + k·v: an add or a subtract for k = ±1, else a multiply-add.
+fn scaled_add(e: &mut Emit, acc: Value, k: f64, v: Value, vector: bool) -> Value {
+    match k {
+        1.0 => e.ins().fadd(acc, v),
+        -1.0 => e.ins().fsub(acc, v),
+        0.0 => acc,
+        k => {
+            let k = constant(e, k as f32, vector);
+            e.fma(k, v, acc)
+        }
+    }
+}
+
 /// Whether the compiler picks Winograd for a 3x3 stride-1 layer with `c` input and `f`
 /// output channels: the cost model counts, per 2x2 block of outputs, the direct kernel's
 /// 36·C·F multiply-adds against Winograd's 16·C·F plus its transforms (32 adds a tile per
@@ -507,7 +594,8 @@ pub fn forward(e: &mut Emit, shape: &WinogradShape, epilogue: Epilogue) {
             e.at(sums, off)
         });
         let complete = [shape.alpha(); 2];
-        transform_tiles(e, &bt, shape.m, [shape.th, shape.tw], [s.wp, s.c], complete, [xn, v], tiles);
+        let factored = (shape.m > 4).then(|| points(shape.m));
+        transform_tiles(e, &bt, shape.m, [shape.th, shape.tw], [s.wp, s.c], complete, [xn, v], tiles, factored);
         multiply(e, shape, v, u, m);
         let out = Output { bias, yn, sums_n, epilogue };
         transform_output(e, shape, m, out);
@@ -545,7 +633,8 @@ fn for_tiles(
 /// (column) holds only `rest[0]` rows (`rest[1]` columns) of the sample, k where it is
 /// complete: the others are taken as zeros (the weight gradient's, where they meet only the
 /// zeros that complete dy's last tiles). One vector of channels at a time, so that a 6x6 tile
-/// stays in registers.
+/// stays in registers. With `factored` (the inference tiles' points), T is their Bᵀ, taken by
+/// its factors ([`factored_input`]).
 #[allow(clippy::too_many_arguments)]
 // Tile positions are indices in the transforms' formulas: loops over them read as the math.
 #[allow(clippy::needless_range_loop)]
@@ -558,6 +647,7 @@ fn transform_tiles(
     rest: [usize; 2],
     [src, dst]: [Value; 2],
     plane: usize,
+    factored: Option<&[f64]>,
 ) {
     let (alpha, size) = (matrix.len(), matrix[0].len());
     for_tiles(e, [th, tw], rest.map(|r| r < size), |e, ty, tx, last| {
@@ -575,16 +665,20 @@ fn transform_tiles(
             // d[i][j]: one vector of channels per pixel
             let d = load_tile(e, base, size, [width, channels], valid, one);
             // columns[j][a] = (T d)[a][j]; then V[a][b] = Σ_j (T d)[a][j] T[b][j]
+            let transform = |e: &mut Emit, values: &[Value]| match factored {
+                Some(points) => factored_input(e, points, values, vector),
+                None => apply(e, matrix, values, vector),
+            };
             let columns: Vec<Vec<Value>> = (0..size)
                 .map(|j| {
                     let column: Vec<Value> = (0..size).map(|i| d[i][j][0]).collect();
-                    apply(e, matrix, &column, vector)
+                    transform(e, &column)
                 })
                 .collect();
             let out = e.at(out, c0);
             for a in 0..alpha {
                 let row: Vec<Value> = (0..size).map(|j| columns[j][a]).collect();
-                for (b, value) in apply(e, matrix, &row, vector).into_iter().enumerate() {
+                for (b, value) in transform(e, &row).into_iter().enumerate() {
                     let xi = a * alpha + b;
                     store_chunk(e, &[value], out, (xi * plane * channels) as i64);
                 }
@@ -816,8 +910,8 @@ pub fn weight_gradient(e: &mut Emit, shape: &WinogradShape) {
                 let dyn_off = e.mul_k(n, (s.oh * s.ow * s.f) as i64);
                 let dyn_ = e.at(dy, dyn_off);
                 let grid = [shape.th, shape.tw];
-                transform_tiles(e, &bt, shape.m, grid, [s.wp, s.c], rest.map(|r| r + 2), [xn, v_j], span);
-                transform_tiles(e, &a, shape.m, grid, [s.ow, s.f], rest, [dyn_, d_j], span);
+                transform_tiles(e, &bt, shape.m, grid, [s.wp, s.c], rest.map(|r| r + 2), [xn, v_j], span, None);
+                transform_tiles(e, &a, shape.m, grid, [s.ow, s.f], rest, [dyn_, d_j], span, None);
                 if let Some(db) = db {
                     // position (1, 1): A's row of ones (halves for m = 2) on both sides
                     let off = ((shape.alpha() + 1) * span * s.f) as i64;
