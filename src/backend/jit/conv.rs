@@ -404,13 +404,26 @@ fn pixel_block(
     }
     // With few input channels the tap loops are most of the work: unroll them.
     let taps = if s.c < UNROLL { [s.kh, s.kw] } else { [1, 1] };
+    // The block's first tap, (0, 0), in x and w; the others lie a constant offset from it
+    // where the tap loops are unrolled, so that each tap's loads take it as an immediate
+    // (the whole offset per tap was four integer instructions beside its 8 multiply-adds).
+    let zero = e.int(0);
+    let x_off = input_offset(e, s.input(), s.stride(), None, [oh, ow0], [zero, zero]);
+    let xfirst = e.at(xn, x_off);
+    let w_off = packed_tap_offset(e, s, [zero, zero], s.c, f0, width);
+    let wfirst = e.at(w, w_off);
     e.for_n_unrolled(s.kh, taps[0], |e, kh| {
         e.for_n_unrolled(s.kw, taps[1], |e, kw| {
-            let x_off = input_offset(e, s.input(), s.stride(), None, [oh, ow0], [kh, kw]);
-            let xbase = e.at(xn, x_off);
+            // x at (kh, kw) from the block's first pixel: (kh·WP + kw)·C
+            let row = e.mul_k(kh, s.wp as i64);
+            let pixel = e.add(row, kw);
+            let x_tap = e.mul_k(pixel, s.c as i64);
+            let xbase = e.at(xfirst, x_tap);
             // w (packed) at (kh, kw, 0) of the chunk from f0
-            let w_off = packed_tap_offset(e, s, [kh, kw], s.c, f0, width);
-            let wbase = e.at(w, w_off);
+            let tap = e.mul_k(kh, s.kw as i64);
+            let tap = e.add(tap, kw);
+            let w_tap = e.mul_k(tap, (s.c * width.lanes()) as i64);
+            let wbase = e.at(wfirst, w_tap);
             e.for_n_unrolled(s.c, UNROLL, |e, ci| {
                 let wci_off = e.mul_k(ci, width.lanes() as i64);
                 let waddr = e.at(wbase, wci_off);

@@ -239,12 +239,23 @@ impl<'a> Emit<'a> {
         }
     }
 
+    /// a + k. Where `a` is itself some b + k₀, b + (k₀ + k): x64 takes one constant into a
+    /// load's address, and a second one costs an instruction (a register set to it).
     pub fn add_k(&mut self, a: Value, k: i64) -> Value {
-        match self.constant(a) {
-            Some(x) => self.int(x + k),
-            None if k == 0 => a,
-            None => self.b.ins().iadd_imm_s(a, k),
+        if let Some(x) = self.constant(a) {
+            return self.int(x + k);
         }
+        if k == 0 {
+            return a;
+        }
+        if let ir::ValueDef::Result(inst, 0) = self.b.func.dfg.value_def(a)
+            && let ir::InstructionData::Binary { opcode: ir::Opcode::Iadd, args: [b, k0] } =
+                self.b.func.dfg.insts[inst]
+            && let Some(k0) = self.constant(k0)
+        {
+            return self.b.ins().iadd_imm_s(b, k0 + k);
+        }
+        self.b.ins().iadd_imm_s(a, k)
     }
 
     pub fn mul_k(&mut self, a: Value, k: i64) -> Value {
