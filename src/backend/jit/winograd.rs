@@ -21,7 +21,9 @@
 //!
 //! The transforms are emitted from their matrices ([`combine`]: ±1 as adds and subtracts,
 //! other coefficients as fused multiply-adds), a vector of channels at a time so that a 6x6
-//! tile stays in registers. The products run on the register-blocked kernel of conv.rs (up to
+//! tile stays in registers; the inference tiles' input transform by the factors of Bᵀ's rows
+//! instead ([`factored_input`]), and their output transform with Aᵀ's ±p columns paired
+//! ([`apply_paired`]). The products run on the register-blocked kernel of conv.rs (up to
 //! 5 rows x 8 channels). The input gradient stays direct: the same operation as the forward pass (a
 //! valid convolution of dy padded by 2 with the kernel flipped and transposed), but measured
 //! on mnist.cnn's conv2d_1 (batch 128, 2 threads) F(2x2) took 8.3 ms against the direct
@@ -37,7 +39,7 @@
 //! has halves, exact in f32, F(4x4)'s sixths and twelfths, and its Bᵀ and Aᵀ coefficients up
 //! to 8, so F(4x4) rounds more. Both are within 1e-4 of the direct sum on the shapes of the
 //! tests here and of tests/jit.rs (the differential tests' tolerance); F(5x5) and F(6x6), with
-//! coefficients up to 16 and 32, within 3e-4 (~3x F(4x4)'s error, measured on 32 channels).
+//! coefficients up to 16 and 32, within 3e-4 (~2x F(4x4)'s error, measured on 32 channels).
 
 use cranelift_codegen::ir::{InstBuilder as _, Value};
 
@@ -595,7 +597,17 @@ pub fn forward(e: &mut Emit, shape: &WinogradShape, epilogue: Epilogue) {
         });
         let complete = [shape.alpha(); 2];
         let factored = (shape.m > 4).then(|| points(shape.m));
-        transform_tiles(e, &bt, shape.m, [shape.th, shape.tw], [s.wp, s.c], complete, [xn, v], tiles, factored);
+        transform_tiles(
+            e,
+            &bt,
+            shape.m,
+            [shape.th, shape.tw],
+            [s.wp, s.c],
+            complete,
+            [xn, v],
+            tiles,
+            factored,
+        );
         multiply(e, shape, v, u, m);
         let out = Output { bias, yn, sums_n, epilogue };
         transform_output(e, shape, m, out);
@@ -910,7 +922,17 @@ pub fn weight_gradient(e: &mut Emit, shape: &WinogradShape) {
                 let dyn_off = e.mul_k(n, (s.oh * s.ow * s.f) as i64);
                 let dyn_ = e.at(dy, dyn_off);
                 let grid = [shape.th, shape.tw];
-                transform_tiles(e, &bt, shape.m, grid, [s.wp, s.c], rest.map(|r| r + 2), [xn, v_j], span, None);
+                transform_tiles(
+                    e,
+                    &bt,
+                    shape.m,
+                    grid,
+                    [s.wp, s.c],
+                    rest.map(|r| r + 2),
+                    [xn, v_j],
+                    span,
+                    None,
+                );
                 transform_tiles(e, &a, shape.m, grid, [s.ow, s.f], rest, [dyn_, d_j], span, None);
                 if let Some(db) = db {
                     // position (1, 1): A's row of ones (halves for m = 2) on both sides
@@ -1136,9 +1158,9 @@ mod tests {
     }
 
     /// The forward pass's error bound against the direct sum: F(5x5)'s and F(6x6)'s (inference
-    /// only) are ~3x F(4x4)'s, measured on these shapes (32 channels: 5.1e-5 for F(4x4), 1.4e-4
-    /// for F(5x5) and F(6x6); F(5x5) 1.1e-4 before its output transform took the pairs of points
-    /// together, [`apply_paired`]).
+    /// only) are ~2x F(4x4)'s, measured on these shapes (32 channels: 5.1e-5 for F(4x4), 1.1e-4
+    /// for F(5x5), 8.5e-5 for F(6x6); 1.4e-4 for both with the input transform from the matrix,
+    /// before [`factored_input`]).
     fn forward_tolerance(m: usize) -> f32 {
         if m <= 4 { 1e-4 } else { 3e-4 }
     }
