@@ -350,11 +350,9 @@ pub fn forward(e: &mut Emit, s: &ConvShape, epilogue: Epilogue) {
         return dense(e, [s.c, s.f], Rows { x, w, bias, y, sums }, epilogue);
     }
     let (start, end) = (e.start, e.end);
-    let spread = spread_slot(e, s);
+    let input = Input::new(e, s);
     e.for_range(start, end, |e, n| {
-        let xn_off = e.mul_k(n, (s.hp * s.wp * s.c) as i64);
-        let xn = e.at(x, xn_off);
-        let xn = spread.map_or(xn, |slot| spread_sample(e, s, xn, slot));
+        let xn = input.sample(e, s, x, n);
         let yn_off = e.mul_k(n, (s.oh * s.ow * s.f) as i64);
         let yn = e.at(y, yn_off);
         let sums_n = sums.map(|sums| {
@@ -373,7 +371,7 @@ pub fn forward(e: &mut Emit, s: &ConvShape, epilogue: Epilogue) {
                         pixels,
                         f0,
                         width,
-                        spread.is_some(),
+                        input.spread(),
                     );
                     let pixel = e.mul_k(oh, s.ow as i64);
                     let pixel = e.add(pixel, ow0);
@@ -408,15 +406,35 @@ pub fn forward(e: &mut Emit, s: &ConvShape, epilogue: Epilogue) {
 /// element): a 28x28 image takes 12.5 KB of the kernel's stack frame.
 const SPREAD_BYTES: usize = 64 << 10;
 
-/// A stack slot for [`spread_sample`]'s copy, where the convolution has one input channel and
-/// a sample fits in [`SPREAD_BYTES`].
-fn spread_slot(e: &mut Emit, s: &ConvShape) -> Option<cranelift_codegen::ir::StackSlot> {
-    use cranelift_codegen::ir::{StackSlotData, StackSlotKind};
-    let bytes = s.hp * s.wp * 16;
-    (s.c == 1 && s.f >= 4 && bytes <= SPREAD_BYTES).then(|| {
-        // 16-byte aligned
-        e.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, bytes as u32, 4))
-    })
+/// Where the direct kernels read a sample of their (padded) input: in x itself, or, where the
+/// convolution has one input channel and a sample fits in [`SPREAD_BYTES`], in a stack slot
+/// that [`spread_sample`] copies it into.
+#[derive(Clone, Copy)]
+struct Input {
+    spread: Option<cranelift_codegen::ir::StackSlot>,
+}
+
+impl Input {
+    fn new(e: &mut Emit, s: &ConvShape) -> Self {
+        use cranelift_codegen::ir::{StackSlotData, StackSlotKind};
+        let bytes = s.hp * s.wp * 16;
+        let spread = (s.c == 1 && s.f >= 4 && bytes <= SPREAD_BYTES).then(|| {
+            // 16-byte aligned
+            e.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, bytes as u32, 4))
+        });
+        Input { spread }
+    }
+
+    /// Sample `n` of x, spread where the kernel spreads it.
+    fn sample(self, e: &mut Emit, s: &ConvShape, x: Value, n: Value) -> Value {
+        let xn_off = e.mul_k(n, (s.hp * s.wp * s.c) as i64);
+        let xn = e.at(x, xn_off);
+        self.spread.map_or(xn, |slot| spread_sample(e, s, xn, slot))
+    }
+
+    fn spread(self) -> bool {
+        self.spread.is_some()
+    }
 }
 
 /// One sample of a one-channel input at `xn`, each element in all 4 lanes, in `slot`; its
@@ -492,21 +510,17 @@ fn pixel_block(
                 let wci_off = e.mul_k(ci, width.lanes() as i64);
                 let waddr = e.at(wbase, wci_off);
                 let wv = load_chunk(e, waddr, 0, width);
-                if spread {
-                    let ci = e.mul_k(ci, lanes);
-                    let xaddr = e.at(xbase, ci);
-                    let step = (s.sw * s.c) as i64 * lanes;
-                    accumulate_with(e, &acc, &wv, |e, r| {
-                        if width == Width::Scalar {
-                            e.load(xaddr, r as i64 * step)
-                        } else {
-                            e.load4(xaddr, r as i64 * step)
-                        }
-                    });
-                } else {
-                    let xaddr = e.at(xbase, ci);
-                    accumulate(e, &acc, &wv, |e, r| e.at_k(xaddr, (r * s.sw * s.c) as i64), width);
-                }
+                let ci = e.mul_k(ci, lanes);
+                let xaddr = e.at(xbase, ci);
+                let step = (s.sw * s.c) as i64 * lanes;
+                accumulate_with(e, &acc, &wv, |e, r| {
+                    let offset = r as i64 * step;
+                    match width {
+                        Width::Scalar => e.load(xaddr, offset),
+                        _ if spread => e.load4(xaddr, offset),
+                        _ => broadcast(e, xaddr, offset, width),
+                    }
+                });
             });
         });
     });
@@ -531,11 +545,9 @@ pub fn forward_max_pooled(e: &mut Emit, s: &ConvShape, window: [usize; 2], recti
     // whole windows per block: up to PIXELS pixels, at least one window
     let per_block = (PIXELS / ww).max(1);
     let (start, end) = (e.start, e.end);
-    let spread = spread_slot(e, s);
+    let input = Input::new(e, s);
     e.for_range(start, end, |e, n| {
-        let xn_off = e.mul_k(n, (s.hp * s.wp * s.c) as i64);
-        let xn = e.at(x, xn_off);
-        let xn = spread.map_or(xn, |slot| spread_sample(e, s, xn, slot));
+        let xn = input.sample(e, s, x, n);
         let yn_off = e.mul_k(n, (ph * pw * s.f) as i64);
         let yn = e.at(y, yn_off);
         e.for_n(ph, |e, py| {
@@ -552,16 +564,8 @@ pub fn forward_max_pooled(e: &mut Emit, s: &ConvShape, window: [usize; 2], recti
                     for dy in 0..wh {
                         let oh = e.mul_k(py, wh as i64);
                         let oh = e.add_k(oh, dy as i64);
-                        let acc = pixel_block(
-                            e,
-                            s,
-                            [xn, w, b],
-                            [oh, ow0],
-                            windows * ww,
-                            f0,
-                            width,
-                            spread.is_some(),
-                        );
+                        let acc =
+                            pixel_block(e, s, [xn, w, b], [oh, ow0], windows * ww, f0, width, input.spread());
                         // each window's maximum so far, in the pool's order (row by row)
                         let one = if vector { Width::One } else { Width::Scalar };
                         for q in 0..windows {
