@@ -127,10 +127,20 @@ impl WinogradShape {
         self.alpha() * self.alpha()
     }
 
-    /// Elements of the forward kernel's scratch, for one sample: V (positions·tiles·C), then M
-    /// (positions·tiles·F).
+    /// Elements of the forward kernel's scratch, for one sample: V (positions planes of
+    /// tiles·C), then M (of tiles·F), each plane [`WinogradShape::plane`] long.
     pub fn scratch(&self) -> usize {
-        self.positions() * self.tiles() * (self.conv.c + self.conv.f)
+        self.positions() * (self.plane(self.conv.c) + self.plane(self.conv.f))
+    }
+
+    /// Elements from one position's plane of the forward kernel's V (`channels` = C) or M (F)
+    /// to the next: tiles·channels, rounded up to an odd number of 64-byte lines. A tile's α²
+    /// values lie one in each plane, and the transforms read (write) them together. At a
+    /// stride of a power of two lines they fall into a few of L1's sets: mnist.cnn's pooled
+    /// F(5x5) (4 tiles) has M's planes 1 KB apart, whose 49 lines then share 4 sets of 8 ways.
+    pub fn plane(&self, channels: usize) -> usize {
+        const LINE: usize = 16;
+        ((self.tiles() * channels).div_ceil(LINE) | 1) * LINE
     }
 
     /// Elements of the weight gradient's scratch: V and D (as [`WinogradShape::scratch`]'s V
@@ -581,9 +591,8 @@ pub fn forward(e: &mut Emit, shape: &WinogradShape, epilogue: Epilogue) {
     let (x, u, y, scratch) = (e.buf(0), e.buf(1), e.buf(3), e.buf(5));
     let bias = s.bias.then(|| e.buf(2));
     let sums = epilogue.stats.then(|| e.buf(4));
-    let tiles = shape.tiles();
     let v = scratch;
-    let m = e.at_k(scratch, (shape.positions() * tiles * s.c) as i64);
+    let m = e.at_k(scratch, (shape.positions() * shape.plane(s.c)) as i64);
     let bt = transforms(shape.m).bt;
     let (start, end) = (e.start, e.end);
     e.for_range(start, end, |e, n| {
@@ -605,7 +614,7 @@ pub fn forward(e: &mut Emit, shape: &WinogradShape, epilogue: Epilogue) {
             [s.wp, s.c],
             complete,
             [xn, v],
-            tiles,
+            shape.plane(s.c),
             factored,
         );
         multiply(e, shape, v, u, m);
@@ -640,7 +649,7 @@ fn for_tiles(
 
 /// V[ξ][t][c] = (T d Tᵀ)[ξ] for every k x k tile d of a sample at `src` (rows `width` pixels
 /// of `channels` apart; tile (ty, tx) at (m·ty, m·tx)) into `dst`, whose planes (one per
-/// position ξ) hold `plane` tiles of `channels`; T = `matrix` (α x k): the input's
+/// position ξ, `plane` elements apart) hold the tiles' `channels` one after another; T = `matrix` (α x k): the input's
 /// tiles by Bᵀ (k = α) and the weight gradient's tiles of dy by A (k = m). The last tile row
 /// (column) holds only `rest[0]` rows (`rest[1]` columns) of the sample, k where it is
 /// complete: the others are taken as zeros (the weight gradient's, where they meet only the
@@ -662,6 +671,7 @@ fn transform_tiles(
     factored: Option<&[f64]>,
 ) {
     let (alpha, size) = (matrix.len(), matrix[0].len());
+    let staging = Staging::new(e, alpha * size);
     for_tiles(e, [th, tw], rest.map(|r| r < size), |e, ty, tx, last| {
         let valid = [0, 1].map(|k| if last[k] { rest[k] } else { size });
         let origin = tile_origin(e, [ty, tx], m, [width, channels]);
@@ -674,25 +684,35 @@ fn transform_tiles(
             let vector = one != Width::Scalar;
             let base = e.add(origin, c0);
             let base = e.at(src, base);
-            // d[i][j]: one vector of channels per pixel
-            let d = load_tile(e, base, size, [width, channels], valid, one);
-            // columns[j][a] = (T d)[a][j]; then V[a][b] = Σ_j (T d)[a][j] T[b][j]
             let transform = |e: &mut Emit, values: &[Value]| match factored {
                 Some(points) => factored_input(e, points, values, vector),
                 None => apply(e, matrix, values, vector),
             };
-            let columns: Vec<Vec<Value>> = (0..size)
-                .map(|j| {
-                    let column: Vec<Value> = (0..size).map(|i| d[i][j][0]).collect();
-                    transform(e, &column)
-                })
-                .collect();
+            // (T d)[a][j] into the staging at a·size + j, a column of d (one vector of
+            // channels per pixel; zeros outside the sample) at a time
+            let zero = e.zero(one.ty());
+            for j in 0..size {
+                let column: Vec<Value> = (0..size)
+                    .map(|i| {
+                        let inside = i < valid[0] && j < valid[1];
+                        if inside {
+                            load_chunk(e, base, ((i * width + j) * channels) as i64, one)[0]
+                        } else {
+                            zero
+                        }
+                    })
+                    .collect();
+                for (a, value) in transform(e, &column).into_iter().enumerate() {
+                    staging.put(e, a * size + j, value);
+                }
+            }
+            // then V[a][b] = Σ_j (T d)[a][j] T[b][j], a row at a time
             let out = e.at(out, c0);
             for a in 0..alpha {
-                let row: Vec<Value> = (0..size).map(|j| columns[j][a]).collect();
+                let row: Vec<Value> = (0..size).map(|j| staging.get(e, a * size + j, one)).collect();
                 for (b, value) in transform(e, &row).into_iter().enumerate() {
                     let xi = a * alpha + b;
-                    store_chunk(e, &[value], out, (xi * plane * channels) as i64);
+                    store_chunk(e, &[value], out, (xi * plane) as i64);
                 }
             }
         });
@@ -721,31 +741,31 @@ fn tile_origin(e: &mut Emit, [ty, tx]: [Value; 2], m: usize, [width, channels]: 
     e.mul_k(pixel, channels as i64)
 }
 
-/// One chunk of channels at each of a size x size tile's pixels from `base` (rows `width`
-/// pixels of `channels` apart): [row][column]. Only its first `valid` rows and columns lie
-/// inside the sample; the others are zeros.
-fn load_tile(
-    e: &mut Emit,
-    base: Value,
-    size: usize,
-    [width, channels]: [usize; 2],
-    valid: [usize; 2],
-    chunk: Width,
-) -> Vec<Vec<Vec<Value>>> {
-    let zero = if valid != [size; 2] { vec![e.zero(chunk.ty()); chunk.parts()] } else { Vec::new() };
-    (0..size)
-        .map(|i| {
-            (0..size)
-                .map(|j| {
-                    if i >= valid[0] || j >= valid[1] {
-                        zero.clone()
-                    } else {
-                        load_chunk(e, base, ((i * width + j) * channels) as i64, chunk)
-                    }
-                })
-                .collect()
-        })
-        .collect()
+/// Where a separable transform keeps its first pass (α·size values) for its second: a stack
+/// slot of `len` vectors (a scalar takes a vector's place). Kept in registers, the values of a
+/// 7x7 or 8x8 tile (with the tile's loads all first) spilled to the stack and back anyway, at
+/// a stride the register allocator chose; staged here, a pass holds one column or row of them.
+#[derive(Clone, Copy)]
+struct Staging {
+    addr: Value,
+}
+
+impl Staging {
+    fn new(e: &mut Emit, len: usize) -> Self {
+        use cranelift_codegen::ir::{StackSlotData, StackSlotKind};
+        // 16-byte aligned
+        let slot =
+            e.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 16 * len as u32, 4));
+        Staging { addr: e.b.ins().stack_addr(e.ptr, slot, 0) }
+    }
+
+    fn put(self, e: &mut Emit, i: usize, value: Value) {
+        e.store(value, self.addr, 4 * i as i64);
+    }
+
+    fn get(self, e: &mut Emit, i: usize, width: Width) -> Value {
+        load_chunk(e, self.addr, 4 * i as i64, width)[0]
+    }
 }
 
 /// M[ξ] = V[ξ] (tiles x C) · U[ξ] (C x F) for every position, with conv.rs's register
@@ -754,11 +774,11 @@ fn multiply(e: &mut Emit, shape: &WinogradShape, v: Value, u: Value, m: Value) {
     let s = shape.conv;
     let tiles = shape.tiles();
     e.for_n(shape.positions(), |e, xi| {
-        let v_off = e.mul_k(xi, (tiles * s.c) as i64);
+        let v_off = e.mul_k(xi, shape.plane(s.c) as i64);
         let vxi = e.at(v, v_off);
         let u_off = e.mul_k(xi, (s.c * s.f) as i64);
         let uxi = e.at(u, u_off);
-        let m_off = e.mul_k(xi, (tiles * s.f) as i64);
+        let m_off = e.mul_k(xi, shape.plane(s.f) as i64);
         let mxi = e.at(m, m_off);
         for_pixel_blocks(e, tiles, |e, t0, rows| {
             let a_off = e.mul_k(t0, s.c as i64);
@@ -823,7 +843,7 @@ fn output_tile(
     valid: [usize; 2],
 ) {
     let s = shape.conv;
-    let tiles = shape.tiles();
+    let plane = shape.plane(s.f);
     let alpha = shape.alpha();
     let at = transforms(shape.m).at;
     // the inference tiles (past 4) take their pairs of points together
@@ -835,25 +855,25 @@ fn output_tile(
     // y at (m·ty, m·tx)
     let y_off = tile_origin(e, [ty, tx], shape.m, [s.ow, s.f]);
     let ybase = e.at(out.yn, y_off);
+    let staging = Staging::new(e, valid[0] * alpha);
     for_vectors(e, s.f, |e, f0, one| {
         let vector = one != Width::Scalar;
         let base = e.at(mt, f0);
-        let mv: Vec<Value> =
-            (0..alpha * alpha).map(|xi| load_chunk(e, base, (xi * tiles * s.f) as i64, one)[0]).collect();
-        // columns[b][a] = (Aᵀ M)[a][b]
-        let columns: Vec<Vec<Value>> = (0..alpha)
-            .map(|b| {
-                let column: Vec<Value> = (0..alpha).map(|a| mv[a * alpha + b]).collect();
-                apply(e, &at[..valid[0]], &column, vector)
-            })
-            .collect();
+        // (Aᵀ M)[a][b] into the staging at a·α + b, a column of M at a time
+        for b in 0..alpha {
+            let column: Vec<Value> =
+                (0..alpha).map(|a| load_chunk(e, base, ((a * alpha + b) * plane) as i64, one)[0]).collect();
+            for (a, value) in apply(e, &at[..valid[0]], &column, vector).into_iter().enumerate() {
+                staging.put(e, a * alpha + b, value);
+            }
+        }
         let bias = out.bias.map(|b| {
             let addr = e.at(b, f0);
             load_chunk(e, addr, 0, one)[0]
         });
         let mut stored = Vec::with_capacity(valid[0] * valid[1]);
         for a in 0..valid[0] {
-            let row: Vec<Value> = (0..alpha).map(|b| columns[b][a]).collect();
+            let row: Vec<Value> = (0..alpha).map(|b| staging.get(e, a * alpha + b, one)).collect();
             let y = apply(e, &at[..valid[1]], &row, vector);
             for (b, mut value) in y.into_iter().enumerate() {
                 if let Some(bias) = bias {
@@ -930,10 +950,10 @@ pub fn weight_gradient(e: &mut Emit, shape: &WinogradShape) {
                     [s.wp, s.c],
                     rest.map(|r| r + 2),
                     [xn, v_j],
-                    span,
+                    span * s.c,
                     None,
                 );
-                transform_tiles(e, &a, shape.m, grid, [s.ow, s.f], rest, [dyn_, d_j], span, None);
+                transform_tiles(e, &a, shape.m, grid, [s.ow, s.f], rest, [dyn_, d_j], span * s.f, None);
                 if let Some(db) = db {
                     // position (1, 1): A's row of ones (halves for m = 2) on both sides
                     let off = ((shape.alpha() + 1) * span * s.f) as i64;
