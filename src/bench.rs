@@ -17,9 +17,11 @@ use crate::Checked;
 use crate::autodiff::{self, Program, Step};
 use crate::backend::Backend as _;
 use crate::backend::jit::Jit;
-use crate::backend::reference::Profile;
+use crate::backend::reference::{self, Profile};
 use crate::ir::NodeId;
+use crate::ir::fuse::Block;
 use crate::ir::train::Optimizer;
+use crate::memory::Pass;
 use crate::rng::Rng;
 use crate::train::state::State;
 
@@ -65,15 +67,27 @@ pub struct Report {
 
 /// The groups of the fused program in training (`training`) or at inference: (name, nodes),
 /// in order. A layer that lowered to several groups (`dense(10, activation=softmax)`) names the
-/// later ones by their op too.
-fn groups(program: &Program, training: bool) -> Vec<(String, Vec<NodeId>)> {
+/// later ones by their op too. At inference a block that `in_next_step` says runs inside the
+/// next block's step ([`crate::memory::Plan::paired`]) is one group with it: the step's time
+/// is both blocks'.
+fn groups(
+    program: &Program,
+    training: bool,
+    in_next_step: impl Fn(&Block) -> bool,
+) -> Vec<(String, Vec<NodeId>)> {
     let mut groups: Vec<(String, Vec<NodeId>)> = Vec::new();
+    let mut carried: Vec<NodeId> = Vec::new();
     for &id in if training { &program.forward } else { &program.inference } {
-        let nodes: Vec<NodeId> = match program.block_ending_at(id, training) {
-            Some(b) if training => b.nodes().collect(),
-            Some(b) => b.inference_nodes().collect(),
-            None => vec![id],
-        };
+        let mut nodes: Vec<NodeId> = std::mem::take(&mut carried);
+        match program.block_ending_at(id, training) {
+            Some(b) if training => nodes.extend(b.nodes()),
+            Some(b) if in_next_step(b) => {
+                carried = b.inference_nodes().collect();
+                continue;
+            }
+            Some(b) => nodes.extend(b.inference_nodes()),
+            None => nodes.push(id),
+        }
         let mut names: Vec<&str> = nodes.iter().map(|n| program.graph.layer_of(*n).name.as_str()).collect();
         names.dedup();
         let mut name = names.join("+");
@@ -135,7 +149,9 @@ pub fn run(checked: &Checked, options: Options) -> anyhow::Result<Report> {
     }
     // Rows: (group, phase) for the training groups' forward and backward passes, then the
     // inference groups, then the loss and the update.
-    let (training, inference) = (groups(&fused, true), groups(&fused, false));
+    let plan = reference::plan(&backends[0].kernels, &fused, Pass::Infer, options.inference_batch_size, true);
+    let training = groups(&fused, true, |_| false);
+    let inference = groups(&fused, false, |b| plan.runs_in_next_step(&fused, b));
     let mut keys: Vec<(&str, &'static str, &[NodeId])> = Vec::new();
     for phase in ["forward", "backward"] {
         keys.extend(training.iter().map(|(name, nodes)| (name.as_str(), phase, nodes.as_slice())));

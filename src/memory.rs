@@ -71,6 +71,13 @@ pub struct Placed {
 pub trait StepNeeds {
     fn fuses(&self, block: &Block, pass: Pass) -> bool;
     fn scratch(&self, program: &Program, step: Step, pass: Pass, n: usize) -> usize;
+
+    /// Whether, at inference, the backend runs fused block `first` inside the step of fused
+    /// block `second`, which reads only `first`'s value, sample by sample (so that a sample of
+    /// that value is still in cache when `second` reads it). Asked only of such pairs.
+    fn pairs(&self, _first: &Block, _second: &Block) -> bool {
+        false
+    }
 }
 
 /// The plan of one pass for batches of up to `batch` samples.
@@ -85,6 +92,8 @@ pub struct Plan {
     first_grad: HashMap<NodeId, usize>,
     /// Whether each block runs fused (as the backend said when planning).
     fused: Vec<bool>,
+    /// At inference, for each block, the block that runs inside its step ([`Plan::paired`]).
+    paired: Vec<Option<usize>>,
     /// The arena's size in elements.
     pub len: usize,
     /// What the buffers would take without sharing, in elements.
@@ -101,13 +110,25 @@ impl Plan {
     pub fn new(program: &Program, pass: Pass, batch: usize, needs: &impl StepNeeds, reuse: bool) -> Plan {
         let steps = timeline(program, pass);
         let fused: Vec<bool> = program.blocks.iter().map(|b| needs.fuses(b, pass)).collect();
-        let scratch: Vec<usize> =
+        let paired = pairs(program, pass, &steps, &fused, needs);
+        let mut scratch: Vec<usize> =
             steps.iter().map(|&step| needs.scratch(program, step, pass, batch)).collect();
+        // a pair's step holds both blocks' scratch; the first block's own step runs nothing
+        for (t, &step) in steps.iter().enumerate() {
+            if let Some(first) = step_block(program, pass, step).and_then(|second| paired[second]) {
+                scratch[t] += std::mem::take(&mut scratch[t - 1]);
+                debug_assert_eq!(
+                    step_block(program, pass, steps[t - 1]),
+                    Some(first),
+                    "pairs are adjacent steps"
+                );
+            }
+        }
         let mut touched: Vec<(Buffer, usize)> = Vec::new();
         let mut first_grad = HashMap::new();
         for (t, &step) in steps.iter().enumerate() {
             let mut access = |b: Buffer| touched.push((b, t));
-            accesses(program, pass, &fused, step, &mut access);
+            accesses(program, pass, &fused, &paired, step, &mut access);
             if scratch[t] > 0 {
                 touched.push((Buffer::Scratch(t), t));
             }
@@ -167,7 +188,7 @@ impl Plan {
         }
         let len = order.iter().map(|p| p.offset + p.len).max().unwrap_or(0);
         let unshared = order.iter().map(|p| p.len).sum();
-        let plan = Plan { pass, batch, steps, placed, first_grad, fused, len, unshared };
+        let plan = Plan { pass, batch, steps, placed, first_grad, fused, paired, len, unshared };
         plan.check();
         plan
     }
@@ -180,6 +201,20 @@ impl Plan {
     /// Whether block `i` of the program runs fused in this plan.
     pub fn runs_fused(&self, program: &Program, block: &Block) -> bool {
         program.blocks.iter().position(|b| b == block).is_some_and(|i| self.fused[i])
+    }
+
+    /// At inference, the block that runs inside the step of `block` (the block before it,
+    /// whose value it reads), sample by sample, where the backend pairs them; that block's
+    /// own step then runs nothing.
+    pub fn paired(&self, program: &'_ Program, block: &Block) -> Option<Block> {
+        let i = program.blocks.iter().position(|b| b == block)?;
+        self.paired[i].map(|first| program.blocks[first])
+    }
+
+    /// Whether `block` runs inside the next step ([`Plan::paired`]).
+    pub fn runs_in_next_step(&self, program: &Program, block: &Block) -> bool {
+        let i = program.blocks.iter().position(|b| b == block);
+        i.is_some_and(|i| self.paired.contains(&Some(i)))
     }
 
     /// Whether the gradient of `v` written at step `t` is its first (written in place), or adds
@@ -358,9 +393,77 @@ fn block_at<'p>(program: &'p Program, fused: &[bool], id: NodeId, pass: Pass) ->
     Some((&program.blocks[i], fused[i]))
 }
 
+/// The index of the block whose step `step` is, in `pass`.
+fn step_block(program: &Program, pass: Pass, step: Step) -> Option<usize> {
+    let Step::Forward(id) = step else { return None };
+    program
+        .blocks
+        .iter()
+        .position(|b| if pass == Pass::Train { b.output() } else { b.inference_output() } == id)
+}
+
+/// At inference, for each block, the block run inside its step ([`StepNeeds::pairs`]): the
+/// fused block of the step just before it, when that block's value is read only by this
+/// one's linear node (and is not the model's output). A block run inside another's step takes
+/// none inside its own.
+fn pairs(
+    program: &Program,
+    pass: Pass,
+    steps: &[Step],
+    fused: &[bool],
+    needs: &impl StepNeeds,
+) -> Vec<Option<usize>> {
+    let mut paired = vec![None; program.blocks.len()];
+    if pass != Pass::Infer {
+        return paired;
+    }
+    let mut inside = vec![false; program.blocks.len()];
+    for t in 1..steps.len() {
+        let (Some(first), Some(second)) =
+            (step_block(program, pass, steps[t - 1]), step_block(program, pass, steps[t]))
+        else {
+            continue;
+        };
+        let (a, b) = (&program.blocks[first], &program.blocks[second]);
+        let value = a.inference_output();
+        let readers = program.graph.nodes().filter(|(_, n)| n.inputs.contains(&value)).count();
+        let only_reader = program.graph.node(b.linear).inputs[0] == value && readers == 1;
+        let free = paired[first].is_none() && !inside[first];
+        if fused[first]
+            && fused[second]
+            && only_reader
+            && value != program.output
+            && free
+            && needs.pairs(a, b)
+        {
+            paired[second] = Some(first);
+            inside[first] = true;
+        }
+    }
+    paired
+}
+
 /// Every buffer `step` reads or writes (the interpreter's `run_step` touches exactly these).
-fn accesses(program: &Program, pass: Pass, fused: &[bool], step: Step, access: &mut impl FnMut(Buffer)) {
+fn accesses(
+    program: &Program,
+    pass: Pass,
+    fused: &[bool],
+    paired: &[Option<usize>],
+    step: Step,
+    access: &mut impl FnMut(Buffer),
+) {
     let input = |id: NodeId| program.graph.node(id).inputs[0];
+    if let Some(i) = step_block(program, pass, step) {
+        if paired.contains(&Some(i)) {
+            // runs inside the next step
+            return;
+        }
+        if let Some(first) = paired[i] {
+            let a = &program.blocks[first];
+            access(Buffer::Value(input(a.linear)));
+            access(Buffer::Value(a.inference_output()));
+        }
+    }
     let params = |id: NodeId, access: &mut dyn FnMut(Buffer)| {
         for &i in &program.node_params[id.index()] {
             if program.params[i].spec.trainable {

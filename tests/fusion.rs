@@ -14,6 +14,7 @@ use cnnc::autodiff::Program;
 use cnnc::backend::jit::{JitKernels, Listing};
 use cnnc::backend::reference::{self, Gradients, Mode};
 use cnnc::ir::NodeId;
+use cnnc::memory::Pass;
 use cnnc::rng::Rng;
 use ndarray::ArrayD;
 
@@ -264,4 +265,107 @@ fn fused_training_does_not_depend_on_the_thread_count() {
     let input = reference::batch_array(&fused, &random(7 * 128, &mut rng));
     let labels = [0, 1, 2, 0, 1, 2, 0];
     common::assert_same_on_1_and_3_threads(&jit, &fused, &params, &input, &labels);
+}
+
+/// Which of `program`'s blocks run inside the next block's step at inference on `jit`.
+fn inside_next_step(jit: &JitKernels, program: &Program) -> Vec<bool> {
+    let plan = reference::plan(jit, program, Pass::Infer, 4, true);
+    program.blocks.iter().map(|b| plan.runs_in_next_step(program, b)).collect()
+}
+
+#[test]
+fn pooled_blocks_in_a_row_run_as_one_step_at_inference() {
+    // mnist.cnn's shape, smaller: a one-channel first layer whose pool is in its kernel, then
+    // an unpadded block with batchnorm folded in; three pooled blocks in a row pair only the
+    // first two; a padded second block reads a padded copy, and does not pair
+    let cases = [
+        (
+            "input 28x28x1 conv2d(9, kernel=3, activation=relu) maxpool(2) \
+          conv2d(13, kernel=3, bias=false) batchnorm relu maxpool(2) flatten dense(3, activation=softmax)",
+            vec![true, false],
+        ),
+        (
+            "input 16x17x1 conv2d(13, kernel=3, activation=relu) maxpool(2) \
+          conv2d(6, kernel=2) leaky_relu(alpha=0.2) maxpool(3) \
+          conv2d(5, kernel=1, bias=false) batchnorm relu maxpool(2) flatten dense(3, activation=softmax)",
+            vec![true, false, false],
+        ),
+        (
+            "input 9x9x16 conv2d(24, kernel=3, padding=same) batchnorm relu maxpool(2) \
+          conv2d(20, kernel=3, activation=relu) maxpool(2) flatten dense(3, activation=softmax)",
+            vec![true, false],
+        ),
+        (
+            "input 12x12x3 conv2d(8, kernel=3, activation=relu) maxpool(2) \
+          conv2d(7, kernel=3, padding=same, activation=relu) maxpool(2) flatten dense(3, activation=softmax)",
+            vec![false, false],
+        ),
+    ];
+    for (model, pairs) in cases {
+        let fused = program(model).fused();
+        let mut jit = JitKernels::compile(&fused, Listing::default()).unwrap();
+        assert_eq!(inside_next_step(&jit, &fused), pairs, "{model}");
+        let mut rng = Rng::new(17, &[]);
+        let params = parameters(&fused, &mut rng);
+        let sample = fused.shapes.shape(fused.graph.input()).numel();
+        for batch in [1, 6] {
+            let input = reference::batch_array(&fused, &random(batch * sample, &mut rng));
+            let expected = reference::forward(&fused, &params, input.clone(), Mode::Infer, fused.output);
+            jit.pair_blocks = true;
+            let paired =
+                reference::forward_with(&jit, &fused, &params, input.clone(), Mode::Infer, fused.output);
+            jit.pair_blocks = false;
+            assert_eq!(inside_next_step(&jit, &fused), vec![false; pairs.len()], "{model}");
+            let apart =
+                reference::forward_with(&jit, &fused, &params, input.clone(), Mode::Infer, fused.output);
+            let mut compared = 0;
+            for (id, _) in fused.graph.nodes() {
+                let what = format!("{model} (batch {batch})\nvalue of %{}", id.index());
+                if let (Some(a), Some(b)) = (&expected.values[id.index()], &paired.values[id.index()]) {
+                    assert_close(&what, a, b);
+                    // the same kernels on the same samples: the same bits, paired or not
+                    assert_eq!(Some(b), apart.values[id.index()].as_ref(), "{what}: paired against apart");
+                    compared += 1;
+                }
+            }
+            // the input, each block's value (the pair's first included) and the output
+            assert!(compared > pairs.len() + 1, "{model}: only {compared} values compared");
+            // a pass that stops at the pair's first block still runs the pair's step
+            jit.pair_blocks = true;
+            let first = fused.blocks[0].inference_output();
+            let until = reference::forward_with(&jit, &fused, &params, input.clone(), Mode::Infer, first);
+            let value = until.values[first.index()].as_ref().expect("the first block's value");
+            assert_eq!(
+                Some(value),
+                paired.values[first.index()].as_ref(),
+                "{model}: stopped at the first block"
+            );
+        }
+    }
+}
+
+/// `predict` in its shared arena, where the pair's step reuses memory the plan frees.
+#[test]
+fn prediction_with_paired_blocks_matches_the_reference() {
+    use cnnc::backend::Backend as _;
+    let model = "input 20x20x1 conv2d(11, kernel=3, activation=relu) maxpool(2) \
+                 conv2d(10, kernel=3, bias=false) batchnorm relu maxpool(2) flatten dropout(0.3) \
+                 dense(7, activation=relu) dense(3, activation=softmax)";
+    let program = std::sync::Arc::new(program(model).fused());
+    let optimizer = cnnc::ir::train::Optimizer::Sgd { lr: 0.1, momentum: 0.0 };
+    let state = cnnc::train::state::State::init(&program, &optimizer, 5);
+    let mut jit = cnnc::backend::jit::Jit::new(program.clone(), optimizer).unwrap();
+    assert_eq!(inside_next_step(&jit.kernels, &program)[..2], [true, false], "{model}");
+    let mut reference = cnnc::backend::reference::Reference::new(program.clone(), optimizer);
+    for batch in [1, 9, 4] {
+        let images = random(batch * 400, &mut Rng::new(23, &[batch as u64]));
+        let expected = reference.predict(&state, &images);
+        let actual = jit.predict(&state, &images);
+        let shape = vec![expected.len()];
+        let (expected, actual) = (
+            ArrayD::from_shape_vec(shape.clone(), expected).unwrap(),
+            ArrayD::from_shape_vec(shape, actual).unwrap(),
+        );
+        assert_close(&format!("{model} (batch {batch})"), &expected, &actual);
+    }
 }

@@ -249,6 +249,9 @@ pub struct JitKernels {
     _compiler: std::sync::Mutex<Compiler>,
     /// Wall time of compiling every kernel, in milliseconds.
     pub compile_ms: f64,
+    /// Whether two pooled blocks in a row run as one step at inference, sample by sample
+    /// ([`Kernels::pairs`]): on, unless `CNNC_PAIR=0` (for comparisons).
+    pub pair_blocks: bool,
     /// (kernel name, CLIF or assembly) when a listing was asked for.
     pub listings: Vec<(String, String)>,
 }
@@ -480,6 +483,7 @@ impl JitKernels {
             runs: AtomicUsize::new(0),
             _compiler: std::sync::Mutex::new(compiler),
             compile_ms: started.elapsed().as_secs_f64() * 1e3,
+            pair_blocks: std::env::var("CNNC_PAIR").map_or(true, |v| v != "0"),
             listings,
         })
     }
@@ -1250,41 +1254,102 @@ fn run(kernel: KernelFn, buffers: Buffers, items: usize, batch: usize) {
     });
 }
 
-/// A pooled block at inference: for each sample, the convolution (`conv`, buffers x, w, b)
-/// into a scratch buffer of one sample, then the pool (`pool`) from it into y. The scratch
-/// stays in cache: the convolution's output never goes to memory. Each shard's scratch
-/// (`shape.scratch + conv.scratch()` elements) comes from `s`.
-fn run_pooled(
+/// At inference, `block`'s batchnorm folded into its convolution's weights `w·s` and bias
+/// `(b − mean)·s + β`, s = γ/σ, in `s` (summed in f64); `None` without a batchnorm.
+fn fold_norm<'s>(
+    program: &Program,
+    block: &Block,
+    params: &[ArrayD<f32>],
+    sh: &ConvShape,
+    s: &mut Scratch<'s, f32>,
+) -> Option<(&'s [f32], *mut f32)> {
+    let norm = block.norm?;
+    let Op::BatchNorm(bn) = program.graph.node(norm).op else { unreachable!("a batchnorm") };
+    let indices = &program.node_params[norm.index()];
+    let p = |i: usize| params[indices[i]].as_slice().expect("per channel");
+    let (gamma, beta, mean, var) = (p(0), p(1), p(2), p(3));
+    let linear = &program.node_params[block.linear.index()];
+    let w = params[linear[0]].as_slice().expect("row-major");
+    let b = sh.bias.then(|| params[linear[1]].as_slice().expect("row-major"));
+    let scale = |f: usize| f64::from(gamma[f]) * (1.0 / (f64::from(var[f]) + f64::from(bn.epsilon)).sqrt());
+    let weights = s.take(w.len());
+    for (i, (out, v)) in weights.iter_mut().zip(w).enumerate() {
+        *out = (f64::from(*v) * scale(i % sh.f)) as f32;
+    }
+    let bias = s.take(sh.f);
+    for (f, out) in bias.iter_mut().enumerate() {
+        let b0 = b.map_or(0.0, |b| f64::from(b[f]));
+        *out = ((b0 - f64::from(mean[f])) * scale(f) + f64::from(beta[f])) as f32;
+    }
+    Some((&*weights, bias.as_mut_ptr()))
+}
+
+/// A pooled block at inference, prepared (its weights and padded input in the step's scratch),
+/// to run a sample at a time: the convolution (`conv`, buffers x, w, b) of a sample into a
+/// scratch buffer of one sample, then the pool (`pool`) from it into y. The scratch stays in
+/// cache: the convolution's output never goes to memory. A fused block's one kernel does both,
+/// with no scratch. Each shard's scratch (`shape.scratch + conv.scratch()` elements) is the
+/// run's own.
+struct PooledRun {
     conv: ConvForward,
     pool: KernelFn,
-    [x, w, b, y]: [*mut f32; 4],
+    /// x, w, b, y, and the shards' scratch.
+    buffers: Buffers,
     x_sample: usize,
     shape: PooledShape,
+    per_shard: usize,
     n: usize,
-    s: &mut Scratch<f32>,
-) {
-    let per_shard = shape.scratch + conv.scratch();
-    let own = s.zeroed(shard_count(n) * per_shard);
-    let buffers = Buffers::new(&[x, w, b, y, own.as_mut_ptr()]);
-    let kernel = conv.kernel();
-    shards(n).for_each(|(shard, lo, hi)| {
-        let [x, w, b, y, own] = [0, 1, 2, 3, 4].map(|i| buffers.get(i));
-        // SAFETY: the shard's piece of the scratch: the convolution's output, then its tiles.
-        let (scratch, tiles) =
-            unsafe { (own.add(shard * per_shard), own.add(shard * per_shard + shape.scratch)) };
-        for i in lo..hi {
-            // SAFETY: x holds n samples of `x_sample` elements and y n of `shape.output`, so both
-            // offsets stay inside them; the kernels were compiled for one sample of these
-            // shapes (the convolution's output is `shape.scratch` elements; a Winograd
-            // kernel's own scratch is `tiles`).
-            unsafe {
-                let buffers = [x.add(i * x_sample), w, b, scratch, std::ptr::null_mut(), tiles];
-                kernel(buffers.as_ptr(), 0, 1, 1);
-                let pool_buffers = [scratch, y.add(i * shape.output)];
-                pool(pool_buffers.as_ptr(), 0, 1, 1);
-            }
+}
+
+impl PooledRun {
+    fn new(
+        conv: ConvForward,
+        pool: KernelFn,
+        [x, w, b, y]: [*mut f32; 4],
+        x_sample: usize,
+        shape: PooledShape,
+        n: usize,
+        s: &mut Scratch<f32>,
+    ) -> Self {
+        let per_shard = if shape.fused { 0 } else { shape.scratch + conv.scratch() };
+        let own = s.zeroed(shard_count(n) * per_shard);
+        let buffers = Buffers::new(&[x, w, b, y, own.as_mut_ptr()]);
+        PooledRun { conv, pool, buffers, x_sample, shape, per_shard, n }
+    }
+
+    /// Every sample, a shard a thread.
+    fn run(&self) {
+        if self.shape.fused {
+            let buffers = Buffers::new(&self.buffers.ptrs[..4]);
+            return run(self.conv.kernel(), buffers, self.n, self.n);
         }
-    });
+        shards(self.n).for_each(|(shard, lo, hi)| (lo..hi).for_each(|i| self.sample(shard, i)));
+    }
+
+    /// Sample `i` on shard `shard`'s scratch.
+    fn sample(&self, shard: usize, i: usize) {
+        assert!(i < self.n && shard < shard_count(self.n), "sample {i} of {}, shard {shard}", self.n);
+        let [x, w, b, y, own] = [0, 1, 2, 3, 4].map(|k| self.buffers.get(k));
+        let kernel = self.conv.kernel();
+        if self.shape.fused {
+            // SAFETY: the fused kernel was compiled for these buffers' batch; sample i lies in it.
+            return unsafe { kernel([x, w, b, y].as_ptr(), i as i64, i as i64 + 1, self.n as i64) };
+        }
+        // SAFETY: the shard's piece of the scratch: the convolution's output, then its tiles.
+        let (scratch, tiles) = unsafe {
+            (own.add(shard * self.per_shard), own.add(shard * self.per_shard + self.shape.scratch))
+        };
+        // SAFETY: x holds n samples of `x_sample` elements and y n of `shape.output`, so both
+        // offsets stay inside them; the kernels were compiled for one sample of these shapes
+        // (the convolution's output is `shape.scratch` elements; a Winograd kernel's own
+        // scratch is `tiles`).
+        unsafe {
+            let buffers = [x.add(i * self.x_sample), w, b, scratch, std::ptr::null_mut(), tiles];
+            kernel(buffers.as_ptr(), 0, 1, 1);
+            let pool_buffers = [scratch, y.add(i * self.shape.output)];
+            (self.pool)(pool_buffers.as_ptr(), 0, 1, 1);
+        }
+    }
 }
 
 /// Elements of [`padded_into`]'s copy of `n` samples of (H, W, C) inside `pads`.
@@ -1472,6 +1537,39 @@ impl JitKernels {
         }
     }
 
+    /// A pooled block at inference, its weights prepared (batchnorm folded in) in `s`, reading
+    /// the padded input `xp` and writing its pool's output `y`, for `n` samples.
+    fn pooled_run(
+        &self,
+        program: &Program,
+        block: &Block,
+        params: &[ArrayD<f32>],
+        [xp, y]: [*mut f32; 2],
+        n: usize,
+        s: &mut Scratch<f32>,
+    ) -> PooledRun {
+        let (k, conv) = self.block_kernels(block).expect("the backend said it fuses this block");
+        let (Some(_), Some((shape, [direct, pool]))) = (block.pool, k.pooled) else {
+            unreachable!("a pooled block at inference")
+        };
+        let sh = &conv.shape;
+        let indices = &program.node_params[block.linear.index()];
+        let w = params[indices[0]].as_slice().expect("row-major");
+        assert_eq!(w.len(), sh.kh * sh.kw * sh.c * sh.f, "the kernel was compiled for this weight");
+        let b = if sh.bias { params[indices[1]].as_ptr() as *mut f32 } else { std::ptr::null_mut() };
+        let (weights, bp) = fold_norm(program, block, params, sh, s).unwrap_or((w, b));
+        let wino = self.block_winograd.get(&block.output());
+        let forward = ConvForward::of(direct, wino.and_then(|wk| wk.pooled));
+        debug_assert!(
+            !shape.fused || matches!(forward, ConvForward::Direct(_)),
+            "no Winograd kernel for a fused pool"
+        );
+        let prepared = s.take(forward.weights_len(sh));
+        forward.prepare_weights(sh, weights, prepared);
+        let x_sample = sh.hp * sh.wp * sh.c;
+        PooledRun::new(forward, pool, [xp, prepared.as_mut_ptr(), bp, y], x_sample, shape, n, s)
+    }
+
     /// The inference kernel of a block without a pool.
     fn block_infer_kernel(&self, block: &Block, k: &BlockKernels) -> ConvForward {
         let wino = self.block_winograd.get(&block.output());
@@ -1514,6 +1612,42 @@ impl Kernels<f32> for JitKernels {
         // At inference a block with a pool ends at the pool: its kernels must include it.
         let pooled = |k: &BlockKernels| pass == Pass::Train || block.pool.is_none() || k.pooled.is_some();
         self.block_kernels(block).is_some_and(|(k, _)| pooled(k))
+    }
+
+    fn pairs(&self, first: &Block, second: &Block) -> bool {
+        let pooled = |b: &Block| {
+            b.pool.is_some()
+                && self.fuses(b, Pass::Infer)
+                && self.block_kernels(b).is_some_and(|(k, _)| k.pooled.is_some())
+        };
+        // the second reads the first's value as it is: no padded copy
+        let unpadded = self.convs.get(&second.linear).is_some_and(|c| c.pads == [0; 4]);
+        self.pair_blocks && pooled(first) && pooled(second) && unpadded
+    }
+
+    fn block_pair_forward_into(
+        &self,
+        program: &Program,
+        [first, second]: [&Block; 2],
+        params: &[ArrayD<f32>],
+        x: ArrayViewD<f32>,
+        [mut between, mut value]: [ArrayViewMutD<'_, f32>; 2],
+        s: &mut Scratch<f32>,
+    ) {
+        let (_, conv) = self.block_kernels(first).expect("the backend said it pairs these blocks");
+        let n = x.shape()[0];
+        let [h, w, c] = input_hwc(conv);
+        let x4 = x.into_shape_with_order((n, h, w, c)).expect("the first block's input");
+        let xp = padded_into(x4, conv.pads, 0.0, s);
+        let (between, y) = (out_ptr(&mut between), out_ptr(&mut value));
+        let first = self.pooled_run(program, first, params, [xp, between], n, s);
+        let second = self.pooled_run(program, second, params, [between, y], n, s);
+        shards(n).for_each(|(shard, lo, hi)| {
+            for i in lo..hi {
+                first.sample(shard, i);
+                second.sample(shard, i);
+            }
+        });
     }
 
     fn scratch(&self, program: &Program, step: Step, pass: Pass, n: usize) -> usize {
@@ -1889,39 +2023,11 @@ impl Kernels<f32> for JitKernels {
         let BlockOut { mut value, linear, stats } = out;
         let yp = out_ptr(&mut value);
         if mode == Mode::Infer {
-            // Batchnorm folded into the convolution: w·s and (b − mean)·s + β, s = γ/σ.
-            let folded = norm.map(|(epsilon, p)| {
-                let (gamma, beta, mean, var) = (p(0), p(1), p(2), p(3));
-                let scale =
-                    |f: usize| f64::from(gamma[f]) * (1.0 / (f64::from(var[f]) + f64::from(epsilon)).sqrt());
-                let weights = s.take(w.len());
-                for (i, (out, v)) in weights.iter_mut().zip(w).enumerate() {
-                    *out = (f64::from(*v) * scale(i % sh.f)) as f32;
-                }
-                let bias = s.take(sh.f);
-                for (f, out) in bias.iter_mut().enumerate() {
-                    let b0 = b.map_or(0.0, |b| f64::from(b[f]));
-                    *out = ((b0 - f64::from(mean[f])) * scale(f) + f64::from(beta[f])) as f32;
-                }
-                (&*weights, bias.as_mut_ptr())
-            });
-            let (weights, bp) = folded.unwrap_or((w, bias_ptr));
-            if let (Some(_), Some((shape, [direct, pool_kernel]))) = (block.pool, k.pooled) {
-                let forward = ConvForward::of(direct, wino.and_then(|wk| wk.pooled));
-                let prepared = s.take(forward.weights_len(sh));
-                forward.prepare_weights(sh, weights, prepared);
+            if block.pool.is_some() && k.pooled.is_some() {
                 let xp = padded_into(x4, conv.pads, 0.0, s);
-                let x_sample = sh.hp * sh.wp * sh.c;
-                let buffers = [xp, prepared.as_mut_ptr(), bp, yp];
-                if shape.fused {
-                    debug_assert!(
-                        matches!(forward, ConvForward::Direct(_)),
-                        "no Winograd kernel for a fused pool"
-                    );
-                    return run(direct, Buffers::new(&buffers), n, n);
-                }
-                return run_pooled(forward, pool_kernel, buffers, x_sample, shape, n, s);
+                return self.pooled_run(program, block, params, [xp, yp], n, s).run();
             }
+            let (weights, bp) = fold_norm(program, block, params, sh, s).unwrap_or((w, bias_ptr));
             let forward = self.block_infer_kernel(block, k);
             return conv_forward_into(forward, conv, x4, weights, bp, yp, std::ptr::null_mut(), s);
         }

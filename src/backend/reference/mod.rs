@@ -272,6 +272,27 @@ pub trait Kernels<T: Real>: Sync {
         unreachable!("a backend that fuses blocks runs them")
     }
 
+    /// Whether this backend runs fused block `first` inside the step of `second` at inference
+    /// ([`crate::memory::StepNeeds::pairs`]), by [`Kernels::block_pair_forward_into`].
+    fn pairs(&self, _first: &Block, _second: &Block) -> bool {
+        false
+    }
+
+    /// At inference, fused blocks `first` and `second` (which reads only `first`'s value) as
+    /// one step, sample by sample; called only when [`Kernels::pairs`] says so. `x` is
+    /// `first`'s input, `values` the two blocks' values.
+    fn block_pair_forward_into(
+        &self,
+        _program: &Program,
+        _blocks: [&Block; 2],
+        _params: &[ArrayD<T>],
+        _x: ArrayViewD<T>,
+        _values: [ArrayViewMutD<'_, T>; 2],
+        _s: &mut Scratch<T>,
+    ) {
+        unreachable!("a backend that pairs blocks runs them")
+    }
+
     /// A fused block's backward pass from d(block value) `dz`, with what its forward pass kept.
     fn block_backward_into(
         &self,
@@ -743,6 +764,10 @@ impl<T: Real, K: Kernels<T>> StepNeeds for Needs<'_, K, T> {
     fn scratch(&self, program: &Program, step: Step, pass: Pass, n: usize) -> usize {
         self.0.scratch(program, step, pass, n)
     }
+
+    fn pairs(&self, first: &Block, second: &Block) -> bool {
+        self.0.pairs(first, second)
+    }
 }
 
 /// The memory plan `kernels` run `pass` of `program` in, for batches of up to `batch`.
@@ -1053,11 +1078,18 @@ impl<'a, T: Real, K: Kernels<T>> Run<'a, K, T> {
     }
 
     fn forward_until(&self, last: NodeId, profile: &mut Option<&mut Profile>) {
-        for (t, &step) in self.arena.plan().steps.iter().enumerate() {
+        let (program, plan) = (self.program, self.arena.plan());
+        // whether the step before runs inside this one (a pair at inference): then this one
+        // runs even past `last`, to compute the value that step left to it
+        let mut carried = false;
+        for (t, &step) in plan.steps.iter().enumerate() {
             let Step::Forward(id) = step else { break };
-            if id > last {
+            if id > last && !carried {
                 break;
             }
+            let block = program.block_ending_at(id, self.mode.pass() == Pass::Train);
+            carried =
+                block.is_some_and(|b| self.mode.pass() == Pass::Infer && plan.runs_in_next_step(program, b));
             Profile::time(profile, step, || self.forward_step(t, id));
         }
     }
@@ -1091,8 +1123,23 @@ impl<'a, T: Real, K: Kernels<T>> Run<'a, K, T> {
     fn forward_step(&self, t: usize, id: NodeId) {
         let (program, pass) = (self.program, self.mode.pass());
         let block = program.block_ending_at(id, pass == Pass::Train);
+        let plan = self.arena.plan();
         match block {
-            Some(b) if self.arena.plan().runs_fused(program, b) => {
+            // at inference, run inside the next block's step
+            Some(b) if pass == Pass::Infer && plan.runs_in_next_step(program, b) => {}
+            Some(b) if pass == Pass::Infer && plan.paired(program, b).is_some() => {
+                let first = plan.paired(program, b).expect("a pair");
+                let x = self.value(program.graph.node(first.linear).inputs[0], t);
+                let between = first.inference_output();
+                let values = [
+                    self.out(Buffer::Value(between), t, self.dims(between)),
+                    self.out(Buffer::Value(id), t, self.dims(id)),
+                ];
+                // SAFETY: the step's only scratch.
+                let mut s = unsafe { self.arena.scratch(t) };
+                self.kernels.block_pair_forward_into(program, [&first, b], self.params, x, values, &mut s);
+            }
+            Some(b) if plan.runs_fused(program, b) => {
                 let x = self.value(program.graph.node(b.linear).inputs[0], t);
                 let training = pass == Pass::Train;
                 let norm = b.norm.filter(|_| training);
