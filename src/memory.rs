@@ -206,7 +206,7 @@ impl Plan {
     /// At inference, the block that runs inside the step of `block` (the block before it,
     /// whose value it reads), sample by sample, where the backend pairs them; that block's
     /// own step then runs nothing.
-    pub fn paired(&self, program: &'_ Program, block: &Block) -> Option<Block> {
+    pub fn paired(&self, program: &Program, block: &Block) -> Option<Block> {
         let i = program.blocks.iter().position(|b| b == block)?;
         self.paired[i].map(|first| program.blocks[first])
     }
@@ -386,10 +386,7 @@ fn backward_input(program: &Program, id: NodeId) -> NodeId {
 
 /// The block ending at `id` in `pass`, and whether it runs fused.
 fn block_at<'p>(program: &'p Program, fused: &[bool], id: NodeId, pass: Pass) -> Option<(&'p Block, bool)> {
-    let i = program.blocks.iter().position(|b| {
-        let out = if pass == Pass::Train { b.output() } else { b.inference_output() };
-        out == id
-    })?;
+    let i = step_block(program, pass, Step::Forward(id))?;
     Some((&program.blocks[i], fused[i]))
 }
 
