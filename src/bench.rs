@@ -266,7 +266,9 @@ impl Report {
             "compiled in {:.1} ms fused, {:.1} ms unfused\n",
             self.compile_ms[0], self.compile_ms[1]
         );
-        let width = self.rows.iter().map(|r| r.name.len() + r.phase.len() + 1).max().unwrap_or(10).max(18);
+        // a paired group's long name overflows its own line rather than widening every line
+        let width =
+            self.rows.iter().map(|r| r.name.len() + r.phase.len() + 1).max().unwrap_or(10).clamp(18, 56);
         let _ = writeln!(
             out,
             "{:<width$}  {:>10}  {:>10}  {:>8}  {:>8}  {:>7}",
