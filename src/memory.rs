@@ -401,8 +401,8 @@ fn step_block(program: &Program, pass: Pass, step: Step) -> Option<usize> {
 
 /// At inference, for each block, the block run inside its step ([`StepNeeds::pairs`]): the
 /// fused block of the step just before it, when that block's value is read only by this
-/// one's linear node (and is not the model's output). A block run inside another's step takes
-/// none inside its own.
+/// one's linear node (and is not the model's output). A block that holds another is not itself
+/// run inside the next one: pairs do not nest.
 fn pairs(
     program: &Program,
     pass: Pass,
@@ -414,7 +414,6 @@ fn pairs(
     if pass != Pass::Infer {
         return paired;
     }
-    let mut inside = vec![false; program.blocks.len()];
     for t in 1..steps.len() {
         let (Some(first), Some(second)) =
             (step_block(program, pass, steps[t - 1]), step_block(program, pass, steps[t]))
@@ -425,7 +424,8 @@ fn pairs(
         let value = a.inference_output();
         let readers = program.graph.nodes().filter(|(_, n)| n.inputs.contains(&value)).count();
         let only_reader = program.graph.node(b.linear).inputs[0] == value && readers == 1;
-        let free = paired[first].is_none() && !inside[first];
+        // the first does not already hold a block of its own
+        let free = paired[first].is_none();
         if fused[first]
             && fused[second]
             && only_reader
@@ -434,7 +434,6 @@ fn pairs(
             && needs.pairs(a, b)
         {
             paired[second] = Some(first);
-            inside[first] = true;
         }
     }
     paired

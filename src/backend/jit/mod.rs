@@ -1254,6 +1254,25 @@ fn run(kernel: KernelFn, buffers: Buffers, items: usize, batch: usize) {
     });
 }
 
+/// A block's convolution weights (HWIO, checked against the kernel's shape) and its bias, if
+/// it has one.
+fn conv_params<'p>(
+    program: &Program,
+    block: &Block,
+    params: &'p [ArrayD<f32>],
+    sh: &ConvShape,
+) -> (&'p [f32], Option<&'p [f32]>) {
+    let indices = &program.node_params[block.linear.index()];
+    let w = params[indices[0]].as_slice().expect("row-major");
+    assert_eq!(w.len(), sh.kh * sh.kw * sh.c * sh.f, "the kernel was compiled for this weight");
+    (w, sh.bias.then(|| params[indices[1]].as_slice().expect("row-major")))
+}
+
+/// The bias pointer a kernel takes: null without one (the kernel was compiled not to read it).
+fn bias_ptr(b: Option<&[f32]>) -> *mut f32 {
+    b.map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut f32)
+}
+
 /// At inference, `block`'s batchnorm folded into its convolution's weights `w·s` and bias
 /// `(b − mean)·s + β`, s = γ/σ, in `s` (summed in f64); `None` without a batchnorm.
 fn fold_norm<'s>(
@@ -1261,6 +1280,7 @@ fn fold_norm<'s>(
     block: &Block,
     params: &[ArrayD<f32>],
     sh: &ConvShape,
+    (w, b): (&[f32], Option<&[f32]>),
     s: &mut Scratch<'s, f32>,
 ) -> Option<(&'s [f32], *mut f32)> {
     let norm = block.norm?;
@@ -1268,9 +1288,6 @@ fn fold_norm<'s>(
     let indices = &program.node_params[norm.index()];
     let p = |i: usize| params[indices[i]].as_slice().expect("per channel");
     let (gamma, beta, mean, var) = (p(0), p(1), p(2), p(3));
-    let linear = &program.node_params[block.linear.index()];
-    let w = params[linear[0]].as_slice().expect("row-major");
-    let b = sh.bias.then(|| params[linear[1]].as_slice().expect("row-major"));
     let scale = |f: usize| f64::from(gamma[f]) * (1.0 / (f64::from(var[f]) + f64::from(bn.epsilon)).sqrt());
     let weights = s.take(w.len());
     for (i, (out, v)) in weights.iter_mut().zip(w).enumerate() {
@@ -1553,11 +1570,8 @@ impl JitKernels {
             unreachable!("a pooled block at inference")
         };
         let sh = &conv.shape;
-        let indices = &program.node_params[block.linear.index()];
-        let w = params[indices[0]].as_slice().expect("row-major");
-        assert_eq!(w.len(), sh.kh * sh.kw * sh.c * sh.f, "the kernel was compiled for this weight");
-        let b = if sh.bias { params[indices[1]].as_ptr() as *mut f32 } else { std::ptr::null_mut() };
-        let (weights, bp) = fold_norm(program, block, params, sh, s).unwrap_or((w, b));
+        let (w, b) = conv_params(program, block, params, sh);
+        let (weights, bp) = fold_norm(program, block, params, sh, (w, b), s).unwrap_or((w, bias_ptr(b)));
         let wino = self.block_winograd.get(&block.output());
         let forward = ConvForward::of(direct, wino.and_then(|wk| wk.pooled));
         debug_assert!(
@@ -1615,11 +1629,8 @@ impl Kernels<f32> for JitKernels {
     }
 
     fn pairs(&self, first: &Block, second: &Block) -> bool {
-        let pooled = |b: &Block| {
-            b.pool.is_some()
-                && self.fuses(b, Pass::Infer)
-                && self.block_kernels(b).is_some_and(|(k, _)| k.pooled.is_some())
-        };
+        let pooled =
+            |b: &Block| b.pool.is_some() && self.block_kernels(b).is_some_and(|(k, _)| k.pooled.is_some());
         // the second reads the first's value as it is: no padded copy
         let unpadded = self.convs.get(&second.linear).is_some_and(|c| c.pads == [0; 4]);
         self.pair_blocks && pooled(first) && pooled(second) && unpadded
@@ -2007,12 +2018,9 @@ impl Kernels<f32> for JitKernels {
         let n = x.shape()[0];
         let [h, w_in, c] = input_hwc(conv);
         let x4 = x.into_shape_with_order((n, h, w_in, c)).expect("the block's input");
-        let indices = &program.node_params[block.linear.index()];
-        let w = params[indices[0]].as_slice().expect("row-major");
-        assert_eq!(w.len(), sh.kh * sh.kw * sh.c * sh.f, "the kernel was compiled for this weight");
+        let (w, b) = conv_params(program, block, params, sh);
         let wino = self.block_winograd.get(&block.output());
-        let b = sh.bias.then(|| params[indices[1]].as_slice().expect("row-major"));
-        let bias_ptr = b.map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut f32);
+        let bias_ptr = bias_ptr(b);
         // The block's batchnorm: its ε and parameter `i` (γ, β, moving mean, moving variance).
         let norm = block.norm.map(|norm| {
             let Op::BatchNorm(bn) = program.graph.node(norm).op else { unreachable!("a batchnorm") };
@@ -2027,7 +2035,7 @@ impl Kernels<f32> for JitKernels {
                 let xp = padded_into(x4, conv.pads, 0.0, s);
                 return self.pooled_run(program, block, params, [xp, yp], n, s).run();
             }
-            let (weights, bp) = fold_norm(program, block, params, sh, s).unwrap_or((w, bias_ptr));
+            let (weights, bp) = fold_norm(program, block, params, sh, (w, b), s).unwrap_or((w, bias_ptr));
             let forward = self.block_infer_kernel(block, k);
             return conv_forward_into(forward, conv, x4, weights, bp, yp, std::ptr::null_mut(), s);
         }
