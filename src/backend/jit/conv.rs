@@ -221,6 +221,19 @@ pub(super) fn for_chunks(e: &mut Emit, total: usize, mut body: impl FnMut(&mut E
     }
 }
 
+/// Calls `body(first channel, width)` for every vector of 4 of `total` channels (in a loop),
+/// then for each channel left over (`Width::Scalar`).
+pub(super) fn for_vectors(e: &mut Emit, total: usize, mut body: impl FnMut(&mut Emit, Value, Width)) {
+    e.for_n(total / 4, |e, i| {
+        let first = e.mul_k(i, 4);
+        body(e, first, Width::One);
+    });
+    for channel in total / 4 * 4..total {
+        let first = e.int(channel as i64);
+        body(e, first, Width::Scalar);
+    }
+}
+
 /// The vectors (or scalar) of one chunk at `addr + offset`.
 pub(super) fn load_chunk(e: &mut Emit, addr: Value, offset: i64, width: Width) -> Vec<Value> {
     match width {
@@ -940,6 +953,164 @@ fn weight_rows(
             let values: Vec<Value> = sums.iter().map(|v| e.use_var(*v)).collect();
             store_chunk(e, &values, addr, 0);
         }
+    });
+}
+
+/// Rows of dw that [`normalized_weight_sums`] runs over a run of pixels together: two
+/// accumulators a row, so 5 rows (or 4 and the batchnorm's two sums) take 10 of the 16 vector
+/// registers, beside the pixel's g, y − μ and a broadcast of x.
+const NORM_ROWS: usize = 5;
+
+/// Bytes of the staging of [`normalized_weight_sums`], at most: g and y − μ of a run of
+/// pixels, which stay in L1 while each group of rows passes over them.
+const NORM_STAGING_BYTES: usize = 16 << 10;
+
+/// The backward pass of a block conv → batchnorm (→ rectifier) whose input needs no gradient,
+/// as per-sample sums from which the caller takes dw, dγ and dβ: the convolution's output
+/// gradient dc is never written, nor read back. The batchnorm's backward makes dc, per output
+/// channel f, a·g + b·(y − μ) + d (a, b, d from the batch's sums below, y the convolution's
+/// output, μ its batch mean, g = dz passed back through the rectifier, from its output z), so
+///
+/// ```text
+///   dw[k][f] = a·Σ x_k·g + b·Σ x_k·(y − μ) + d·Σ x_k
+/// ```
+///
+/// over the batch's output pixels, x_k the input under row k = (kh, kw, c) of dw. For each
+/// sample n, into its (2 + 2K) x F sums (zeroed by the caller; K = KH·KW·C): Σ g and
+/// Σ g·(y − μ), then Σ x_k·g for the K rows, then Σ x_k·(y − μ); each over the output pixels
+/// in order. An output row is taken in runs of pixels: first g and y − μ of the run, every
+/// channel, into a staging slot (a pass that reads dz, z and y in order, as the prefetchers
+/// like), then, a vector of channels at a time, groups of [`NORM_ROWS`] rows over the run, from
+/// the staging in L1. Buffers: [x (padded), dz, z or unused, y, μ (F), sums (N, 2 + 2K, F)];
+/// items: samples.
+pub fn normalized_weight_sums(e: &mut Emit, s: &ConvShape, rectifier: Option<f32>) {
+    use cranelift_codegen::ir::{StackSlotData, StackSlotKind};
+    let (x, dz, z, y, mean, sums) = (e.buf(0), e.buf(1), e.buf(2), e.buf(3), e.buf(4), e.buf(5));
+    let rows = s.kh * s.kw * s.c;
+    let input = Input::new(e, s);
+    // a spread x holds each element in 4 lanes, at 4x its offset
+    let lanes = if input.spread() { 4 } else { 1 };
+    // row k's x from the pixel's first tap: (kh·WP + kw)·C + c, k = (kh·KW + kw)·C + c
+    let row_offset = |k: usize| {
+        let (tap, c) = (k / s.c, k % s.c);
+        ((tap / s.kw * s.wp + tap % s.kw) * s.c + c) as i64 * lanes
+    };
+    // balanced groups of rows, the two batchnorm sums counting as one more row, in the first
+    let units = rows + 1;
+    let groups = units.div_ceil(NORM_ROWS);
+    let bounds: Vec<usize> = (0..=groups).map(|g| (units * g / groups).saturating_sub(1)).collect();
+    let per_sample = (2 + 2 * rows) * s.f;
+    // the staging: g of the run's pixels (F each), then y − μ
+    let run = (NORM_STAGING_BYTES / (8 * s.f)).clamp(1, s.ow);
+    let slot = e.b.create_sized_stack_slot(StackSlotData::new(
+        StackSlotKind::ExplicitSlot,
+        (8 * run * s.f) as u32,
+        4,
+    ));
+    let (start, end) = (e.start, e.end);
+    e.for_range(start, end, |e, n| {
+        let xn = input.sample(e, s, x, n);
+        let out_off = e.mul_k(n, per_sample as i64);
+        let out = e.at(sums, out_off);
+        let d_off = e.mul_k(n, (s.oh * s.ow * s.f) as i64);
+        let (dzn, yn) = (e.at(dz, d_off), e.at(y, d_off));
+        let zn = rectifier.map(|_| e.at(z, d_off));
+        e.for_n(s.oh, |e, oh| {
+            let x_off = e.mul_k(oh, (s.sh * s.wp * s.c) as i64 * lanes);
+            let x_row = e.at(xn, x_off);
+            for_blocks(e, s.ow, run, |e, ow0, pixels| {
+                let staged = e.b.ins().stack_addr(e.ptr, slot, 0);
+                let centred_at = (pixels * s.f) as i64;
+                // g and y − μ of the run's pixels, in order
+                let first = e.mul_k(oh, s.ow as i64);
+                let first = e.add(first, ow0);
+                let first = e.mul_k(first, s.f as i64);
+                let (dza, ya) = (e.at(dzn, first), e.at(yn, first));
+                let za = zn.map(|zn| e.at(zn, first));
+                e.for_n(pixels, |e, p| {
+                    let at = e.mul_k(p, s.f as i64);
+                    for_vectors(e, s.f, |e, f0, width| {
+                        let vector = width != Width::Scalar;
+                        let at = e.add(at, f0);
+                        let load = |e: &mut Emit, base: Value| {
+                            let addr = e.at(base, at);
+                            load_chunk(e, addr, 0, width)[0]
+                        };
+                        let dv = load(e, dza);
+                        let g = match (rectifier, za) {
+                            (Some(alpha), Some(za)) => {
+                                let zv = load(e, za);
+                                super::eltwise::rectify_gradient(e, zv, dv, alpha, vector)
+                            }
+                            _ => dv,
+                        };
+                        let yv = load(e, ya);
+                        let mu_addr = e.at(mean, f0);
+                        let mu = load_chunk(e, mu_addr, 0, width)[0];
+                        let centred = e.ins().fsub(yv, mu);
+                        let to = e.at(staged, at);
+                        store_chunk(e, &[g], to, 0);
+                        store_chunk(e, &[centred], to, centred_at);
+                    });
+                });
+                let x_first = e.mul_k(ow0, (s.sw * s.c) as i64 * lanes);
+                let x_first = e.at(x_row, x_first);
+                for_vectors(e, s.f, |e, f0, width| {
+                    let base = e.at(out, f0);
+                    let stage = e.at(staged, f0);
+                    for group in 0..groups {
+                        let (k0, k1) = (bounds[group], bounds[group + 1]);
+                        // the sums' rows this group adds into: (Σ g, Σ g·(y − μ)) first, then a
+                        // pair (Σ x_k·g, Σ x_k·(y − μ)) for each of its rows k
+                        let mut slots: Vec<usize> = if group == 0 { vec![0, 1] } else { Vec::new() };
+                        slots.extend((k0..k1).flat_map(|k| [2 + k, 2 + rows + k]));
+                        let acc: Vec<Variable> = slots
+                            .iter()
+                            .map(|&j| {
+                                let v = load_chunk(e, base, (j * s.f) as i64, width)[0];
+                                e.var(width.ty(), v)
+                            })
+                            .collect();
+                        e.for_n_unrolled(pixels, UNROLL, |e, p| {
+                            let at = e.mul_k(p, s.f as i64);
+                            let from = e.at(stage, at);
+                            let g = load_chunk(e, from, 0, width)[0];
+                            let centred = load_chunk(e, from, centred_at, width)[0];
+                            let add = |e: &mut Emit, slot: usize, scale: Option<Value>, v: Value| {
+                                let current = e.use_var(acc[slot]);
+                                let sum = match scale {
+                                    Some(k) => e.fma(k, v, current),
+                                    None => e.ins().fadd(current, v),
+                                };
+                                e.def_var(acc[slot], sum);
+                            };
+                            let mut slot = 0;
+                            if group == 0 {
+                                add(e, 0, None, g);
+                                add(e, 1, Some(g), centred);
+                                slot = 2;
+                            }
+                            let xo = e.mul_k(p, (s.sw * s.c) as i64 * lanes);
+                            let xp = e.at(x_first, xo);
+                            for k in k0..k1 {
+                                let xv = match width {
+                                    Width::Scalar => e.load(xp, row_offset(k)),
+                                    _ if input.spread() => e.load4(xp, row_offset(k)),
+                                    _ => broadcast(e, xp, row_offset(k), width),
+                                };
+                                add(e, slot, Some(xv), g);
+                                add(e, slot + 1, Some(xv), centred);
+                                slot += 2;
+                            }
+                        });
+                        for (&j, a) in slots.iter().zip(&acc) {
+                            let v = e.use_var(*a);
+                            store_chunk(e, &[v], base, (j * s.f) as i64);
+                        }
+                    }
+                });
+            });
+        });
     });
 }
 

@@ -143,6 +143,9 @@ pub struct BlockKernels {
     /// or, where [`PooledShape::fused`], the convolution and the pool in one kernel
     /// ([`conv::forward_max_pooled`]), and the pool for a Winograd kernel's output.
     pub pooled: Option<(PooledShape, [KernelFn; 2])>,
+    /// With batchnorm, where the block's input needs no gradient and the cost model gives it
+    /// ([`weight_sums_pay`]): the backward pass as [`conv::normalized_weight_sums`].
+    pub weight_sums: Option<KernelFn>,
 }
 
 /// Elements per sample of a pooled block's scratch buffer (the convolution's output) and of
@@ -363,6 +366,14 @@ impl JitKernels {
                     compiler.kernel(&format!("{name}_backward"), |e| norm::grad_apply(e, &shape, rectify))?,
                 );
             }
+            let input = program.graph.node(block.linear).inputs[0];
+            let sums =
+                block.norm.is_some() && !program.needs_grad[input.index()] && weight_sums_pay(&conv_shape);
+            if sums {
+                ids.push(compiler.kernel(&format!("{name}_backward_sums"), |e| {
+                    conv::normalized_weight_sums(e, &conv_shape, rectify)
+                })?);
+            }
             // At inference, the pool that follows: the convolution computes only the rows and
             // columns some window reads (a `floor` drops the rest), one sample at a time into
             // a scratch buffer that stays in cache, and the pool reads it there.
@@ -394,7 +405,7 @@ impl JitKernels {
                 let (scratch, output) = (rows * cols * conv_shape.f, ps.oh * ps.ow * ps.c);
                 pooled = Some(PooledShape { scratch, output, fused });
             }
-            pending_blocks.push((block.output(), shape, rectify, block.norm.is_some(), pooled, ids));
+            pending_blocks.push((block.output(), shape, rectify, [block.norm.is_some(), sums], pooled, ids));
         }
         let mut ids: Vec<_> = pending.iter().flat_map(|p| p.3).collect();
         ids.extend(pending_pools.iter().flat_map(|p| p.3));
@@ -427,12 +438,14 @@ impl JitKernels {
             );
         }
         let mut blocks = HashMap::new();
-        for (output, shape, rectify, has_norm, pooled, ids) in pending_blocks {
+        for (output, shape, rectify, [has_norm, has_sums], pooled, ids) in pending_blocks {
             let (fns, tail) = rest.split_at(ids.len());
             rest = tail;
             let norm = has_norm.then(|| [fns[1], fns[2], fns[3], fns[4]]);
+            let weight_sums = has_sums.then(|| fns[5]);
             let pooled = pooled.map(|p| (p, [fns[fns.len() - 2], fns[fns.len() - 1]]));
-            blocks.insert(output, BlockKernels { shape, rectify, forward: fns[0], norm, pooled });
+            blocks
+                .insert(output, BlockKernels { shape, rectify, forward: fns[0], norm, pooled, weight_sums });
         }
         let (conv_code, rest) = code.split_at(pending.len() * 3);
         let (pool_code, rectifier_code) = rest.split_at(pending_pools.len() * 2);
@@ -726,6 +739,19 @@ fn pooled_conv_shape(conv: &ConvShape, ps: &PoolShape, block: &Block) -> ConvSha
     let cols = (ps.ow - 1) * ps.sw + ps.kw;
     ConvShape { oh: rows, ow: cols, bias: conv.bias || block.norm.is_some(), ..*conv }
 }
+
+/// Whether a normalizing block's backward pass takes [`conv::normalized_weight_sums`] (where its
+/// input needs no gradient): a convolution with at most [`WEIGHT_SUMS_ROWS`] rows of dw, whose
+/// sums then cost 2·K multiply-adds per output pixel and channel against the K of the weight
+/// kernel and the passes that write dc and read it back (unless `CNNC_WEIGHT_SUMS=0`, for
+/// comparisons).
+fn weight_sums_pay(conv: &ConvShape) -> bool {
+    let rows = conv.kh * conv.kw * conv.c;
+    !conv.is_point() && rows <= WEIGHT_SUMS_ROWS && !std::env::var("CNNC_WEIGHT_SUMS").is_ok_and(|v| v == "0")
+}
+
+/// The most rows of dw (KH·KW·C) for which [`weight_sums_pay`].
+const WEIGHT_SUMS_ROWS: usize = 27;
 
 /// Whether `id` is the convolution (or dense layer) of a fused block, whose forward pass the
 /// block's own kernels run.
@@ -1598,14 +1624,24 @@ impl JitKernels {
         let Some((_, conv)) = self.block_kernels(block) else { return 0 };
         let s = &conv.shape;
         let dc = piece(n * s.oh * s.ow * s.f);
+        let input = program.graph.node(block.linear).inputs[0];
+        // the sums' pass, where the block has it (and the other, in case dx is asked for after all)
+        let sums = match self.blocks.get(&block.output()).and_then(|k| k.weight_sums) {
+            Some(_) => {
+                let rows = s.kh * s.kw * s.c;
+                piece(padded_len(n, input_hwc(conv), conv.pads))
+                    + piece(n * (2 + 2 * rows) * s.f)
+                    + piece(n * rows)
+            }
+            None => 0,
+        };
         let epilogue = match block.norm {
             Some(_) => piece(2 * n * s.f) + piece(3 * s.f) + dc,
             None if self.masked_blocks.contains(&block.output()) => 0,
             None => dc,
         };
-        let input = program.graph.node(block.linear).inputs[0];
         let dx = if program.needs_grad[input.index()] { self.conv_input_scratch(block.linear, n) } else { 0 };
-        epilogue + self.conv_weights_scratch(block.linear, n) + dx
+        sums.max(epilogue + self.conv_weights_scratch(block.linear, n) + dx)
     }
 }
 
@@ -2072,6 +2108,35 @@ impl Kernels<f32> for JitKernels {
         let z = contiguous(&tape.value);
         let dzp = contiguous(&dz);
         let BlockGrads { dx, mut dw, db, norm } = grads;
+        if let (None, Some(kernel), Some(node)) = (&dx, k.weight_sums, block.norm) {
+            let Op::BatchNorm(bn) = program.graph.node(node).op else { unreachable!("a batchnorm") };
+            let indices = &program.node_params[node.index()];
+            let gamma = params[indices[0]].as_slice().expect("per channel");
+            let stats = tape.stats.expect("training forward keeps batch statistics");
+            let stats = stats.as_slice().expect("contiguous");
+            let y = contiguous(&tape.linear.expect("a normalizing block keeps its linear output"));
+            let rectified = if k.rectify.is_some() { z } else { std::ptr::null_mut() };
+            let [h, w_in, c] = input_hwc(conv);
+            let x4 = x.into_shape_with_order((n, h, w_in, c)).expect("the block's input");
+            let xp = padded_into(x4, conv.pads, 0.0, s);
+            let dw = dw.as_slice_mut().expect("row-major kernel");
+            let grads = (
+                dw,
+                db.map(|db| db.into_slice().expect("contiguous")),
+                norm.expect("the batchnorm's gradients"),
+            );
+            return normalized_weights_backward(
+                kernel,
+                &sh,
+                [xp, dzp, rectified, y],
+                gamma,
+                stats,
+                bn.epsilon,
+                grads,
+                n,
+                s,
+            );
+        }
         let dc_len = n * sh.oh * sh.ow * sh.f;
         let dc: *mut f32 = match (block.norm, k.norm) {
             (Some(node), Some([_, _, reduce, apply])) => {
@@ -2393,6 +2458,79 @@ fn normalize_backward(
     if let Some(dx) = dx {
         run(apply, Buffers::new(&[dz, z, x, coef.as_mut_ptr(), dx]), n, n);
     }
+}
+
+/// A normalizing block's backward by [`conv::normalized_weight_sums`]: its per-sample sums over
+/// `n` samples of [x (padded), dz, z or null, y], and Σ x_k per sample ([`input_sums`]), reduced
+/// over the samples in order in f64, give dγ = Σ g·x̂ and dβ = Σ g, then dc's coefficients (as
+/// [`normalize_backward`]'s, with y centred: dc = a·g + b·(y − μ) + d, d = −γ·dβ/(M·σ)) and
+/// dw[k][f] = a·Σ x_k·g + b·Σ x_k·(y − μ) + d·Σ x_k; a bias's db = Σ dc = a·dβ + M·d, which
+/// is zero but for rounding, as it is through dc.
+#[allow(clippy::too_many_arguments)]
+fn normalized_weights_backward(
+    kernel: KernelFn,
+    sh: &ConvShape,
+    [xp, dz, z, y]: [*mut f32; 4],
+    gamma: &[f32],
+    stats: &[f32],
+    epsilon: f32,
+    (dw, mut db, [mut dgamma, mut dbeta]): (&mut [f32], Option<&mut [f32]>, [ArrayViewMut1<f32>; 2]),
+    n: usize,
+    s: &mut Scratch<f32>,
+) {
+    let (rows, f) = (sh.kh * sh.kw * sh.c, sh.f);
+    let per_sample = (2 + 2 * rows) * f;
+    let sums = s.zeroed(n * per_sample);
+    let mean = stats.as_ptr().cast_mut();
+    run(kernel, Buffers::new(&[xp, dz, z, y, mean, sums.as_mut_ptr()]), n, n);
+    let inputs = s.take(n * rows);
+    input_sums(xp, sh, inputs);
+    // element j of the samples' sums, over the batch in order
+    let total = |all: &[f32], stride: usize, j: usize| {
+        all.iter().skip(j).step_by(stride).map(|v| f64::from(*v)).sum::<f64>()
+    };
+    let m = (n * sh.oh * sh.ow) as f64;
+    let dgamma = dgamma.as_slice_mut().expect("contiguous");
+    let dbeta = dbeta.as_slice_mut().expect("contiguous");
+    for ch in 0..f {
+        let inv = inverse_std(stats, ch, epsilon);
+        let g = f64::from(gamma[ch]);
+        let (sum_g, sum_gc) = (total(sums, per_sample, ch), total(sums, per_sample, f + ch));
+        let dg = inv * sum_gc;
+        dgamma[ch] = dg as f32;
+        dbeta[ch] = sum_g as f32;
+        let (a, b, d) = (g * inv, -g * inv * inv * dg / m, -g * inv * sum_g / m);
+        for k in 0..rows {
+            let xg = total(sums, per_sample, (2 + k) * f + ch);
+            let xc = total(sums, per_sample, (2 + rows + k) * f + ch);
+            dw[k * f + ch] = (a * xg + b * xc + d * total(inputs, rows, k)) as f32;
+        }
+        if let Some(db) = db.as_mut() {
+            db[ch] = (a * sum_g + m * d) as f32;
+        }
+    }
+}
+
+/// Σ x_k over the output pixels of each sample of a convolution's padded input at `xp`, for
+/// each row k = (kh, kw, c) of its dw, into `out` (N, K): in f64, in pixel order.
+fn input_sums(xp: *mut f32, sh: &ConvShape, out: &mut [f32]) {
+    let (sample, rows) = (sh.hp * sh.wp * sh.c, sh.kh * sh.kw * sh.c);
+    let n = out.len() / rows;
+    // SAFETY: the caller's padded input holds `n` samples of HP x WP x C.
+    let x = unsafe { std::slice::from_raw_parts(xp, n * sample) };
+    out.par_chunks_mut(rows).zip(x.par_chunks_exact(sample)).for_each(|(sums, xn)| {
+        for (k, sum) in sums.iter_mut().enumerate() {
+            let (tap, c) = (k / sh.c, k % sh.c);
+            let first = (tap / sh.kw * sh.wp + tap % sh.kw) * sh.c + c;
+            let mut total = 0.0f64;
+            for oh in 0..sh.oh {
+                for ow in 0..sh.ow {
+                    total += f64::from(xn[first + (oh * sh.sh * sh.wp + ow * sh.sw) * sh.c]);
+                }
+            }
+            *sum = total as f32;
+        }
+    });
 }
 
 /// The JIT backend: the interpreter with compiled kernels.

@@ -44,8 +44,8 @@
 use cranelift_codegen::ir::{InstBuilder as _, Value};
 
 use super::conv::{
-    ConvShape, Epilogue, Width, accumulate, accumulators, add_sums, for_chunks, for_pixel_blocks, load_chunk,
-    packed_index, store_chunk,
+    ConvShape, Epilogue, Width, accumulate, accumulators, add_sums, for_chunks, for_pixel_blocks,
+    for_vectors, load_chunk, packed_index, store_chunk,
 };
 use super::emit::Emit;
 use super::math::constant;
@@ -717,19 +717,6 @@ fn transform_tiles(
             }
         });
     });
-}
-
-/// Calls `body(first channel, width)` for every vector of 4 of `total` channels (in a loop),
-/// then for each channel left over (`Width::Scalar`).
-fn for_vectors(e: &mut Emit, total: usize, mut body: impl FnMut(&mut Emit, Value, Width)) {
-    e.for_n(total / 4, |e, i| {
-        let first = e.mul_k(i, 4);
-        body(e, first, Width::One);
-    });
-    for channel in total / 4 * 4..total {
-        let first = e.int(channel as i64);
-        body(e, first, Width::Scalar);
-    }
 }
 
 /// The element offset of tile (ty, tx)'s first pixel, (m·ty, m·tx), in a sample of rows
