@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use ndarray::{
     ArrayD, ArrayRef, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut2,
-    ArrayViewMut4, ArrayViewMutD, Ix1, IxDyn, s,
+    ArrayViewMut4, ArrayViewMutD, Axis, Ix1, IxDyn, s,
 };
 use rayon::prelude::*;
 
@@ -1410,8 +1410,11 @@ fn padded_into(x: ArrayView4<f32>, pads: [usize; 4], border: f32, s: &mut Scratc
     let dims = (n, h + pads[0] + pads[1], w + pads[2] + pads[3], c);
     let out = s.take(padded_len(n, [h, w, c], pads));
     let mut padded = ArrayViewMut4::from_shape(dims, out).expect("the padded size");
-    padded.fill(border);
-    padded.slice_mut(s![.., pads[0]..pads[0] + h, pads[2]..pads[2] + w, ..]).assign(&x);
+    // sample by sample on the worker threads, each sample's border and inside while in cache
+    padded.axis_iter_mut(Axis(0)).into_par_iter().zip(x.axis_iter(Axis(0))).for_each(|(mut p, xs)| {
+        p.fill(border);
+        p.slice_mut(s![pads[0]..pads[0] + h, pads[2]..pads[2] + w, ..]).assign(&xs);
+    });
     padded.as_mut_ptr()
 }
 
