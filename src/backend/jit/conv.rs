@@ -969,7 +969,8 @@ const NORM_STAGING_BYTES: usize = 16 << 10;
 /// as per-sample sums from which the caller takes dw, dγ and dβ: the convolution's output
 /// gradient dc is never written, nor read back. The batchnorm's backward makes dc, per output
 /// channel f, a·g + b·(y − μ) + d (a, b, d from the batch's sums below, y the convolution's
-/// output, μ its batch mean, g = dz passed back through the rectifier, from its output z), so
+/// output, μ its batch mean, g = dz passed back through the rectifier, whose mask comes from
+/// its input y·scale + shift, recomputed as the normalize kernel computes it: z is not read), so
 ///
 /// ```text
 ///   dw[k][f] = a·Σ x_k·g + b·Σ x_k·(y − μ) + d·Σ x_k
@@ -979,13 +980,13 @@ const NORM_STAGING_BYTES: usize = 16 << 10;
 /// sample n, into its (2 + 2K) x F sums (zeroed by the caller; K = KH·KW·C): Σ g and
 /// Σ g·(y − μ), then Σ x_k·g for the K rows, then Σ x_k·(y − μ); each over the output pixels
 /// in order. An output row is taken in runs of pixels: first g and y − μ of the run, every
-/// channel, into a staging slot (a pass that reads dz, z and y in order, as the prefetchers
+/// channel, into a staging slot (a pass that reads dz and y in order, as the prefetchers
 /// like), then, a vector of channels at a time, groups of [`NORM_ROWS`] rows over the run, from
-/// the staging in L1. Buffers: [x (padded), dz, z or unused, y, μ (F), sums (N, 2 + 2K, F)];
-/// items: samples.
+/// the staging in L1. Buffers: [x (padded), dz, (scale, shift) (2, F) with a rectifier, else
+/// unused, y, μ (F), sums (N, 2 + 2K, F)]; items: samples.
 pub fn normalized_weight_sums(e: &mut Emit, s: &ConvShape, rectifier: Option<f32>) {
     use cranelift_codegen::ir::{StackSlotData, StackSlotKind};
-    let (x, dz, z, y, mean, sums) = (e.buf(0), e.buf(1), e.buf(2), e.buf(3), e.buf(4), e.buf(5));
+    let (x, dz, affine, y, mean, sums) = (e.buf(0), e.buf(1), e.buf(2), e.buf(3), e.buf(4), e.buf(5));
     let rows = s.kh * s.kw * s.c;
     let input = Input::new(e, s);
     // a spread x holds each element in 4 lanes, at 4x its offset
@@ -1014,7 +1015,6 @@ pub fn normalized_weight_sums(e: &mut Emit, s: &ConvShape, rectifier: Option<f32
         let out = e.at(sums, out_off);
         let d_off = e.mul_k(n, (s.oh * s.ow * s.f) as i64);
         let (dzn, yn) = (e.at(dz, d_off), e.at(y, d_off));
-        let zn = rectifier.map(|_| e.at(z, d_off));
         e.for_n(s.oh, |e, oh| {
             let x_off = e.mul_k(oh, (s.sh * s.wp * s.c) as i64 * lanes);
             let x_row = e.at(xn, x_off);
@@ -1026,7 +1026,6 @@ pub fn normalized_weight_sums(e: &mut Emit, s: &ConvShape, rectifier: Option<f32
                 let first = e.add(first, ow0);
                 let first = e.mul_k(first, s.f as i64);
                 let (dza, ya) = (e.at(dzn, first), e.at(yn, first));
-                let za = zn.map(|zn| e.at(zn, first));
                 e.for_n(pixels, |e, p| {
                     let at = e.mul_k(p, s.f as i64);
                     for_vectors(e, s.f, |e, f0, width| {
@@ -1037,16 +1036,22 @@ pub fn normalized_weight_sums(e: &mut Emit, s: &ConvShape, rectifier: Option<f32
                             load_chunk(e, addr, 0, width)[0]
                         };
                         let dv = load(e, dza);
-                        let g = match (rectifier, za) {
-                            (Some(alpha), Some(za)) => {
-                                let zv = load(e, za);
-                                super::eltwise::rectify_gradient(e, zv, dv, alpha, vector)
-                            }
-                            _ => dv,
-                        };
                         let yv = load(e, ya);
-                        let mu_addr = e.at(mean, f0);
-                        let mu = load_chunk(e, mu_addr, 0, width)[0];
+                        let per_channel = |e: &mut Emit, base: Value, offset: usize| {
+                            let addr = e.at(base, f0);
+                            load_chunk(e, addr, offset as i64, width)[0]
+                        };
+                        // the rectifier's input, as the normalize kernel computed it: the
+                        // same bits, so the same sign as its output z
+                        let g = match rectifier {
+                            Some(alpha) => {
+                                let [scale, shift] = [0, s.f].map(|o| per_channel(e, affine, o));
+                                let v = e.fma(yv, scale, shift);
+                                super::eltwise::rectify_gradient(e, v, dv, alpha, vector)
+                            }
+                            None => dv,
+                        };
+                        let mu = per_channel(e, mean, 0);
                         let centred = e.ins().fsub(yv, mu);
                         let to = e.at(staged, at);
                         store_chunk(e, &[g], to, 0);

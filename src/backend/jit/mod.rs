@@ -1632,7 +1632,8 @@ impl JitKernels {
         let sums = match self.blocks.get(&block.output()).and_then(|k| k.weight_sums) {
             Some(_) => {
                 let rows = s.kh * s.kw * s.c;
-                piece(padded_len(n, input_hwc(conv), conv.pads))
+                piece(2 * s.f)
+                    + piece(padded_len(n, input_hwc(conv), conv.pads))
                     + piece(n * (2 + 2 * rows) * s.f)
                     + piece(n * rows)
             }
@@ -2114,11 +2115,19 @@ impl Kernels<f32> for JitKernels {
         if let (None, Some(kernel), Some(node)) = (&dx, k.weight_sums, block.norm) {
             let Op::BatchNorm(bn) = program.graph.node(node).op else { unreachable!("a batchnorm") };
             let indices = &program.node_params[node.index()];
-            let gamma = params[indices[0]].as_slice().expect("per channel");
+            let [gamma, beta] = [0, 1].map(|i| params[indices[i]].as_slice().expect("per channel"));
             let stats = tape.stats.expect("training forward keeps batch statistics");
             let stats = stats.as_slice().expect("contiguous");
             let y = contiguous(&tape.linear.expect("a normalizing block keeps its linear output"));
-            let rectified = if k.rectify.is_some() { z } else { std::ptr::null_mut() };
+            // the rectifier's mask from its input, rebuilt from y with the forward's coefficients
+            let affine = match k.rectify {
+                Some(_) => {
+                    let out = s.take(2 * sh.f);
+                    affine_coefficients(stats, [gamma, beta].map(ArrayView1::from), bn.epsilon, out);
+                    out.as_mut_ptr()
+                }
+                None => std::ptr::null_mut(),
+            };
             let [h, w_in, c] = input_hwc(conv);
             let x4 = x.into_shape_with_order((n, h, w_in, c)).expect("the block's input");
             let xp = padded_into(x4, conv.pads, 0.0, s);
@@ -2131,7 +2140,7 @@ impl Kernels<f32> for JitKernels {
             return normalized_weights_backward(
                 kernel,
                 &sh,
-                [xp, dzp, rectified, y],
+                [xp, dzp, affine, y],
                 gamma,
                 stats,
                 bn.epsilon,
@@ -2403,21 +2412,33 @@ fn affine_into(
     shape: NormShape,
     x: *mut f32,
     stats: &[f32],
-    [gamma, beta]: [ArrayView1<f32>; 2],
+    gamma_beta: [ArrayView1<f32>; 2],
     epsilon: f32,
     y: *mut f32,
     n: usize,
     s: &mut Scratch<f32>,
 ) {
-    let c = shape.channels;
-    let coefficients = s.take(2 * c);
-    let (scale, shift) = coefficients.split_at_mut(c);
-    for k in 0..c {
+    let coefficients = s.take(2 * shape.channels);
+    let (scale, shift) = affine_coefficients(stats, gamma_beta, epsilon, coefficients);
+    run(kernel, Buffers::new(&[x, scale.as_mut_ptr(), shift.as_mut_ptr(), y]), n, n);
+}
+
+/// The normalization's per-channel scale γ/σ and shift β − μ·γ/σ (in f64, then f32) into
+/// `out` (2, C): the values the affine kernel applies, which the weight sums' kernel applies
+/// again to rebuild the rectifier's mask bit for bit.
+fn affine_coefficients<'o>(
+    stats: &[f32],
+    [gamma, beta]: [ArrayView1<f32>; 2],
+    epsilon: f32,
+    out: &'o mut [f32],
+) -> (&'o mut [f32], &'o mut [f32]) {
+    let (scale, shift) = out.split_at_mut(out.len() / 2);
+    for k in 0..scale.len() {
         let inv = inverse_std(stats, k, epsilon);
         scale[k] = (f64::from(gamma[k]) * inv) as f32;
         shift[k] = (f64::from(beta[k]) - f64::from(stats[k]) * f64::from(gamma[k]) * inv) as f32;
     }
-    run(kernel, Buffers::new(&[x, scale.as_mut_ptr(), shift.as_mut_ptr(), y]), n, n);
+    (scale, shift)
 }
 
 /// The batchnorm backward with the reduce/apply kernels over `n` samples: from [x, z, dz]
@@ -2464,7 +2485,7 @@ fn normalize_backward(
 }
 
 /// A normalizing block's backward by [`conv::normalized_weight_sums`]: its per-sample sums over
-/// `n` samples of [x (padded), dz, z or null, y], and Σ x_k per sample ([`input_sums`]), reduced
+/// `n` samples of [x (padded), dz, (scale, shift) or null, y], and Σ x_k per sample ([`input_sums`]), reduced
 /// over the samples in order in f64, give dγ = Σ g·x̂ and dβ = Σ g, then dc's coefficients (as
 /// [`normalize_backward`]'s, with y centred: dc = a·g + b·(y − μ) + d, d = −γ·dβ/(M·σ)) and
 /// dw[k][f] = a·Σ x_k·g + b·Σ x_k·(y − μ) + d·Σ x_k; a bias's db = Σ dc = a·dβ + M·d, which
@@ -2473,7 +2494,7 @@ fn normalize_backward(
 fn normalized_weights_backward(
     kernel: KernelFn,
     sh: &ConvShape,
-    [xp, dz, z, y]: [*mut f32; 4],
+    [xp, dz, affine, y]: [*mut f32; 4],
     gamma: &[f32],
     stats: &[f32],
     epsilon: f32,
@@ -2485,7 +2506,7 @@ fn normalized_weights_backward(
     let per_sample = (2 + 2 * rows) * f;
     let sums = s.zeroed(n * per_sample);
     let mean = stats.as_ptr().cast_mut();
-    run(kernel, Buffers::new(&[xp, dz, z, y, mean, sums.as_mut_ptr()]), n, n);
+    run(kernel, Buffers::new(&[xp, dz, affine, y, mean, sums.as_mut_ptr()]), n, n);
     let inputs = s.take(n * rows);
     input_sums(xp, sh, inputs);
     // element j of the samples' sums, over the batch in order

@@ -29,7 +29,11 @@
 //! on mnist.cnn's conv2d_1 (batch 128, 2 threads) F(2x2) took 8.3 ms against the direct
 //! kernel's 7.6: 13x13 outputs are 49 tiles of 2x2 (or 16 of 4x4, covering 16x16), and the
 //! padded copy of dy and the larger scratch ate the saving; the cost model agrees (2.16M
-//! multiply-adds' worth for F(2x2), 2.31M for F(4x4), 2.23M direct, per sample).
+//! multiply-adds' worth for F(2x2), 2.31M for F(4x4), 2.23M direct, per sample). Measured
+//! again after the staged transforms (2026-12-02, the forward kernel over dy padded by 2 into
+//! dx, alternated with the direct kernel in one process, 30 rounds, 2 threads): conv2d_1's
+//! block backward 1–6% faster with F(4x4), 5% slower to 2% faster with F(2x2), within the
+//! noise of the training step; not kept.
 //!
 //! At inference a pooled block may also take F(5x5, 3x3) or F(6x6, 3x3) ([`inference_tile_size`]):
 //! fewer products again (a 10x10 output is four 5x5 tiles, 49 products each per channel pair
