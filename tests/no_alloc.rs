@@ -63,12 +63,14 @@ fn jit_training_steps_allocate_nothing() {
     assert_eq!(allocations(|| drop(std::hint::black_box(vec![1u8; 10]))), 1);
     // Fused blocks with batchnorm and a Winograd layer (32 → 32 channels, 3x3), a padded
     // window, a pool through the relu, dropout, a dense batchnorm block, sigmoid, average
-    // pooling; Adam and SGD with momentum.
+    // pooling; a first block whose backward is its weight sums (conv::normalized_weight_sums);
+    // Adam and SGD with momentum.
     let models = [
         "input 12x12x3 conv2d(32, kernel=3, padding=same) batchnorm relu conv2d(32, kernel=3) relu maxpool(2) \
          flatten dropout(0.4) dense(9) batchnorm relu dense(5, activation=softmax)",
         "input 10x10x2 conv2d(6, kernel=3, activation=sigmoid) avgpool(2, padding=same) \
          conv2d(5, kernel=2, stride=2, padding=same) maxpool(2, padding=same) flatten dense(4, activation=softmax)",
+        "input 10x10x1 conv2d(8, kernel=3, bias=false) batchnorm relu maxpool(2) flatten dense(4, activation=softmax)",
     ];
     let optimizers = [
         Optimizer::Adam { lr: 0.001, beta1: 0.9, beta2: 0.999, epsilon: 1e-7 },

@@ -750,8 +750,13 @@ fn weight_sums_pay(conv: &ConvShape) -> bool {
     !conv.is_point() && rows <= WEIGHT_SUMS_ROWS && !std::env::var("CNNC_WEIGHT_SUMS").is_ok_and(|v| v == "0")
 }
 
-/// The most rows of dw (KH·KW·C) for which [`weight_sums_pay`].
-const WEIGHT_SUMS_ROWS: usize = 27;
+/// The most rows of dw (KH·KW·C) for which [`weight_sums_pay`]. Measured (the block's backward,
+/// 2 threads, batch 128, alternated in one run with `CNNC_WEIGHT_SUMS=0`): 3x3 over one
+/// channel 1.49–1.55x faster (32 filters, 32x32) and 1.01–1.10x (16 filters, 28x28); 2x2 over
+/// three channels (12 rows, 32 filters) 1.15–1.45x; 3x3 over two (18 rows) 1.11–1.13x; but
+/// 4x4 over one channel (16 rows, 16 filters) 0.78–0.80x, 5x5 (25 rows) 0.62–0.66x and 3x3 over
+/// three channels (27 rows) 0.74–0.84x.
+const WEIGHT_SUMS_ROWS: usize = 12;
 
 /// Whether `id` is the convolution (or dense layer) of a fused block, whose forward pass the
 /// block's own kernels run.
