@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use ndarray::{
     ArrayD, ArrayRef, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut1, ArrayViewMut2,
-    ArrayViewMut4, ArrayViewMutD, Axis, Ix1, IxDyn, s,
+    ArrayViewMut4, ArrayViewMutD, Axis, IxDyn, s,
 };
 use rayon::prelude::*;
 
@@ -1304,6 +1304,19 @@ fn bias_ptr(b: Option<&[f32]>) -> *mut f32 {
     b.map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut f32)
 }
 
+/// A fused block's batchnorm: its ε and its parameter `i` (γ, β, moving mean, moving variance),
+/// per channel; `None` without one.
+fn block_norm<'a>(
+    program: &'a Program,
+    block: &Block,
+    params: &'a [ArrayD<f32>],
+) -> Option<(f32, impl Fn(usize) -> &'a [f32] + Copy + 'a)> {
+    let norm = block.norm?;
+    let Op::BatchNorm(bn) = program.graph.node(norm).op else { unreachable!("a batchnorm") };
+    let indices = &program.node_params[norm.index()];
+    Some((bn.epsilon, move |i: usize| params[indices[i]].as_slice().expect("per channel")))
+}
+
 /// At inference, `block`'s batchnorm folded into its convolution's weights `w·s` and bias
 /// `(b − mean)·s + β`, s = γ/σ, in `s` (summed in f64); `None` without a batchnorm.
 fn fold_norm<'s>(
@@ -1314,12 +1327,9 @@ fn fold_norm<'s>(
     (w, b): (&[f32], Option<&[f32]>),
     s: &mut Scratch<'s, f32>,
 ) -> Option<(&'s [f32], *mut f32)> {
-    let norm = block.norm?;
-    let Op::BatchNorm(bn) = program.graph.node(norm).op else { unreachable!("a batchnorm") };
-    let indices = &program.node_params[norm.index()];
-    let p = |i: usize| params[indices[i]].as_slice().expect("per channel");
+    let (epsilon, p) = block_norm(program, block, params)?;
     let (gamma, beta, mean, var) = (p(0), p(1), p(2), p(3));
-    let scale = |f: usize| f64::from(gamma[f]) * (1.0 / (f64::from(var[f]) + f64::from(bn.epsilon)).sqrt());
+    let scale = |f: usize| f64::from(gamma[f]) * (1.0 / (f64::from(var[f]) + f64::from(epsilon)).sqrt());
     let weights = s.take(w.len());
     for (i, (out, v)) in weights.iter_mut().zip(w).enumerate() {
         *out = (f64::from(*v) * scale(i % sh.f)) as f32;
@@ -2066,13 +2076,7 @@ impl Kernels<f32> for JitKernels {
         let (w, b) = conv_params(program, block, params, sh);
         let wino = self.block_winograd.get(&block.output());
         let bias_ptr = bias_ptr(b);
-        // The block's batchnorm: its ε and parameter `i` (γ, β, moving mean, moving variance).
-        let norm = block.norm.map(|norm| {
-            let Op::BatchNorm(bn) = program.graph.node(norm).op else { unreachable!("a batchnorm") };
-            let indices = &program.node_params[norm.index()];
-            let p = move |i: usize| params[indices[i]].as_slice().expect("per channel");
-            (bn.epsilon, p)
-        });
+        let norm = block_norm(program, block, params);
         let BlockOut { mut value, linear, stats } = out;
         let yp = out_ptr(&mut value);
         if mode == Mode::Infer {
@@ -2117,10 +2121,9 @@ impl Kernels<f32> for JitKernels {
         let z = contiguous(&tape.value);
         let dzp = contiguous(&dz);
         let BlockGrads { dx, mut dw, db, norm } = grads;
-        if let (None, Some(kernel), Some(node)) = (&dx, k.weight_sums, block.norm) {
-            let Op::BatchNorm(bn) = program.graph.node(node).op else { unreachable!("a batchnorm") };
-            let indices = &program.node_params[node.index()];
-            let [gamma, beta] = [0, 1].map(|i| params[indices[i]].as_slice().expect("per channel"));
+        let batchnorm = block_norm(program, block, params);
+        if let (None, Some(kernel), Some((epsilon, p))) = (&dx, k.weight_sums, batchnorm) {
+            let [gamma, beta] = [p(0), p(1)];
             let stats = tape.stats.expect("training forward keeps batch statistics");
             let stats = stats.as_slice().expect("contiguous");
             let y = contiguous(&tape.linear.expect("a normalizing block keeps its linear output"));
@@ -2128,7 +2131,7 @@ impl Kernels<f32> for JitKernels {
             let affine = match k.rectify {
                 Some(_) => {
                     let out = s.take(2 * sh.f);
-                    affine_coefficients(stats, [gamma, beta].map(ArrayView1::from), bn.epsilon, out);
+                    affine_coefficients(stats, [gamma, beta].map(ArrayView1::from), epsilon, out);
                     out.as_mut_ptr()
                 }
                 None => std::ptr::null_mut(),
@@ -2148,18 +2151,16 @@ impl Kernels<f32> for JitKernels {
                 [xp, dzp, affine, y],
                 gamma,
                 stats,
-                bn.epsilon,
+                epsilon,
                 grads,
                 n,
                 s,
             );
         }
         let dc_len = n * sh.oh * sh.ow * sh.f;
-        let dc: *mut f32 = match (block.norm, k.norm) {
-            (Some(node), Some([_, _, reduce, apply])) => {
-                let Op::BatchNorm(bn) = program.graph.node(node).op else { unreachable!("a batchnorm") };
-                let indices = &program.node_params[node.index()];
-                let gamma = params[indices[0]].view().into_dimensionality::<Ix1>().expect("per channel");
+        let dc: *mut f32 = match (batchnorm, k.norm) {
+            (Some((epsilon, p)), Some([_, _, reduce, apply])) => {
+                let gamma = ArrayView1::from(p(0));
                 let stats = tape.stats.expect("training forward keeps batch statistics");
                 let linear = contiguous(&tape.linear.expect("a normalizing block keeps its linear output"));
                 let rectified = if k.rectify.is_some() { z } else { std::ptr::null_mut() };
@@ -2173,7 +2174,7 @@ impl Kernels<f32> for JitKernels {
                     [linear, rectified, dzp],
                     gamma,
                     stats,
-                    bn.epsilon,
+                    epsilon,
                     Some(dc),
                     grads,
                     n,
@@ -2518,6 +2519,12 @@ fn normalized_weights_backward(
     let total = |all: &[f32], stride: usize, j: usize| {
         all.iter().skip(j).step_by(stride).map(|v| f64::from(*v)).sum::<f64>()
     };
+    // Σ x_k over the batch, once for every channel (a block has at most WEIGHT_SUMS_ROWS rows)
+    let mut input_totals = [0.0; WEIGHT_SUMS_ROWS];
+    assert!(rows <= WEIGHT_SUMS_ROWS, "the sums kernel was compiled for at most {WEIGHT_SUMS_ROWS} rows");
+    for (k, out) in input_totals.iter_mut().enumerate().take(rows) {
+        *out = total(inputs, rows, k);
+    }
     let m = (n * sh.oh * sh.ow) as f64;
     let dgamma = dgamma.as_slice_mut().expect("contiguous");
     let dbeta = dbeta.as_slice_mut().expect("contiguous");
@@ -2532,7 +2539,7 @@ fn normalized_weights_backward(
         for k in 0..rows {
             let xg = total(sums, per_sample, (2 + k) * f + ch);
             let xc = total(sums, per_sample, (2 + rows + k) * f + ch);
-            dw[k * f + ch] = (a * xg + b * xc + d * total(inputs, rows, k)) as f32;
+            dw[k * f + ch] = (a * xg + b * xc + d * input_totals[k]) as f32;
         }
         if let Some(db) = db.as_mut() {
             db[ch] = (a * sum_g + m * d) as f32;
