@@ -110,6 +110,28 @@ def fmt(x, spec=",.0f"):
     return format(x, spec) if x == x else "–"  # NaN (no measurement) as a dash
 
 
+def round_ratios(runs, cnnc, peers, median):
+    """A line per metric: cnnc's throughput over the best peer's (by median) in each round
+    that measured both."""
+    if not cnnc or not peers:
+        return []
+    lines = []
+    for key, model, title in METRICS:
+        medians = {peer: median(peer, model, key) for peer in peers}
+        medians = {peer: m for peer, m in medians.items() if m == m}
+        if not medians:
+            continue
+        best = max(medians, key=medians.get)
+        def by_round(system):
+            return {r["round"]: r[key] for r in runs if r["system"] == system and r["model"] == model}
+        ours, theirs = by_round(cnnc), by_round(best)
+        ratios = [ours[i] / theirs[i] for i in sorted(ours) if i in theirs and theirs[i] > 0]
+        if ratios:
+            lines.append(f"- {title}, against {best}: " + ", ".join(f"{r:.2f}x" for r in ratios)
+                         + f" (min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
+    return lines
+
+
 def table(args, runs, skipped):
     """Markdown: a row per system, medians over the rounds; peers' cells carry cnnc's ratio."""
     def median(system, model, key):
@@ -141,6 +163,10 @@ def table(args, runs, skipped):
         lines.append(f"| {system} | " + " | ".join(cells) + f" | {compile_s} |")
     lines.append("\ncompile s: cnnc's JIT compile time of the fused programs; for the peers the "
                  "wall time of the first training step plus the first inference batch.")
+    rounds = round_ratios(runs, cnnc, [s for s in systems if s != cnnc], median)
+    if rounds:
+        lines += ["", "Round by round, cnnc / the column's best peer (by median): the spread that "
+                  "the machine's load puts on each ratio.", "", *rounds]
     if skipped:
         lines += ["", "Skipped:", *(f"- {note}" for note in skipped)]
     return "\n".join(lines)
