@@ -41,9 +41,11 @@ impl PoolShape {
     }
 }
 
-/// `max(a, b)` that keeps `a` when `b` is NaN, as `f32::max` does for the reference.
+/// `max(a, b)` that keeps `a` when `b` is NaN, as `f32::max` does for the reference: b if
+/// a < b, else a. Written as `a < b` (not `b > a`, the same lanes) because x64 lowers that
+/// select to one `maxps` (where `b > a` took a compare and a blend).
 pub(super) fn max(e: &mut Emit, a: Value, b: Value, width: Width) -> Value {
-    let greater = e.ins().fcmp(FloatCC::GreaterThan, b, a);
+    let greater = e.ins().fcmp(FloatCC::LessThan, a, b);
     if width == Width::Scalar {
         e.ins().select(greater, b, a)
     } else {
