@@ -69,17 +69,23 @@ pub struct Report {
 /// in order. A layer that lowered to several groups (`dense(10, activation=softmax)`) names the
 /// later ones by their op too. At inference a block that `in_next_step` says runs inside the
 /// next block's step ([`crate::memory::Plan::paired`]) is one group with it: the step's time
-/// is both blocks'.
+/// is both blocks'. In training a block whose steps run its pool's (`takes_pool`,
+/// [`crate::memory::Plan::takes_pool`]) is one group with the pool.
 fn groups(
     program: &Program,
     training: bool,
     in_next_step: impl Fn(&Block) -> bool,
+    takes_pool: impl Fn(&Block) -> bool,
 ) -> Vec<(String, Vec<NodeId>)> {
     let mut groups: Vec<(String, Vec<NodeId>)> = Vec::new();
     let mut carried: Vec<NodeId> = Vec::new();
     for &id in if training { &program.forward } else { &program.inference } {
+        if training && program.blocks.iter().any(|b| b.pool == Some(id) && takes_pool(b)) {
+            continue; // in its block's group
+        }
         let mut nodes: Vec<NodeId> = std::mem::take(&mut carried);
         match program.block_ending_at(id, training) {
+            Some(b) if training && takes_pool(b) => nodes.extend(b.inference_nodes()),
             Some(b) if training => nodes.extend(b.nodes()),
             Some(b) if in_next_step(b) => {
                 carried = b.inference_nodes().collect();
@@ -150,8 +156,9 @@ pub fn run(checked: &Checked, options: Options) -> anyhow::Result<Report> {
     // Rows: (group, phase) for the training groups' forward and backward passes, then the
     // inference groups, then the loss and the update.
     let plan = reference::plan(&backends[0].kernels, &fused, Pass::Infer, options.inference_batch_size, true);
-    let training = groups(&fused, true, |_| false);
-    let inference = groups(&fused, false, |b| plan.runs_in_next_step(&fused, b));
+    let train_plan = reference::plan(&backends[0].kernels, &fused, Pass::Train, options.batch_size, true);
+    let training = groups(&fused, true, |_| false, |b| train_plan.takes_pool(&fused, b));
+    let inference = groups(&fused, false, |b| plan.runs_in_next_step(&fused, b), |_| false);
     let mut keys: Vec<(&str, &'static str, &[NodeId])> = Vec::new();
     for phase in ["forward", "backward"] {
         keys.extend(training.iter().map(|(name, nodes)| (name.as_str(), phase, nodes.as_slice())));

@@ -78,6 +78,15 @@ pub trait StepNeeds {
     fn pairs(&self, _first: &Block, _second: &Block) -> bool {
         false
     }
+
+    /// Whether, in training, the backend runs the max pool after fused block `block`
+    /// (`block.pool`) inside the block's steps: the block's forward step writes the pool's value
+    /// and its backward step reads the pool's gradient; the pool's own steps run nothing, and
+    /// the block's value and its gradient are never written. Asked only of fused blocks that
+    /// have such a pool.
+    fn takes_pool(&self, _block: &Block) -> bool {
+        false
+    }
 }
 
 /// The plan of one pass for batches of up to `batch` samples.
@@ -94,6 +103,8 @@ pub struct Plan {
     fused: Vec<bool>,
     /// At inference, for each block, the block that runs inside its step ([`Plan::paired`]).
     paired: Vec<Option<usize>>,
+    /// In training, for each block, whether its steps run its pool's ([`Plan::takes_pool`]).
+    pooled: Vec<bool>,
     /// The arena's size in elements.
     pub len: usize,
     /// What the buffers would take without sharing, in elements.
@@ -111,8 +122,19 @@ impl Plan {
         let steps = timeline(program, pass);
         let fused: Vec<bool> = program.blocks.iter().map(|b| needs.fuses(b, pass)).collect();
         let paired = pairs(program, pass, &steps, &fused, needs);
-        let mut scratch: Vec<usize> =
-            steps.iter().map(|&step| needs.scratch(program, step, pass, batch)).collect();
+        let pooled: Vec<bool> = program
+            .blocks
+            .iter()
+            .zip(&fused)
+            .map(|(b, &fused)| pass == Pass::Train && fused && b.pool.is_some() && needs.takes_pool(b))
+            .collect();
+        let mut scratch: Vec<usize> = steps
+            .iter()
+            .map(|&step| match step {
+                Step::Forward(id) | Step::Backward(id) if pool_in_block(program, &pooled, id).is_some() => 0,
+                _ => needs.scratch(program, step, pass, batch),
+            })
+            .collect();
         // a pair's step holds both blocks' scratch; the first block's own step runs nothing
         for (t, &step) in steps.iter().enumerate() {
             if let Some(first) = step_block(program, pass, step).and_then(|second| paired[second]) {
@@ -128,7 +150,7 @@ impl Plan {
         let mut first_grad = HashMap::new();
         for (t, &step) in steps.iter().enumerate() {
             let mut access = |b: Buffer| touched.push((b, t));
-            accesses(program, pass, &fused, &paired, step, &mut access);
+            accesses(program, pass, [&fused, &pooled], &paired, step, &mut access);
             if scratch[t] > 0 {
                 touched.push((Buffer::Scratch(t), t));
             }
@@ -188,7 +210,7 @@ impl Plan {
         }
         let len = order.iter().map(|p| p.offset + p.len).max().unwrap_or(0);
         let unshared = order.iter().map(|p| p.len).sum();
-        let plan = Plan { pass, batch, steps, placed, first_grad, fused, paired, len, unshared };
+        let plan = Plan { pass, batch, steps, placed, first_grad, fused, paired, pooled, len, unshared };
         plan.check();
         plan
     }
@@ -209,6 +231,18 @@ impl Plan {
     pub fn paired(&self, program: &Program, block: &Block) -> Option<Block> {
         let i = program.blocks.iter().position(|b| b == block)?;
         self.paired[i].map(|first| program.blocks[first])
+    }
+
+    /// Whether, in training, `block`'s steps run its pool's too: the forward step writes the
+    /// pool's value, the backward step reads the pool's gradient ([`StepNeeds::takes_pool`]).
+    pub fn takes_pool(&self, program: &Program, block: &Block) -> bool {
+        program.blocks.iter().position(|b| b == block).is_some_and(|i| self.pooled[i])
+    }
+
+    /// Whether node `id` is a pool whose steps run inside its block's ([`Plan::takes_pool`]):
+    /// then its own steps run nothing.
+    pub fn runs_in_block(&self, program: &Program, id: NodeId) -> bool {
+        pool_in_block(program, &self.pooled, id).is_some()
     }
 
     /// Whether `block` runs inside the next step ([`Plan::paired`]).
@@ -439,16 +473,32 @@ fn pairs(
     paired
 }
 
+/// The block whose steps run those of pool `id`, if one does (in training).
+fn pool_in_block<'p>(program: &'p Program, pooled: &[bool], id: NodeId) -> Option<&'p Block> {
+    program.blocks.iter().zip(pooled).find(|(b, takes)| **takes && b.pool == Some(id)).map(|(b, _)| b)
+}
+
 /// Every buffer `step` reads or writes (the interpreter's `run_step` touches exactly these).
 fn accesses(
     program: &Program,
     pass: Pass,
-    fused: &[bool],
+    [fused, pooled]: [&[bool]; 2],
     paired: &[Option<usize>],
     step: Step,
     access: &mut impl FnMut(Buffer),
 ) {
     let input = |id: NodeId| program.graph.node(id).inputs[0];
+    if let Step::Forward(id) | Step::Backward(id) = step
+        && pool_in_block(program, pooled, id).is_some()
+    {
+        // runs inside the block's step
+        return;
+    }
+    // the pool a block's steps run, whose value (and gradient) stand for the block's
+    let taken = |id: NodeId| {
+        let i = step_block(program, Pass::Train, Step::Forward(id))?;
+        program.blocks[i].pool.filter(|_| pooled[i])
+    };
     if let Some(i) = step_block(program, pass, step) {
         if paired.contains(&Some(i)) {
             // runs inside the next step
@@ -471,7 +521,7 @@ fn accesses(
         Step::Forward(id) => match block_at(program, fused, id, pass) {
             Some((b, true)) => {
                 access(Buffer::Value(input(b.linear)));
-                access(Buffer::Value(id));
+                access(Buffer::Value(if pass == Pass::Train { taken(id).unwrap_or(id) } else { id }));
                 if let (Some(norm), Pass::Train) = (b.norm, pass) {
                     access(Buffer::Value(b.linear));
                     access(Buffer::Stats(norm));
@@ -505,9 +555,11 @@ fn accesses(
                 None => (vec![id], None),
             };
             if let Some(b) = fused_block {
-                access(Buffer::Grad(id));
+                // the block's value and gradient, or its pool's where the block runs the pool
+                let value = taken(id).unwrap_or(id);
+                access(Buffer::Grad(value));
                 access(Buffer::Value(input(b.linear)));
-                access(Buffer::Value(id));
+                access(Buffer::Value(value));
                 if let Some(norm) = b.norm {
                     access(Buffer::Value(b.linear));
                     access(Buffer::Stats(norm));

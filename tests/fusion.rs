@@ -14,7 +14,7 @@ use cnnc::autodiff::Program;
 use cnnc::backend::jit::{JitKernels, Listing};
 use cnnc::backend::reference::{self, Gradients, Mode};
 use cnnc::ir::NodeId;
-use cnnc::memory::Pass;
+use cnnc::memory::{Buffer, Pass};
 use cnnc::rng::Rng;
 use ndarray::ArrayD;
 
@@ -297,6 +297,73 @@ fn unfused_batchnorm_kernels_match_the_reference() {
 }
 
 /// Batch statistics are reduced in sample order: the same bits on 1 thread and on 3.
+#[test]
+fn a_first_block_runs_its_max_pool_in_training() {
+    // the pool inside the block's steps (conv::forward_max_pooled forward,
+    // conv::pooled_backward_weights backward), where the block's input needs no gradient and its
+    // max pool tiles its output: one input channel (9 rows of dw, tasks of 8 output channels), 13 = 8 +
+    // 4 + 1 channels, 10x8 → 5x4; three input channels with padding (27 rows: tasks of all
+    // 6 = 4 + 1 + 1 channels), 2x3 windows (8x9 → 4x3), then a block whose input does need a
+    // gradient (it keeps the pool's step)
+    let models = [
+        (
+            "input 12x10x1 conv2d(13, kernel=3, activation=relu) maxpool(2) flatten dense(3, activation=softmax)",
+            1,
+        ),
+        (
+            "input 8x9x3 conv2d(6, kernel=3, padding=same, activation=relu) maxpool(2x3) \
+             conv2d(5, kernel=1, activation=relu) maxpool(2x1) flatten dense(3, activation=softmax)",
+            2,
+        ),
+    ];
+    for (model, blocks) in models {
+        let fused = program(model).fused();
+        let jit = JitKernels::compile(&fused, Listing::default()).unwrap();
+        let takes: Vec<bool> =
+            fused.blocks.iter().map(|b| jit.block(b.output()).unwrap().pooled_backward.is_some()).collect();
+        let mut expected = vec![false; blocks];
+        expected[0] = true;
+        assert_eq!(takes, expected, "{model}");
+        let plan = reference::plan(&jit, &fused, Pass::Train, 4, true);
+        let first = fused.blocks[0];
+        assert!(plan.takes_pool(&fused, &first), "{model}");
+        assert!(plan.runs_in_block(&fused, first.pool.unwrap()), "{model}");
+        // the block's value and its gradient (the pool's input and its gradient) are never written
+        assert!(plan.get(&fused, Buffer::Value(first.output())).is_none(), "{model}");
+        assert!(plan.get(&fused, Buffer::Grad(first.output())).is_none(), "{model}");
+        for batch in [1, 7] {
+            fused_matches_unfused(model, batch, blocks);
+        }
+    }
+    // (CNNC_POOL_TRAIN=0 is read when compiling: not tested here, the environment is shared)
+
+    // ties: channels with zero weights and a positive bias hold the same value at every
+    // pixel, so each window's gradient goes to its first pixel (as the reference's), whose
+    // patch of x the weight gradient then sums
+    let model = models[0].0;
+    let (unfused, fused) = (program(model), program(model).fused());
+    let jit = JitKernels::compile(&fused, Listing::default()).unwrap();
+    let mut rng = Rng::new(9, &[]);
+    let mut params = parameters(&unfused, &mut rng);
+    let f = params[1].len();
+    for (i, w) in params[0].iter_mut().enumerate() {
+        if (i % f).is_multiple_of(2) {
+            *w = 0.0;
+        }
+    }
+    params[1].iter_mut().for_each(|b| *b = b.abs() + 0.1);
+    let sample = unfused.shapes.shape(unfused.graph.input()).numel();
+    let input = reference::batch_array(&unfused, &random(3 * sample, &mut rng));
+    let labels = [0, 1, 2];
+    let train = Mode::Train { seed: 1, step: 2 };
+    let expected = reference::gradients(&unfused, &params, input.clone(), &labels, train);
+    let actual = reference::gradients_with(&jit, &fused, &params, input.clone(), &labels, train);
+    assert_same_gradients(&format!("{model} (ties)"), &unfused, &expected, &actual);
+    // 3 threads split the weight gradient's 4 parts of channels (2 tasks each) mid-part: each
+    // shard recomputes dy for the parts it starts in
+    common::assert_same_on_1_and_3_threads(&jit, &fused, &params, &input, &labels);
+}
+
 #[test]
 fn fused_training_does_not_depend_on_the_thread_count() {
     let model =

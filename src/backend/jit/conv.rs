@@ -103,6 +103,13 @@ impl ConvShape {
     pub fn weight_parts(&self) -> usize {
         if self.few_weight_rows() { self.f.div_ceil(8) } else { 1 }
     }
+
+    /// Elements of a shard's scratch for [`pooled_backward_weights`]: a sample's dy for one
+    /// part of output channels.
+    pub fn pooled_weight_scratch(&self) -> usize {
+        let part = if self.weight_parts() == 1 { self.f } else { 8 };
+        self.oh * self.ow * part
+    }
 }
 
 /// A kernel `w` laid out (K, N) row-major (K = KH·KW·C rows of N output channels, as HWIO
@@ -804,8 +811,42 @@ pub fn backward_input(e: &mut Emit, s: &ConvShape) {
 /// batch's samples and pixels, in the order that dw's elements sum, while dy is in registers.
 /// Buffers: [x (padded), dy, dw (KH,KW,C,F)], then db (F) with a bias, each zeroed.
 pub fn backward_weights(e: &mut Emit, s: &ConvShape) {
+    weights_backward(e, s, None);
+}
+
+/// [`backward_weights`] of a block conv → relu whose output y only a max pool reads, unpadded,
+/// with windows (`window`, its stride too) that tile y, where the pool runs inside the block in
+/// training and y is never stored: the forward pass writes only the pool's output. For each
+/// part of output channels, once a sample (by the first of the part's tasks in the shard's
+/// range), y is recomputed from x as the forward kernel computes it ([`pixel_block`]: the same
+/// products in the same order, so the same bits) into the shard's scratch, and turned there,
+/// window by window, into dy as the pool's and the relu's backward passes would give it from
+/// the pool's gradient dp ([`pool::window_gradient`]); the part's tasks then read it. No pass
+/// over memory the size of y is left: not y's write, nor the pool's two reads of it, nor dy's
+/// write and read. Buffers: [x (padded), dp (N, OH/wh, OW/ww, F), dw, db (F) or unused, w
+/// ((KH·KW·C, F) packed by [`pack_weights`]), b (F) or unused, scratch
+/// ([`ConvShape::pooled_weight_scratch`] a shard)], dw and db zeroed.
+pub fn pooled_backward_weights(e: &mut Emit, s: &ConvShape, window: [usize; 2]) {
+    assert!(
+        s.oh.is_multiple_of(window[0]) && s.ow.is_multiple_of(window[1]),
+        "windows that tile the convolution's output"
+    );
+    weights_backward(e, s, Some(window));
+}
+
+/// Where a weight-gradient task reads dy: rows of `stride` elements a pixel from `base` (its
+/// sample's first pixel), its channels from `first` in each.
+#[derive(Clone, Copy)]
+struct Grad {
+    base: Value,
+    stride: usize,
+    first: Value,
+}
+
+fn weights_backward(e: &mut Emit, s: &ConvShape, pooled: Option<[usize; 2]>) {
     let (x, dy, dw) = (e.buf(0), e.buf(1), e.buf(2));
     let db = s.bias.then(|| e.buf(3));
+    let staged = pooled.map(|window| (window, [e.buf(4), e.buf(5)], e.buf(6)));
     let (groups, parts) = (s.weight_groups(), s.weight_parts());
     // balanced groups of rows: the first `larger` have one row more
     let (small, larger) = (s.weight_rows() / groups, s.weight_rows() % groups);
@@ -821,16 +862,38 @@ pub fn backward_weights(e: &mut Emit, s: &ConvShape) {
             let group = e.rem_k(task, groups as u64, bound);
             let f0 = e.mul_k(part, 8);
             // the last part may be narrower: a variant for it, chosen at run time
-            let by_rows = |e: &mut Emit, rows: usize, k0: Value, bias: Option<Value>| {
-                let body = |e: &mut Emit, channels: usize| {
-                    weight_rows(e, s, [x, dy, dw], bias, k0, n, rows, (f0, channels))
-                };
+            let by_part = |e: &mut Emit, body: &dyn Fn(&mut Emit, usize)| {
                 if channels_last == channels_full {
                     return body(e, channels_full);
                 }
                 let final_part = e.int(parts as i64 - 1);
                 let is_last = e.icmp(IntCC::Equal, part, final_part);
                 e.when_else(is_last, |e| body(e, channels_last), |e| body(e, channels_full));
+            };
+            let grad = match staged {
+                None => {
+                    let off = e.mul_k(n, (s.oh * s.ow * s.f) as i64);
+                    Grad { base: e.at(dy, off), stride: s.f, first: f0 }
+                }
+                Some((window, [w, b], scratch)) => {
+                    // the part's dy, staged by the first of its tasks in this shard's range
+                    let first_task = e.icmp(IntCC::Equal, task, start);
+                    let zero = e.int(0);
+                    let first_group = e.icmp(IntCC::Equal, group, zero);
+                    let fresh = e.ins().bor(first_task, first_group);
+                    let stage = |e: &mut Emit, channels: usize| {
+                        let part = (f0, channels, channels_full);
+                        stage_pool_gradient(e, s, window, [x, w, b, dy, scratch], n, part);
+                    };
+                    e.when(fresh, |e| by_part(e, &stage));
+                    Grad { base: scratch, stride: channels_full, first: zero }
+                }
+            };
+            let by_rows = |e: &mut Emit, rows: usize, k0: Value, bias: Option<Value>| {
+                let body = |e: &mut Emit, channels: usize| {
+                    weight_rows(e, s, [x, dw], grad, bias, k0, n, rows, (f0, channels))
+                };
+                by_part(e, &body);
             };
             // the last group (one of the smaller) also sums db over its part's channels
             let smaller = |e: &mut Emit, k0: Value| match db {
@@ -877,7 +940,8 @@ pub fn backward_weights(e: &mut Emit, s: &ConvShape) {
 fn weight_rows(
     e: &mut Emit,
     s: &ConvShape,
-    [x, dy, dw]: [Value; 3],
+    [x, dw]: [Value; 2],
+    grad: Grad,
     db: Option<Value>,
     k0: Value,
     n: Value,
@@ -905,8 +969,9 @@ fn weight_rows(
         .collect();
     let w_off = e.mul_k(k0, s.f as i64);
     let dwbase = e.at(dw, w_off);
-    for_chunks(e, channels, |e, f0, width| {
-        let f0 = e.add(first, f0);
+    for_chunks(e, channels, |e, c0, width| {
+        let f0 = e.add(first, c0);
+        let g0 = e.add(grad.first, c0);
         let parts = width.parts();
         let base = e.at(dwbase, f0);
         let mut acc: Vec<Variable> = Vec::with_capacity(rows * parts);
@@ -924,15 +989,13 @@ fn weight_rows(
         e.for_n(s.oh, |e, oh| {
             // the output row's pixels start at (oh·sh·WP)·C past each row's base
             let x_row = e.mul_k(oh, (s.sh * s.wp * s.c) as i64);
-            let drow = e.mul_k(n, s.oh as i64);
-            let drow = e.add(drow, oh);
-            let d_off = e.mul_k(drow, (s.ow * s.f) as i64);
-            let d_off = e.add(d_off, f0);
-            let dyrow = e.at(dy, d_off);
+            let d_off = e.mul_k(oh, (s.ow * grad.stride) as i64);
+            let d_off = e.add(d_off, g0);
+            let dyrow = e.at(grad.base, d_off);
             e.for_n_unrolled(s.ow, UNROLL, |e, ow| {
                 let xo = e.mul_k(ow, (s.sw * s.c) as i64);
                 let index = e.add(x_row, xo);
-                let dofs = e.mul_k(ow, s.f as i64);
+                let dofs = e.mul_k(ow, grad.stride as i64);
                 let daddr = e.at(dyrow, dofs);
                 let dv = load_chunk(e, daddr, 0, width);
                 if let Some((_, sums)) = &bias {
@@ -953,6 +1016,75 @@ fn weight_rows(
             let values: Vec<Value> = sums.iter().map(|v| e.use_var(*v)).collect();
             store_chunk(e, &values, addr, 0);
         }
+    });
+}
+
+/// Sample n's dy for the `channels` output channels from `first` ([`pooled_backward_weights`])
+/// into `out` (OH·OW pixels of `stride` elements, the channels from 0): y = relu(conv(x)), as
+/// the forward kernel computes it, then, window by window in place, the gradient the pool
+/// gives each pixel from dp, through the relu.
+fn stage_pool_gradient(
+    e: &mut Emit,
+    s: &ConvShape,
+    [wh, ww]: [usize; 2],
+    [x, w, b, dp, out]: [Value; 5],
+    n: Value,
+    (first, channels, stride): (Value, usize, usize),
+) {
+    let xn_off = e.mul_k(n, (s.hp * s.wp * s.c) as i64);
+    let xn = e.at(x, xn_off);
+    e.for_n(s.oh, |e, oh| {
+        for_pixel_blocks(e, s.ow, |e, ow0, pixels| {
+            for_chunks(e, channels, |e, c0, width| {
+                let f0 = e.add(first, c0);
+                let parts = width.parts();
+                let acc = pixel_block(e, s, [xn, w, b], [oh, ow0], pixels, f0, width, false);
+                let pixel = e.mul_k(oh, s.ow as i64);
+                let pixel = e.add(pixel, ow0);
+                let o_off = e.mul_k(pixel, stride as i64);
+                let o_off = e.add(o_off, c0);
+                let obase = e.at(out, o_off);
+                for r in 0..pixels {
+                    let values: Vec<Value> = (0..parts)
+                        .map(|p| {
+                            let v = e.use_var(acc[r * parts + p]);
+                            super::eltwise::rectify(e, v, 0.0, width != Width::Scalar)
+                        })
+                        .collect();
+                    store_chunk(e, &values, obase, (r * stride) as i64);
+                }
+            });
+        });
+    });
+    let (ph, pw) = (s.oh / wh, s.ow / ww);
+    let dpn_off = e.mul_k(n, (ph * pw * s.f) as i64);
+    let dpn_off = e.add(dpn_off, first);
+    let dpn = e.at(dp, dpn_off);
+    e.for_n(ph, |e, py| {
+        e.for_n(pw, |e, px| {
+            // the window's first pixel; the others at constant offsets from it
+            let row = e.mul_k(py, (wh * s.ow) as i64);
+            let col = e.mul_k(px, ww as i64);
+            let pixel = e.add(row, col);
+            let window = e.mul_k(py, pw as i64);
+            let window = e.add(window, px);
+            let pixels: Vec<i64> =
+                (0..wh).flat_map(|i| (0..ww).map(move |j| ((i * s.ow + j) * stride) as i64)).collect();
+            for_chunks(e, channels, |e, c0, width| {
+                let o_off = e.mul_k(pixel, stride as i64);
+                let o_off = e.add(o_off, c0);
+                let at = e.at(out, o_off);
+                let loads: Vec<Vec<Value>> = pixels.iter().map(|p| load_chunk(e, at, *p, width)).collect();
+                let dp_off = e.mul_k(window, s.f as i64);
+                let dp_off = e.add(dp_off, c0);
+                let dpw = e.at(dpn, dp_off);
+                let grad = load_chunk(e, dpw, 0, width);
+                let shares = super::pool::window_gradient(e, &loads, &grad, true, width);
+                for (p, share) in pixels.iter().zip(shares) {
+                    store_chunk(e, &share, at, *p);
+                }
+            });
+        });
     });
 }
 

@@ -146,6 +146,9 @@ pub struct BlockKernels {
     /// With batchnorm, where the block's input needs no gradient and the cost model gives it
     /// ([`weight_sums_pay`]): the backward pass as [`conv::normalized_weight_sums`].
     pub weight_sums: Option<KernelFn>,
+    /// Where the block runs its max pool in training ([`trained_pool_window`]): the weight
+    /// gradient from the pool's gradient ([`conv::pooled_backward_weights`]).
+    pub pooled_backward: Option<KernelFn>,
 }
 
 /// Elements per sample of a pooled block's scratch buffer (the convolution's output) and of
@@ -374,6 +377,12 @@ impl JitKernels {
                     conv::normalized_weight_sums(e, &conv_shape, rectify)
                 })?);
             }
+            let pooled_backward = trained_pool_window(program, block, &conv_shape);
+            if let Some(window) = pooled_backward {
+                ids.push(compiler.kernel(&format!("{name}_backward_pooled"), |e| {
+                    conv::pooled_backward_weights(e, &conv_shape, window)
+                })?);
+            }
             // At inference, the pool that follows: the convolution computes only the rows and
             // columns some window reads (a `floor` drops the rest), one sample at a time into
             // a scratch buffer that stays in cache, and the pool reads it there.
@@ -405,7 +414,8 @@ impl JitKernels {
                 let (scratch, output) = (rows * cols * conv_shape.f, ps.oh * ps.ow * ps.c);
                 pooled = Some(PooledShape { scratch, output, fused });
             }
-            pending_blocks.push((block.output(), shape, rectify, [block.norm.is_some(), sums], pooled, ids));
+            let flags = [block.norm.is_some(), sums, pooled_backward.is_some()];
+            pending_blocks.push((block.output(), shape, rectify, flags, pooled, ids));
         }
         let mut ids: Vec<_> = pending.iter().flat_map(|p| p.3).collect();
         ids.extend(pending_pools.iter().flat_map(|p| p.3));
@@ -438,14 +448,19 @@ impl JitKernels {
             );
         }
         let mut blocks = HashMap::new();
-        for (output, shape, rectify, [has_norm, has_sums], pooled, ids) in pending_blocks {
+        for (output, shape, rectify, [has_norm, has_sums, has_pooled_backward], pooled, ids) in pending_blocks
+        {
             let (fns, tail) = rest.split_at(ids.len());
             rest = tail;
             let norm = has_norm.then(|| [fns[1], fns[2], fns[3], fns[4]]);
             let weight_sums = has_sums.then(|| fns[5]);
+            // after the forward kernel, the four of batchnorm and the sums' kernel, each where built
+            let pooled_backward =
+                has_pooled_backward.then(|| fns[1 + 4 * usize::from(has_norm) + usize::from(has_sums)]);
             let pooled = pooled.map(|p| (p, [fns[fns.len() - 2], fns[fns.len() - 1]]));
-            blocks
-                .insert(output, BlockKernels { shape, rectify, forward: fns[0], norm, pooled, weight_sums });
+            let kernels =
+                BlockKernels { shape, rectify, forward: fns[0], norm, pooled, weight_sums, pooled_backward };
+            blocks.insert(output, kernels);
         }
         let (conv_code, rest) = code.split_at(pending.len() * 3);
         let (pool_code, rectifier_code) = rest.split_at(pending_pools.len() * 2);
@@ -788,6 +803,34 @@ fn winograd_tile(conv: &ConvShape) -> usize {
 /// The tile that `CNNC_WINOGRAD` = 2, 4, 5 or 6 asks for, if any (5 and 6 only at inference).
 fn forced_tile() -> Option<usize> {
     std::env::var("CNNC_WINOGRAD").ok()?.parse().ok().filter(|m| matches!(m, 2 | 4 | 5 | 6))
+}
+
+/// The window of the max pool after `block` where the block runs the pool in training
+/// ([`Kernels::takes_pool`]): a block of a convolution and a relu, whose input needs no
+/// gradient (a first layer: no input gradient kernel needs dy) and whose weight gradient is
+/// the direct kernel's, followed by a max pool whose windows tile the convolution's output.
+/// The forward pass is then the inference kernel of the convolution and the pool in one
+/// ([`conv::forward_max_pooled`]), and the backward pass [`conv::pooled_backward_weights`],
+/// which recomputes the convolution's output instead of reading it (unless
+/// `CNNC_POOL_TRAIN=0`, for comparisons).
+fn trained_pool_window(program: &Program, block: &Block, conv: &ConvShape) -> Option<[usize; 2]> {
+    let pool = block.pool?;
+    let relu = block.act.and_then(|a| fuse::fusable_rectifier(&program.graph.node(a).op)) == Some(0.0);
+    let input = program.graph.node(block.linear).inputs[0];
+    let (ps, pads) = pool_shape(program, pool, &program.graph.node(pool).op)?;
+    let tiles = pads == [0; 4] && ps.tiles_exactly() && [ps.hp, ps.wp] == [conv.oh, conv.ow];
+    let winograd_weights = winograd_wanted(conv)
+        && WinogradShape::for_weights(*conv, winograd::weight_tile_size(conv.c, conv.f, [conv.oh, conv.ow]))
+            .is_some();
+    let wanted = !std::env::var("CNNC_POOL_TRAIN").is_ok_and(|v| v == "0");
+    (wanted
+        && block.norm.is_none()
+        && relu
+        && tiles
+        && !program.needs_grad[input.index()]
+        && !conv.is_point()
+        && !winograd_weights)
+        .then_some([ps.kh, ps.kw])
 }
 
 /// Max pools (with the block they read) whose input is a fused block's relu output and which
@@ -1577,6 +1620,7 @@ impl JitKernels {
         let s = &conv.shape;
         let wino = self.block_winograd.get(&block.output());
         match pass {
+            Pass::Train if self.takes_pool(block) => self.block_forward_scratch(block, Pass::Infer, n),
             Pass::Infer => {
                 let folded =
                     if block.norm.is_some() { piece(s.kh * s.kw * s.c * s.f) + piece(s.f) } else { 0 };
@@ -1660,7 +1704,16 @@ impl JitKernels {
             None => dc,
         };
         let dx = if program.needs_grad[input.index()] { self.conv_input_scratch(block.linear, n) } else { 0 };
-        sums.max(epilogue + self.conv_weights_scratch(block.linear, n) + dx)
+        // the pooled backward pass, where the block has it: x padded, a piece of dy a shard
+        let pooled = match self.blocks.get(&block.output()).and_then(|k| k.pooled_backward) {
+            Some(_) => {
+                piece(padded_len(n, input_hwc(conv), conv.pads))
+                    + piece(s.kh * s.kw * s.c * s.f)
+                    + piece(shard_count(s.weight_tasks()) * s.pooled_weight_scratch())
+            }
+            None => 0,
+        };
+        sums.max(pooled).max(epilogue + self.conv_weights_scratch(block.linear, n) + dx)
     }
 }
 
@@ -1689,6 +1742,53 @@ impl Kernels<f32> for JitKernels {
         // the second reads the first's value as it is: no padded copy
         let unpadded = self.convs.get(&second.linear).is_some_and(|c| c.pads == [0; 4]);
         self.pair_blocks && pooled(first) && pooled(second) && unpadded
+    }
+
+    fn takes_pool(&self, block: &Block) -> bool {
+        // the forward pass is the inference kernel of the convolution and its pool in one
+        let one_kernel = |k: &BlockKernels| k.pooled.is_some_and(|(shape, _)| shape.fused);
+        self.blocks.get(&block.output()).is_some_and(|k| k.pooled_backward.is_some() && one_kernel(k))
+    }
+
+    fn block_pool_backward_into(
+        &self,
+        program: &Program,
+        block: &Block,
+        params: &[ArrayD<f32>],
+        x: ArrayViewD<f32>,
+        tape: BlockTape<'_, f32>,
+        dp: ArrayViewD<f32>,
+        grads: BlockGrads<'_, f32>,
+        s: &mut Scratch<f32>,
+    ) {
+        let (k, conv) = self.block_kernels(block).expect("the backend said it fuses this block");
+        let kernel = k.pooled_backward.expect("the backend said it takes this block's pool");
+        let sh = conv.shape;
+        let n = x.shape()[0];
+        let pooled = k.pooled.expect("a pooled block").0;
+        assert_eq!(
+            (tape.value.len(), dp.len()),
+            (n * pooled.output, n * pooled.output),
+            "the pool's value and gradient"
+        );
+        let BlockGrads { dx, mut dw, db, norm } = grads;
+        assert!(dx.is_none() && norm.is_none(), "a block without batchnorm whose input needs no gradient");
+        let [h, w_in, c] = input_hwc(conv);
+        let x4 = x.into_shape_with_order((n, h, w_in, c)).expect("the block's input");
+        let xp = padded_into(x4, conv.pads, 0.0, s);
+        dw.fill(0.0);
+        let dwp = out_ptr(&mut dw);
+        assert_eq!(db.is_some(), sh.bias, "a bias gradient for a layer with a bias");
+        let dbp = db.map_or(std::ptr::null_mut(), |mut db| {
+            db.fill(0.0);
+            out_ptr(&mut db)
+        });
+        // the convolution's weights as the forward kernel reads them, to recompute its output
+        let (w, b) = conv_params(program, block, params, &sh);
+        let packed = s.take(w.len());
+        ConvForward::Direct(k.forward).prepare_weights(&sh, w, packed);
+        let buffers = Buffers::new(&[xp, contiguous(&dp), dwp, dbp, packed.as_mut_ptr(), bias_ptr(b)]);
+        run_with_scratch(kernel, buffers, sh.pooled_weight_scratch(), sh.weight_tasks(), n, s);
     }
 
     fn block_pair_forward_into(
@@ -2079,6 +2179,12 @@ impl Kernels<f32> for JitKernels {
         let norm = block_norm(program, block, params);
         let BlockOut { mut value, linear, stats } = out;
         let yp = out_ptr(&mut value);
+        if mode != Mode::Infer && self.takes_pool(block) {
+            // the pool's value, for the samples at once: the block's own is not kept
+            assert_eq!(value.len(), n * k.pooled.expect("a pooled block").0.output, "the pool's value");
+            let xp = padded_into(x4, conv.pads, 0.0, s);
+            return self.pooled_run(program, block, params, [xp, yp], n, s).run();
+        }
         if mode == Mode::Infer {
             if block.pool.is_some() && k.pooled.is_some() {
                 let xp = padded_into(x4, conv.pads, 0.0, s);

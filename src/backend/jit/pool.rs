@@ -132,60 +132,84 @@ pub fn backward(e: &mut Emit, s: &PoolShape, through_relu: bool) {
                 load_chunk(e, addr, 0, width)
             })
             .collect();
-        let mut best = loads[0].clone();
-        for v in &loads[1..] {
-            best = best.iter().zip(v).map(|(b, v)| max(e, *b, *v, width)).collect();
-        }
         let at = e.add(out, c0);
         let addr = e.at(dy, at);
-        let mut grad = load_chunk(e, addr, 0, width);
-        let zero = e.zero(if width == Width::Scalar { types::F32 } else { types::F32X4 });
-        if through_relu {
-            // the gradient continues through the relu that made x: none where the maximum is 0
-            grad = grad
-                .iter()
-                .zip(&best)
-                .map(|(g, b)| {
-                    let positive = e.ins().fcmp(FloatCC::GreaterThan, *b, zero);
-                    if width == Width::Scalar {
-                        e.ins().select(positive, *g, zero)
-                    } else {
-                        let mask = e.ins().bitcast(types::F32X4, MemFlagsData::new(), positive);
-                        e.ins().bitselect(mask, *g, zero)
-                    }
-                })
-                .collect();
-        }
-        // Lanes whose maximum has been found: no gradient for later equal pixels.
-        let mut done: Option<Vec<Value>> = None;
-        for (offset, v) in offsets.iter().zip(&loads) {
+        let grad = load_chunk(e, addr, 0, width);
+        let shares = window_gradient(e, &loads, &grad, through_relu, width);
+        for (offset, share) in offsets.iter().zip(shares) {
             let at = e.add(*offset, c0);
             let addr = e.at(dx, at);
-            let old = if s.tiles_exactly() { Vec::new() } else { load_chunk(e, addr, 0, width) };
-            let mut new = Vec::new();
-            let mut now_done = Vec::new();
-            for p in 0..v.len() {
-                let equal = e.ins().fcmp(FloatCC::Equal, v[p], best[p]);
-                let take = match &done {
-                    None => equal,
-                    Some(d) => e.ins().band_not(equal, d[p]),
-                };
-                let add = if width == Width::Scalar {
-                    e.ins().select(take, grad[p], zero)
-                } else {
-                    let mask = e.ins().bitcast(types::F32X4, MemFlagsData::new(), take);
-                    e.ins().bitselect(mask, grad[p], zero)
-                };
-                new.push(if s.tiles_exactly() { add } else { e.ins().fadd(old[p], add) });
-                now_done.push(match &done {
-                    None => equal,
-                    Some(d) => e.ins().bor(d[p], equal),
-                });
-            }
+            let new = if s.tiles_exactly() {
+                share
+            } else {
+                let old = load_chunk(e, addr, 0, width);
+                old.iter().zip(&share).map(|(a, b)| e.ins().fadd(*a, *b)).collect()
+            };
             store_chunk(e, &new, addr, 0);
-            done = Some(now_done);
         }
     });
+}
+
+/// The gradient a max pool's window passes to each of its pixels, in window order: `grad`
+/// (one chunk of dy) at the first pixel of `loads` (the window's pixels, one chunk each) that
+/// equals their maximum, zero at the others; with `through_relu` (the pixels are a relu's
+/// output), zero too where that maximum is not positive, which is the gradient of the relu's
+/// input. A per-lane "done" mask keeps later equal pixels from taking it again.
+pub(super) fn window_gradient(
+    e: &mut Emit,
+    loads: &[Vec<Value>],
+    grad: &[Value],
+    through_relu: bool,
+    width: Width,
+) -> Vec<Vec<Value>> {
+    let mut best = loads[0].clone();
+    for v in &loads[1..] {
+        best = best.iter().zip(v).map(|(b, v)| max(e, *b, *v, width)).collect();
+    }
+    let zero = e.zero(if width == Width::Scalar { types::F32 } else { types::F32X4 });
+    // v where the mask is set, else 0 (for vectors the mask's bits and v's: one `andps`)
+    let select = |e: &mut Emit, mask: Value, v: Value| {
+        if width == Width::Scalar {
+            e.ins().select(mask, v, zero)
+        } else {
+            let mask = e.ins().bitcast(types::F32X4, MemFlagsData::new(), mask);
+            e.ins().band(mask, v)
+        }
+    };
+    let mut grad = grad.to_vec();
+    if through_relu {
+        // the gradient continues through the relu that made x: none where the maximum is 0
+        grad = grad
+            .iter()
+            .zip(&best)
+            .map(|(g, b)| {
+                let positive = e.ins().fcmp(FloatCC::GreaterThan, *b, zero);
+                select(e, positive, *g)
+            })
+            .collect();
+    }
+    // Lanes whose maximum has been found: no gradient for later equal pixels.
+    let mut done: Option<Vec<Value>> = None;
+    let mut shares = Vec::with_capacity(loads.len());
+    for v in loads {
+        let mut share = Vec::new();
+        let mut now_done = Vec::new();
+        for p in 0..v.len() {
+            let equal = e.ins().fcmp(FloatCC::Equal, v[p], best[p]);
+            let take = match &done {
+                None => equal,
+                Some(d) => e.ins().band_not(equal, d[p]),
+            };
+            share.push(select(e, take, grad[p]));
+            now_done.push(match &done {
+                None => equal,
+                Some(d) => e.ins().bor(d[p], equal),
+            });
+        }
+        shares.push(share);
+        done = Some(now_done);
+    }
+    shares
 }
 
 /// How many of the rows (or columns) [o·stride, o·stride + kernel) of the padded input lie in

@@ -308,6 +308,32 @@ pub trait Kernels<T: Real>: Sync {
         unreachable!("a backend that fuses blocks runs them")
     }
 
+    /// Whether this backend runs the max pool after fused block `block` inside the block's
+    /// steps in training ([`crate::memory::StepNeeds::takes_pool`]): its
+    /// [`Kernels::block_forward_into`] then writes the pool's value into `out.value` (the
+    /// block's own is never kept), and [`Kernels::block_pool_backward_into`] takes the block's
+    /// backward pass.
+    fn takes_pool(&self, _block: &Block) -> bool {
+        false
+    }
+
+    /// [`Kernels::block_backward_into`] with the backward pass of the max pool that follows the
+    /// block (`block.pool`) before it, from d(pool value) `dp`; `tape.value` is the pool's
+    /// value. Called only when [`Kernels::takes_pool`] says so.
+    fn block_pool_backward_into(
+        &self,
+        _program: &Program,
+        _block: &Block,
+        _params: &[ArrayD<T>],
+        _x: ArrayViewD<T>,
+        _tape: BlockTape<'_, T>,
+        _dp: ArrayViewD<T>,
+        _grads: BlockGrads<'_, T>,
+        _s: &mut Scratch<T>,
+    ) {
+        unreachable!("a backend that takes a pool's backward pass runs it")
+    }
+
     /// Softmax over the last axis, on its own (the output at inference).
     fn softmax_forward_into(
         &self,
@@ -768,6 +794,10 @@ impl<T: Real, K: Kernels<T>> StepNeeds for Needs<'_, K, T> {
     fn pairs(&self, first: &Block, second: &Block) -> bool {
         self.0.pairs(first, second)
     }
+
+    fn takes_pool(&self, block: &Block) -> bool {
+        self.0.takes_pool(block)
+    }
 }
 
 /// The memory plan `kernels` run `pass` of `program` in, for batches of up to `batch`.
@@ -1124,6 +1154,9 @@ impl<'a, T: Real, K: Kernels<T>> Run<'a, K, T> {
         let (program, pass) = (self.program, self.mode.pass());
         let block = program.block_ending_at(id, pass == Pass::Train);
         let plan = self.arena.plan();
+        if pass == Pass::Train && plan.runs_in_block(program, id) {
+            return; // a pool whose block's step runs it
+        }
         match block {
             // at inference, run inside the next block's step
             Some(b) if pass == Pass::Infer && plan.runs_in_next_step(program, b) => {}
@@ -1143,8 +1176,10 @@ impl<'a, T: Real, K: Kernels<T>> Run<'a, K, T> {
                 let x = self.value(program.graph.node(b.linear).inputs[0], t);
                 let training = pass == Pass::Train;
                 let norm = b.norm.filter(|_| training);
+                // the block's value, or its pool's where the block runs the pool
+                let value = b.pool.filter(|_| training && plan.takes_pool(program, b)).unwrap_or(id);
                 let out = BlockOut {
-                    value: self.out(Buffer::Value(id), t, self.dims(id)),
+                    value: self.out(Buffer::Value(value), t, self.dims(value)),
                     linear: norm.map(|_| self.out(Buffer::Value(b.linear), t, self.dims(b.linear))),
                     stats: norm.map(|norm| {
                         let stats = self.out(Buffer::Stats(norm), t, stats_dims(self.program, norm));
@@ -1261,6 +1296,9 @@ impl<'a, T: Real, K: Kernels<T>> Run<'a, K, T> {
     /// Node `id`'s gradient rule (or, at a block's output, the whole block's), from d(`id`).
     fn backward_step(&self, t: usize, id: NodeId) {
         let program = self.program;
+        if self.arena.plan().runs_in_block(program, id) {
+            return; // a pool whose block's backward step runs it
+        }
         let Some(block) = program.block_ending_at(id, true) else {
             self.backward_node(t, id);
             return;
@@ -1273,8 +1311,11 @@ impl<'a, T: Real, K: Kernels<T>> Run<'a, K, T> {
         }
         let input = program.graph.node(block.linear).inputs[0];
         let need_dx = program.needs_grad[input.index()];
+        // the block's value and gradient, or its pool's where the block runs the pool
+        let pool = block.pool.filter(|_| self.arena.plan().takes_pool(program, block));
+        let from = pool.unwrap_or(id);
         let tape = BlockTape {
-            value: self.value(id, t),
+            value: self.value(from, t),
             linear: block.norm.map(|_| self.value(block.linear, t)),
             stats: block.norm.map(|norm| {
                 // SAFETY: read only.
@@ -1284,7 +1325,7 @@ impl<'a, T: Real, K: Kernels<T>> Run<'a, K, T> {
             }),
         };
         // SAFETY: read only.
-        let dz = unsafe { self.arena.view(Buffer::Grad(id), t, self.dims(id)) };
+        let dz = unsafe { self.arena.view(Buffer::Grad(from), t, self.dims(from)) };
         let linear_bias = match &program.graph.node(block.linear).op {
             Op::Conv2d(c) => c.bias,
             Op::Dense(d) => d.bias,
@@ -1302,7 +1343,12 @@ impl<'a, T: Real, K: Kernels<T>> Run<'a, K, T> {
         let x = self.value(input, t);
         // SAFETY: the step's only scratch.
         let mut s = unsafe { self.arena.scratch(t) };
-        self.kernels.block_backward_into(program, block, self.params, x, tape, dz, grads, &mut s);
+        match pool {
+            Some(_) => {
+                self.kernels.block_pool_backward_into(program, block, self.params, x, tape, dz, grads, &mut s)
+            }
+            None => self.kernels.block_backward_into(program, block, self.params, x, tape, dz, grads, &mut s),
+        }
         if need_dx {
             self.add_contribution(input, t);
         }
