@@ -299,12 +299,14 @@ fn unfused_batchnorm_kernels_match_the_reference() {
 /// Batch statistics are reduced in sample order: the same bits on 1 thread and on 3.
 #[test]
 fn a_first_block_runs_its_max_pool_in_training() {
-    // the pool inside the block's steps (conv::forward_max_pooled forward,
-    // conv::pooled_backward_weights backward), where the block's input needs no gradient and its
-    // max pool tiles its output: one input channel (9 rows of dw, tasks of 8 output channels), 13 = 8 +
-    // 4 + 1 channels, 10x8 → 5x4; three input channels with padding (27 rows: tasks of all
-    // 6 = 4 + 1 + 1 channels), 2x3 windows (8x9 → 4x3), then a block whose input does need a
-    // gradient (it keeps the pool's step)
+    // the pool inside the block's steps, where the block's input needs no gradient, it ends in
+    // a relu and its max pool tiles its output. Without batchnorm (conv::forward_max_pooled
+    // forward, conv::pooled_backward_weights backward): one input channel (9 rows of dw, tasks
+    // of 8 output channels), 13 = 8 + 4 + 1 channels, 10x8 → 5x4; three input channels with
+    // padding (27 rows: tasks of all 6 = 4 + 1 + 1 channels), 2x3 windows (8x9 → 4x3), then a
+    // block whose input does need a gradient (it keeps the pool's steps). With batchnorm
+    // (pool::normalized_forward, conv::pooled_weight_sums): the same shapes, within the sums'
+    // kernel's 12 rows (3x3 over one channel, 2x2 over three with a bias)
     let models = [
         (
             "input 12x10x1 conv2d(13, kernel=3, activation=relu) maxpool(2) flatten dense(3, activation=softmax)",
@@ -313,6 +315,16 @@ fn a_first_block_runs_its_max_pool_in_training() {
         (
             "input 8x9x3 conv2d(6, kernel=3, padding=same, activation=relu) maxpool(2x3) \
              conv2d(5, kernel=1, activation=relu) maxpool(2x1) flatten dense(3, activation=softmax)",
+            2,
+        ),
+        (
+            "input 12x10x1 conv2d(13, kernel=3, bias=false) batchnorm relu maxpool(2) \
+             flatten dense(3, activation=softmax)",
+            1,
+        ),
+        (
+            "input 9x10x3 conv2d(6, kernel=2) batchnorm relu maxpool(2x3) \
+             conv2d(5, kernel=1, bias=false) batchnorm relu maxpool(2x1) flatten dense(3, activation=softmax)",
             2,
         ),
     ];
@@ -337,31 +349,33 @@ fn a_first_block_runs_its_max_pool_in_training() {
     }
     // (CNNC_POOL_TRAIN=0 is read when compiling: not tested here, the environment is shared)
 
-    // ties: channels with zero weights and a positive bias hold the same value at every
-    // pixel, so each window's gradient goes to its first pixel (as the reference's), whose
-    // patch of x the weight gradient then sums
-    let model = models[0].0;
-    let (unfused, fused) = (program(model), program(model).fused());
-    let jit = JitKernels::compile(&fused, Listing::default()).unwrap();
-    let mut rng = Rng::new(9, &[]);
-    let mut params = parameters(&unfused, &mut rng);
-    let f = params[1].len();
-    for (i, w) in params[0].iter_mut().enumerate() {
-        if (i % f).is_multiple_of(2) {
-            *w = 0.0;
+    // ties: channels with zero weights hold the same value at every pixel (their bias, or
+    // batchnorm's β), so each window's gradient goes to its first pixel (as the reference's),
+    // whose patch of x the weight gradient then sums
+    for model in [models[0].0, models[2].0] {
+        let (unfused, fused) = (program(model), program(model).fused());
+        let jit = JitKernels::compile(&fused, Listing::default()).unwrap();
+        let mut rng = Rng::new(9, &[]);
+        let mut params = parameters(&unfused, &mut rng);
+        let f = params[0].shape()[3];
+        for (i, w) in params[0].iter_mut().enumerate() {
+            if (i % f).is_multiple_of(2) {
+                *w = 0.0;
+            }
         }
+        // a positive bias (or β), so that the tied channels pass a gradient
+        params[1].iter_mut().for_each(|b| *b = b.abs() + 0.1);
+        let sample = unfused.shapes.shape(unfused.graph.input()).numel();
+        let input = reference::batch_array(&unfused, &random(3 * sample, &mut rng));
+        let labels = [0, 1, 2];
+        let train = Mode::Train { seed: 1, step: 2 };
+        let expected = reference::gradients(&unfused, &params, input.clone(), &labels, train);
+        let actual = reference::gradients_with(&jit, &fused, &params, input.clone(), &labels, train);
+        assert_same_gradients(&format!("{model} (ties)"), &unfused, &expected, &actual);
+        // 3 threads split the weight gradient's 4 parts of channels (2 tasks each) mid-part:
+        // each shard recomputes dy for the parts it starts in
+        common::assert_same_on_1_and_3_threads(&jit, &fused, &params, &input, &labels);
     }
-    params[1].iter_mut().for_each(|b| *b = b.abs() + 0.1);
-    let sample = unfused.shapes.shape(unfused.graph.input()).numel();
-    let input = reference::batch_array(&unfused, &random(3 * sample, &mut rng));
-    let labels = [0, 1, 2];
-    let train = Mode::Train { seed: 1, step: 2 };
-    let expected = reference::gradients(&unfused, &params, input.clone(), &labels, train);
-    let actual = reference::gradients_with(&jit, &fused, &params, input.clone(), &labels, train);
-    assert_same_gradients(&format!("{model} (ties)"), &unfused, &expected, &actual);
-    // 3 threads split the weight gradient's 4 parts of channels (2 tasks each) mid-part: each
-    // shard recomputes dy for the parts it starts in
-    common::assert_same_on_1_and_3_threads(&jit, &fused, &params, &input, &labels);
 }
 
 #[test]

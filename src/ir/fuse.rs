@@ -24,8 +24,10 @@ pub struct Block {
     /// A relu, or a leaky relu with α ≥ 0 (so that the output's sign tells the input's: the
     /// backward pass rebuilds the mask from the output instead of keeping the pre-activation).
     pub act: Option<NodeId>,
-    /// A max-pooling node without padding after the chain, fused at inference only (training keeps
-    /// it separate: its backward pass needs the block's value).
+    /// A max-pooling node without padding after the chain, fused at inference; in training only
+    /// where a backend can do without the block's value, which the pool's backward pass reads
+    /// (the JIT recomputes it, or rebuilds it from the convolution's output, for some first
+    /// layers); otherwise training keeps it separate.
     pub pool: Option<NodeId>,
 }
 

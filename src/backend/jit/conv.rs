@@ -1117,6 +1117,30 @@ const NORM_STAGING_BYTES: usize = 16 << 10;
 /// the staging in L1. Buffers: [x (padded), dz, (scale, shift) (2, F) with a rectifier, else
 /// unused, y, μ (F), sums (N, 2 + 2K, F)]; items: samples.
 pub fn normalized_weight_sums(e: &mut Emit, s: &ConvShape, rectifier: Option<f32>) {
+    weight_sums(e, s, rectifier, None);
+}
+
+/// [`normalized_weight_sums`] of a block conv → batchnorm → relu whose output only a max pool
+/// reads, unpadded, with windows (`window`, its stride too) that tile it, where the pool runs
+/// inside the block in training and the block's output z is never stored: g, the gradient of
+/// the relu's input, comes from the pool's gradient dp instead of dz, window by window
+/// ([`pool::window_gradient`] over relu(y·scale + shift), rebuilt as the normalize kernel
+/// computes it). A run is a row of windows: its `window[0]` rows of pixels staged together.
+/// Buffers: as [`normalized_weight_sums`]'s, with dp (N, OH/wh, OW/ww, F) for dz; items: samples.
+pub fn pooled_weight_sums(e: &mut Emit, s: &ConvShape, window: [usize; 2]) {
+    assert!(
+        s.oh.is_multiple_of(window[0]) && s.ow.is_multiple_of(window[1]),
+        "windows that tile the convolution's output"
+    );
+    weight_sums(e, s, Some(0.0), Some(window));
+}
+
+/// The bytes of [`pooled_weight_sums`]'s staging: g and y − μ of a row of windows.
+pub fn pooled_sums_staging(s: &ConvShape, window: [usize; 2]) -> usize {
+    8 * window[0] * s.ow * s.f
+}
+
+fn weight_sums(e: &mut Emit, s: &ConvShape, rectifier: Option<f32>, pooled: Option<[usize; 2]>) {
     use cranelift_codegen::ir::{StackSlotData, StackSlotKind};
     let (x, dz, affine, y, mean, sums) = (e.buf(0), e.buf(1), e.buf(2), e.buf(3), e.buf(4), e.buf(5));
     let rows = s.kh * s.kw * s.c;
@@ -1133,11 +1157,16 @@ pub fn normalized_weight_sums(e: &mut Emit, s: &ConvShape, rectifier: Option<f32
     let groups = units.div_ceil(NORM_ROWS);
     let bounds: Vec<usize> = (0..=groups).map(|g| (units * g / groups).saturating_sub(1)).collect();
     let per_sample = (2 + 2 * rows) * s.f;
-    // the staging: g of the run's pixels (F each), then y − μ
-    let run = (NORM_STAGING_BYTES / (8 * s.f)).clamp(1, s.ow);
+    // the staging: g of the run's pixels (F each), then y − μ; with a pool, a run is a row of
+    // windows (`band` rows of pixels)
+    let band = pooled.map_or(1, |[wh, _]| wh);
+    let run = match pooled {
+        Some(_) => s.ow,
+        None => (NORM_STAGING_BYTES / (8 * s.f)).clamp(1, s.ow),
+    };
     let slot = e.b.create_sized_stack_slot(StackSlotData::new(
         StackSlotKind::ExplicitSlot,
-        (8 * run * s.f) as u32,
+        (8 * band * run * s.f) as u32,
         4,
     ));
     let (start, end) = (e.start, e.end);
@@ -1146,106 +1175,169 @@ pub fn normalized_weight_sums(e: &mut Emit, s: &ConvShape, rectifier: Option<f32
         let out_off = e.mul_k(n, per_sample as i64);
         let out = e.at(sums, out_off);
         let d_off = e.mul_k(n, (s.oh * s.ow * s.f) as i64);
-        let (dzn, yn) = (e.at(dz, d_off), e.at(y, d_off));
-        e.for_n(s.oh, |e, oh| {
-            let x_off = e.mul_k(oh, (s.sh * s.wp * s.c) as i64 * lanes);
-            let x_row = e.at(xn, x_off);
+        let yn = e.at(y, d_off);
+        let dzn = match pooled {
+            Some([wh, ww]) => {
+                let dp_off = e.mul_k(n, (s.oh / wh * (s.ow / ww) * s.f) as i64);
+                e.at(dz, dp_off)
+            }
+            None => e.at(dz, d_off),
+        };
+        let per_channel = |e: &mut Emit, base: Value, f0: Value, offset: usize, width: Width| {
+            let addr = e.at(base, f0);
+            load_chunk(e, addr, offset as i64, width)[0]
+        };
+        e.for_n(s.oh / band, |e, first_row| {
+            let oh0 = e.mul_k(first_row, band as i64);
             for_blocks(e, s.ow, run, |e, ow0, pixels| {
                 let staged = e.b.ins().stack_addr(e.ptr, slot, 0);
-                let centred_at = (pixels * s.f) as i64;
-                // g and y − μ of the run's pixels, in order
-                let first = e.mul_k(oh, s.ow as i64);
+                let centred_at = (band * pixels * s.f) as i64;
+                let first = e.mul_k(oh0, s.ow as i64);
                 let first = e.add(first, ow0);
                 let first = e.mul_k(first, s.f as i64);
-                let (dza, ya) = (e.at(dzn, first), e.at(yn, first));
-                e.for_n(pixels, |e, p| {
-                    let at = e.mul_k(p, s.f as i64);
-                    for_vectors(e, s.f, |e, f0, width| {
-                        let vector = width != Width::Scalar;
-                        let at = e.add(at, f0);
-                        let load = |e: &mut Emit, base: Value| {
-                            let addr = e.at(base, at);
-                            load_chunk(e, addr, 0, width)[0]
-                        };
-                        let dv = load(e, dza);
-                        let yv = load(e, ya);
-                        let per_channel = |e: &mut Emit, base: Value, offset: usize| {
-                            let addr = e.at(base, f0);
-                            load_chunk(e, addr, offset as i64, width)[0]
-                        };
-                        // the rectifier's input, as the normalize kernel computed it: the
-                        // same bits, so the same sign as its output z
-                        let g = match rectifier {
-                            Some(alpha) => {
-                                let [scale, shift] = [0, s.f].map(|o| per_channel(e, affine, o));
-                                let v = e.fma(yv, scale, shift);
-                                super::eltwise::rectify_gradient(e, v, dv, alpha, vector)
-                            }
-                            None => dv,
-                        };
-                        let mu = per_channel(e, mean, 0);
-                        let centred = e.ins().fsub(yv, mu);
-                        let to = e.at(staged, at);
-                        store_chunk(e, &[g], to, 0);
-                        store_chunk(e, &[centred], to, centred_at);
-                    });
-                });
-                let x_first = e.mul_k(ow0, (s.sw * s.c) as i64 * lanes);
-                let x_first = e.at(x_row, x_first);
-                for_vectors(e, s.f, |e, f0, width| {
-                    let base = e.at(out, f0);
-                    let stage = e.at(staged, f0);
-                    for group in 0..groups {
-                        let (k0, k1) = (bounds[group], bounds[group + 1]);
-                        // the sums' rows this group adds into: (Σ g, Σ g·(y − μ)) first, then a
-                        // pair (Σ x_k·g, Σ x_k·(y − μ)) for each of its rows k
-                        let mut slots: Vec<usize> = if group == 0 { vec![0, 1] } else { Vec::new() };
-                        slots.extend((k0..k1).flat_map(|k| [2 + k, 2 + rows + k]));
-                        let acc: Vec<Variable> = slots
-                            .iter()
-                            .map(|&j| {
-                                let v = load_chunk(e, base, (j * s.f) as i64, width)[0];
-                                e.var(width.ty(), v)
-                            })
-                            .collect();
-                        e.for_n_unrolled(pixels, UNROLL, |e, p| {
+                let ya = e.at(yn, first);
+                match pooled {
+                    // g and y − μ of the run's pixels, in order
+                    None => {
+                        let dza = e.at(dzn, first);
+                        e.for_n(pixels, |e, p| {
                             let at = e.mul_k(p, s.f as i64);
-                            let from = e.at(stage, at);
-                            let g = load_chunk(e, from, 0, width)[0];
-                            let centred = load_chunk(e, from, centred_at, width)[0];
-                            let add = |e: &mut Emit, slot: usize, scale: Option<Value>, v: Value| {
-                                let current = e.use_var(acc[slot]);
-                                let sum = match scale {
-                                    Some(k) => e.fma(k, v, current),
-                                    None => e.ins().fadd(current, v),
+                            for_vectors(e, s.f, |e, f0, width| {
+                                let vector = width != Width::Scalar;
+                                let at = e.add(at, f0);
+                                let load = |e: &mut Emit, base: Value| {
+                                    let addr = e.at(base, at);
+                                    load_chunk(e, addr, 0, width)[0]
                                 };
-                                e.def_var(acc[slot], sum);
-                            };
-                            let mut slot = 0;
-                            if group == 0 {
-                                add(e, 0, None, g);
-                                add(e, 1, Some(g), centred);
-                                slot = 2;
-                            }
-                            let xo = e.mul_k(p, (s.sw * s.c) as i64 * lanes);
-                            let xp = e.at(x_first, xo);
-                            for k in k0..k1 {
-                                let xv = match width {
-                                    Width::Scalar => e.load(xp, row_offset(k)),
-                                    _ if input.spread() => e.load4(xp, row_offset(k)),
-                                    _ => broadcast(e, xp, row_offset(k), width),
+                                let dv = load(e, dza);
+                                let yv = load(e, ya);
+                                // the rectifier's input, as the normalize kernel computed it: the
+                                // same bits, so the same sign as its output z
+                                let g = match rectifier {
+                                    Some(alpha) => {
+                                        let [scale, shift] =
+                                            [0, s.f].map(|o| per_channel(e, affine, f0, o, width));
+                                        let v = e.fma(yv, scale, shift);
+                                        super::eltwise::rectify_gradient(e, v, dv, alpha, vector)
+                                    }
+                                    None => dv,
                                 };
-                                add(e, slot, Some(xv), g);
-                                add(e, slot + 1, Some(xv), centred);
-                                slot += 2;
-                            }
+                                let mu = per_channel(e, mean, f0, 0, width);
+                                let centred = e.ins().fsub(yv, mu);
+                                let to = e.at(staged, at);
+                                store_chunk(e, &[g], to, 0);
+                                store_chunk(e, &[centred], to, centred_at);
+                            });
                         });
-                        for (&j, a) in slots.iter().zip(&acc) {
-                            let v = e.use_var(*a);
-                            store_chunk(e, &[v], base, (j * s.f) as i64);
-                        }
                     }
-                });
+                    // the same, a window at a time: g from the pool's gradient at the window's
+                    // first maximum of z = relu(y·scale + shift), rebuilt as the normalize
+                    // kernel computed it
+                    Some([wh, ww]) => {
+                        let row = e.mul_k(first_row, (s.ow / ww) as i64);
+                        e.for_n(pixels / ww, |e, q| {
+                            let window = e.add(row, q);
+                            let col = e.mul_k(q, ww as i64);
+                            let pixels_at: Vec<i64> =
+                                (0..wh).flat_map(|i| (0..ww).map(move |j| (i * s.ow + j) as i64)).collect();
+                            for_vectors(e, s.f, |e, f0, width| {
+                                let vector = width != Width::Scalar;
+                                let [scale, shift] = [0, s.f].map(|o| per_channel(e, affine, f0, o, width));
+                                let mu = per_channel(e, mean, f0, 0, width);
+                                let at = e.mul_k(col, s.f as i64);
+                                let at = e.add(at, f0);
+                                let from = e.at(ya, at);
+                                let ys: Vec<Value> = pixels_at
+                                    .iter()
+                                    .map(|p| load_chunk(e, from, p * s.f as i64, width)[0])
+                                    .collect();
+                                let zs: Vec<Vec<Value>> = ys
+                                    .iter()
+                                    .map(|yv| {
+                                        let v = e.fma(*yv, scale, shift);
+                                        vec![super::eltwise::rectify(e, v, 0.0, vector)]
+                                    })
+                                    .collect();
+                                let dp_at = e.mul_k(window, s.f as i64);
+                                let dp_at = e.add(dp_at, f0);
+                                let dp_addr = e.at(dzn, dp_at);
+                                let dp = load_chunk(e, dp_addr, 0, width);
+                                let shares = super::pool::window_gradient(e, &zs, &dp, true, width);
+                                let to = e.at(staged, at);
+                                for ((p, yv), g) in pixels_at.iter().zip(&ys).zip(shares) {
+                                    let centred = e.ins().fsub(*yv, mu);
+                                    // row i of the band at i·pixels·F in the staging
+                                    let (i, j) = (*p as usize / s.ow, *p as usize % s.ow);
+                                    let offset = ((i * pixels + j) * s.f) as i64;
+                                    store_chunk(e, &g, to, offset);
+                                    store_chunk(e, &[centred], to, centred_at + offset);
+                                }
+                            });
+                        });
+                    }
+                }
+                for i in 0..band {
+                    let oh = e.add_k(oh0, i as i64);
+                    let x_off = e.mul_k(oh, (s.sh * s.wp * s.c) as i64 * lanes);
+                    let x_row = e.at(xn, x_off);
+                    let x_first = e.mul_k(ow0, (s.sw * s.c) as i64 * lanes);
+                    let x_first = e.at(x_row, x_first);
+                    let staged_row = e.at_k(staged, (i * pixels * s.f) as i64);
+                    for_vectors(e, s.f, |e, f0, width| {
+                        let base = e.at(out, f0);
+                        let stage = e.at(staged_row, f0);
+                        for group in 0..groups {
+                            let (k0, k1) = (bounds[group], bounds[group + 1]);
+                            // the sums' rows this group adds into: (Σ g, Σ g·(y − μ)) first, then
+                            // a pair (Σ x_k·g, Σ x_k·(y − μ)) for each of its rows k
+                            let mut slots: Vec<usize> = if group == 0 { vec![0, 1] } else { Vec::new() };
+                            slots.extend((k0..k1).flat_map(|k| [2 + k, 2 + rows + k]));
+                            let acc: Vec<Variable> = slots
+                                .iter()
+                                .map(|&j| {
+                                    let v = load_chunk(e, base, (j * s.f) as i64, width)[0];
+                                    e.var(width.ty(), v)
+                                })
+                                .collect();
+                            e.for_n_unrolled(pixels, UNROLL, |e, p| {
+                                let at = e.mul_k(p, s.f as i64);
+                                let from = e.at(stage, at);
+                                let g = load_chunk(e, from, 0, width)[0];
+                                let centred = load_chunk(e, from, centred_at, width)[0];
+                                let add = |e: &mut Emit, slot: usize, scale: Option<Value>, v: Value| {
+                                    let current = e.use_var(acc[slot]);
+                                    let sum = match scale {
+                                        Some(k) => e.fma(k, v, current),
+                                        None => e.ins().fadd(current, v),
+                                    };
+                                    e.def_var(acc[slot], sum);
+                                };
+                                let mut slot = 0;
+                                if group == 0 {
+                                    add(e, 0, None, g);
+                                    add(e, 1, Some(g), centred);
+                                    slot = 2;
+                                }
+                                let xo = e.mul_k(p, (s.sw * s.c) as i64 * lanes);
+                                let xp = e.at(x_first, xo);
+                                for k in k0..k1 {
+                                    let xv = match width {
+                                        Width::Scalar => e.load(xp, row_offset(k)),
+                                        _ if input.spread() => e.load4(xp, row_offset(k)),
+                                        _ => broadcast(e, xp, row_offset(k), width),
+                                    };
+                                    add(e, slot, Some(xv), g);
+                                    add(e, slot + 1, Some(xv), centred);
+                                    slot += 2;
+                                }
+                            });
+                            for (&j, a) in slots.iter().zip(&acc) {
+                                let v = e.use_var(*a);
+                                store_chunk(e, &[v], base, (j * s.f) as i64);
+                            }
+                        }
+                    });
+                }
             });
         });
     });

@@ -146,9 +146,13 @@ pub struct BlockKernels {
     /// With batchnorm, where the block's input needs no gradient and the cost model gives it
     /// ([`weight_sums_pay`]): the backward pass as [`conv::normalized_weight_sums`].
     pub weight_sums: Option<KernelFn>,
-    /// Where the block runs its max pool in training ([`trained_pool_window`]): the weight
-    /// gradient from the pool's gradient ([`conv::pooled_backward_weights`]).
+    /// Where the block runs its max pool in training ([`trained_pool_window`]): the backward
+    /// pass from the pool's gradient ([`conv::pooled_backward_weights`], or with batchnorm
+    /// [`conv::pooled_weight_sums`]).
     pub pooled_backward: Option<KernelFn>,
+    /// With batchnorm, there: normalize, rectify and pool in one pass
+    /// ([`pool::normalized_forward`]).
+    pub pooled_normalize: Option<KernelFn>,
 }
 
 /// Elements per sample of a pooled block's scratch buffer (the convolution's output) and of
@@ -377,11 +381,24 @@ impl JitKernels {
                     conv::normalized_weight_sums(e, &conv_shape, rectify)
                 })?);
             }
-            let pooled_backward = trained_pool_window(program, block, &conv_shape);
-            if let Some(window) = pooled_backward {
-                ids.push(compiler.kernel(&format!("{name}_backward_pooled"), |e| {
+            let pooled_backward = trained_pool_window(program, block, &conv_shape, sums);
+            match (pooled_backward, block.pool) {
+                (Some(window), Some(pool)) if block.norm.is_some() => {
+                    let (ps, _) =
+                        pool_shape(program, pool, &program.graph.node(pool).op).expect("a max pool");
+                    ids.push(compiler.kernel(&format!("{name}_backward_sums_pooled"), |e| {
+                        conv::pooled_weight_sums(e, &conv_shape, window)
+                    })?);
+                    ids.push(
+                        compiler.kernel(&format!("{name}_normalize_pooled"), |e| {
+                            pool::normalized_forward(e, &ps)
+                        })?,
+                    );
+                }
+                (Some(window), _) => ids.push(compiler.kernel(&format!("{name}_backward_pooled"), |e| {
                     conv::pooled_backward_weights(e, &conv_shape, window)
-                })?);
+                })?),
+                (None, _) => {}
             }
             // At inference, the pool that follows: the convolution computes only the rows and
             // columns some window reads (a `floor` drops the rest), one sample at a time into
@@ -454,12 +471,22 @@ impl JitKernels {
             rest = tail;
             let norm = has_norm.then(|| [fns[1], fns[2], fns[3], fns[4]]);
             let weight_sums = has_sums.then(|| fns[5]);
-            // after the forward kernel, the four of batchnorm and the sums' kernel, each where built
-            let pooled_backward =
-                has_pooled_backward.then(|| fns[1 + 4 * usize::from(has_norm) + usize::from(has_sums)]);
+            // after the forward kernel, the four of batchnorm and the sums' kernel, each where
+            // built; with batchnorm, the pooled normalize after it
+            let at = 1 + 4 * usize::from(has_norm) + usize::from(has_sums);
+            let pooled_backward = has_pooled_backward.then(|| fns[at]);
+            let pooled_normalize = (has_pooled_backward && has_norm).then(|| fns[at + 1]);
             let pooled = pooled.map(|p| (p, [fns[fns.len() - 2], fns[fns.len() - 1]]));
-            let kernels =
-                BlockKernels { shape, rectify, forward: fns[0], norm, pooled, weight_sums, pooled_backward };
+            let kernels = BlockKernels {
+                shape,
+                rectify,
+                forward: fns[0],
+                norm,
+                pooled,
+                weight_sums,
+                pooled_backward,
+                pooled_normalize,
+            };
             blocks.insert(output, kernels);
         }
         let (conv_code, rest) = code.split_at(pending.len() * 3);
@@ -806,32 +833,38 @@ fn forced_tile() -> Option<usize> {
 }
 
 /// The window of the max pool after `block` where the block runs the pool in training
-/// ([`Kernels::takes_pool`]): a block of a convolution and a relu, whose input needs no
-/// gradient (a first layer: no input gradient kernel needs dy) and whose weight gradient is
-/// the direct kernel's, followed by a max pool whose windows tile the convolution's output.
-/// The forward pass is then the inference kernel of the convolution and the pool in one
-/// ([`conv::forward_max_pooled`]), and the backward pass [`conv::pooled_backward_weights`],
-/// which recomputes the convolution's output instead of reading it (unless
-/// `CNNC_POOL_TRAIN=0`, for comparisons).
-fn trained_pool_window(program: &Program, block: &Block, conv: &ConvShape) -> Option<[usize; 2]> {
+/// ([`Kernels::takes_pool`]): a block whose input needs no gradient (a first layer: no input
+/// gradient kernel needs dy) and which ends in a relu, followed by a max pool whose windows
+/// tile the convolution's output. Without batchnorm, where the weight gradient is the direct
+/// kernel's: the forward pass is then the inference kernel of the convolution and the pool in
+/// one ([`conv::forward_max_pooled`]) and the backward pass [`conv::pooled_backward_weights`],
+/// which recomputes the convolution's output instead of reading the block's. With batchnorm,
+/// where the block has the sums' kernel (`sums`) and a row of windows fits its staging: the
+/// forward pass normalizes, rectifies and pools in one pass over the convolution's output
+/// ([`pool::normalized_forward`]) and the backward pass is [`conv::pooled_weight_sums`], which
+/// takes g from the pool's gradient. Unless `CNNC_POOL_TRAIN=0`, for comparisons.
+fn trained_pool_window(program: &Program, block: &Block, conv: &ConvShape, sums: bool) -> Option<[usize; 2]> {
     let pool = block.pool?;
     let relu = block.act.and_then(|a| fuse::fusable_rectifier(&program.graph.node(a).op)) == Some(0.0);
     let input = program.graph.node(block.linear).inputs[0];
     let (ps, pads) = pool_shape(program, pool, &program.graph.node(pool).op)?;
     let tiles = pads == [0; 4] && ps.tiles_exactly() && [ps.hp, ps.wp] == [conv.oh, conv.ow];
-    let winograd_weights = winograd_wanted(conv)
-        && WinogradShape::for_weights(*conv, winograd::weight_tile_size(conv.c, conv.f, [conv.oh, conv.ow]))
-            .is_some();
+    let window = [ps.kh, ps.kw];
+    let kernels = match block.norm {
+        Some(_) => sums && conv::pooled_sums_staging(conv, window) <= POOLED_SUMS_STAGING,
+        None => {
+            let tile = winograd::weight_tile_size(conv.c, conv.f, [conv.oh, conv.ow]);
+            let winograd_weights = winograd_wanted(conv) && WinogradShape::for_weights(*conv, tile).is_some();
+            !winograd_weights && !conv.is_point()
+        }
+    };
     let wanted = !std::env::var("CNNC_POOL_TRAIN").is_ok_and(|v| v == "0");
-    (wanted
-        && block.norm.is_none()
-        && relu
-        && tiles
-        && !program.needs_grad[input.index()]
-        && !conv.is_point()
-        && !winograd_weights)
-        .then_some([ps.kh, ps.kw])
+    (wanted && relu && tiles && !program.needs_grad[input.index()] && kernels).then_some(window)
 }
+
+/// The most bytes of [`conv::pooled_weight_sums`]'s staging (a stack slot of the kernel's):
+/// mnist_bn.cnn's first layer takes 13 KB.
+const POOLED_SUMS_STAGING: usize = 64 << 10;
 
 /// Max pools (with the block they read) whose input is a fused block's relu output and which
 /// are its only reader: their backward kernel passes the gradient through the relu too (the
@@ -1620,7 +1653,9 @@ impl JitKernels {
         let s = &conv.shape;
         let wino = self.block_winograd.get(&block.output());
         match pass {
-            Pass::Train if self.takes_pool(block) => self.block_forward_scratch(block, Pass::Infer, n),
+            Pass::Train if self.takes_pool(block) && block.norm.is_none() => {
+                self.block_forward_scratch(block, Pass::Infer, n)
+            }
             Pass::Infer => {
                 let folded =
                     if block.norm.is_some() { piece(s.kh * s.kw * s.c * s.f) + piece(s.f) } else { 0 };
@@ -1706,12 +1741,12 @@ impl JitKernels {
         let dx = if program.needs_grad[input.index()] { self.conv_input_scratch(block.linear, n) } else { 0 };
         // the pooled backward pass, where the block has it: x padded, a piece of dy a shard
         let pooled = match self.blocks.get(&block.output()).and_then(|k| k.pooled_backward) {
-            Some(_) => {
+            Some(_) if block.norm.is_none() => {
                 piece(padded_len(n, input_hwc(conv), conv.pads))
                     + piece(s.kh * s.kw * s.c * s.f)
                     + piece(shard_count(s.weight_tasks()) * s.pooled_weight_scratch())
             }
-            None => 0,
+            _ => 0,
         };
         sums.max(pooled).max(epilogue + self.conv_weights_scratch(block.linear, n) + dx)
     }
@@ -1745,9 +1780,13 @@ impl Kernels<f32> for JitKernels {
     }
 
     fn takes_pool(&self, block: &Block) -> bool {
-        // the forward pass is the inference kernel of the convolution and its pool in one
-        let one_kernel = |k: &BlockKernels| k.pooled.is_some_and(|(shape, _)| shape.fused);
-        self.blocks.get(&block.output()).is_some_and(|k| k.pooled_backward.is_some() && one_kernel(k))
+        // without batchnorm, the forward pass is the inference kernel of the convolution and
+        // its pool in one
+        let forward = |k: &BlockKernels| match block.norm {
+            Some(_) => k.pooled_normalize.is_some(),
+            None => k.pooled.is_some_and(|(shape, _)| shape.fused),
+        };
+        self.blocks.get(&block.output()).is_some_and(|k| k.pooled_backward.is_some() && forward(k))
     }
 
     fn block_pool_backward_into(
@@ -1772,10 +1811,28 @@ impl Kernels<f32> for JitKernels {
             "the pool's value and gradient"
         );
         let BlockGrads { dx, mut dw, db, norm } = grads;
-        assert!(dx.is_none() && norm.is_none(), "a block without batchnorm whose input needs no gradient");
+        assert!(dx.is_none(), "a block whose input needs no gradient");
         let [h, w_in, c] = input_hwc(conv);
         let x4 = x.into_shape_with_order((n, h, w_in, c)).expect("the block's input");
         let xp = padded_into(x4, conv.pads, 0.0, s);
+        if let Some((epsilon, p)) = block_norm(program, block, params) {
+            // the sums' pass, g from the pool's gradient ([`conv::pooled_weight_sums`])
+            let [gamma, beta] = [p(0), p(1)];
+            let stats = tape.stats.expect("training forward keeps batch statistics");
+            let stats = stats.as_slice().expect("contiguous");
+            let y = contiguous(&tape.linear.expect("a normalizing block keeps its linear output"));
+            let affine = s.take(2 * sh.f);
+            affine_coefficients(stats, [gamma, beta].map(ArrayView1::from), epsilon, affine);
+            let dw = dw.as_slice_mut().expect("row-major kernel");
+            let grads = (
+                dw,
+                db.map(|db| db.into_slice().expect("contiguous")),
+                norm.expect("the batchnorm's gradients"),
+            );
+            let buffers = [xp, contiguous(&dp), affine.as_mut_ptr(), y];
+            return normalized_weights_backward(kernel, &sh, buffers, gamma, stats, epsilon, grads, n, s);
+        }
+        assert!(norm.is_none(), "a block without batchnorm");
         dw.fill(0.0);
         let dwp = out_ptr(&mut dw);
         assert_eq!(db.is_some(), sh.bias, "a bias gradient for a layer with a bias");
@@ -2179,7 +2236,7 @@ impl Kernels<f32> for JitKernels {
         let norm = block_norm(program, block, params);
         let BlockOut { mut value, linear, stats } = out;
         let yp = out_ptr(&mut value);
-        if mode != Mode::Infer && self.takes_pool(block) {
+        if mode != Mode::Infer && self.takes_pool(block) && block.norm.is_none() {
             // the pool's value, for the samples at once: the block's own is not kept
             assert_eq!(value.len(), n * k.pooled.expect("a pooled block").0.output, "the pool's value");
             let xp = padded_into(x4, conv.pads, 0.0, s);
@@ -2194,7 +2251,8 @@ impl Kernels<f32> for JitKernels {
             let forward = self.block_infer_kernel(block, k);
             return conv_forward_into(forward, conv, x4, weights, bp, yp, std::ptr::null_mut(), s);
         }
-        assert_eq!(value.len(), n * sh.oh * sh.ow * sh.f);
+        // the block's value, or its pool's where it runs the pool (checked there)
+        assert!(self.takes_pool(block) || value.len() == n * sh.oh * sh.ow * sh.f, "the block's value");
         let forward = ConvForward::of(k.forward, wino.map(|wk| wk.forward));
         let (Some((epsilon, p)), Some([_, normalize, ..]), Some(mut linear), Some(mut stats)) =
             (norm, k.norm, linear, stats)
@@ -2207,6 +2265,13 @@ impl Kernels<f32> for JitKernels {
         let stats = stats.as_slice_mut().expect("contiguous");
         statistics_into(sums, n, sh.f, n * k.shape.pixels, stats);
         let affine = [p(0), p(1)].map(ArrayView1::from);
+        if let Some(pooled) = k.pooled_normalize.filter(|_| self.takes_pool(block)) {
+            // normalized, rectified and pooled in one pass: the block's own value is not kept
+            assert_eq!(value.len(), n * k.pooled.expect("a pooled block").0.output, "the pool's value");
+            let coefficients = s.take(2 * sh.f);
+            affine_coefficients(stats, affine, epsilon, coefficients);
+            return run(pooled, Buffers::new(&[lp, coefficients.as_mut_ptr(), yp]), n, n);
+        }
         affine_into(normalize, k.shape, lp, stats, affine, epsilon, yp, n, s);
     }
 

@@ -98,12 +98,37 @@ fn for_each_window(
 /// y[n,oh,ow,c] = max over the window of x. Buffers: [x (padded with -inf), y]; items: samples.
 pub fn forward(e: &mut Emit, s: &PoolShape) {
     let (x, y) = (e.buf(0), e.buf(1));
+    pool_forward(e, s, [x, y], None);
+}
+
+/// [`forward`] of relu(x·scale + shift) per channel, each pixel normalized as
+/// [`super::norm::affine`] computes it (the same bits): a batchnorm and a relu before the pool,
+/// whose output is never stored. Buffers: [x (unpadded), (scale, shift) (2, C), y]; items:
+/// samples.
+pub fn normalized_forward(e: &mut Emit, s: &PoolShape) {
+    let (x, affine, y) = (e.buf(0), e.buf(1), e.buf(2));
+    pool_forward(e, s, [x, y], Some(affine));
+}
+
+fn pool_forward(e: &mut Emit, s: &PoolShape, [x, y]: [Value; 2], affine: Option<Value>) {
     for_each_window(e, s, |e, out, offsets, c0, width| {
+        let coefficients = affine.map(|affine| {
+            let at = e.at(affine, c0);
+            [load_chunk(e, at, 0, width), load_chunk(e, at, s.c as i64, width)]
+        });
         let mut best: Option<Vec<Value>> = None;
         for offset in offsets {
             let at = e.add(*offset, c0);
             let addr = e.at(x, at);
-            let v = load_chunk(e, addr, 0, width);
+            let mut v = load_chunk(e, addr, 0, width);
+            if let Some([scale, shift]) = &coefficients {
+                v = (0..v.len())
+                    .map(|p| {
+                        let z = e.fma(v[p], scale[p], shift[p]);
+                        super::eltwise::rectify(e, z, 0.0, width != Width::Scalar)
+                    })
+                    .collect();
+            }
             best = Some(match best {
                 None => v,
                 Some(b) => b.iter().zip(&v).map(|(b, v)| max(e, *b, *v, width)).collect(),
