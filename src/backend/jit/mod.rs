@@ -1815,22 +1815,20 @@ impl Kernels<f32> for JitKernels {
         let [h, w_in, c] = input_hwc(conv);
         let x4 = x.into_shape_with_order((n, h, w_in, c)).expect("the block's input");
         let xp = padded_into(x4, conv.pads, 0.0, s);
-        if let Some((epsilon, p)) = block_norm(program, block, params) {
+        if let Some(batchnorm) = block_norm(program, block, params) {
             // the sums' pass, g from the pool's gradient ([`conv::pooled_weight_sums`])
-            let [gamma, beta] = [p(0), p(1)];
-            let stats = tape.stats.expect("training forward keeps batch statistics");
-            let stats = stats.as_slice().expect("contiguous");
-            let y = contiguous(&tape.linear.expect("a normalizing block keeps its linear output"));
-            let affine = s.take(2 * sh.f);
-            affine_coefficients(stats, [gamma, beta].map(ArrayView1::from), epsilon, affine);
-            let dw = dw.as_slice_mut().expect("row-major kernel");
-            let grads = (
-                dw,
-                db.map(|db| db.into_slice().expect("contiguous")),
-                norm.expect("the batchnorm's gradients"),
+            let grads = BlockGrads { dx, dw, db, norm };
+            return sums_backward(
+                kernel,
+                &sh,
+                k.rectify,
+                batchnorm,
+                [xp, contiguous(&dp)],
+                tape,
+                grads,
+                n,
+                s,
             );
-            let buffers = [xp, contiguous(&dp), affine.as_mut_ptr(), y];
-            return normalized_weights_backward(kernel, &sh, buffers, gamma, stats, epsilon, grads, n, s);
         }
         assert!(norm.is_none(), "a block without batchnorm");
         dw.fill(0.0);
@@ -2293,40 +2291,12 @@ impl Kernels<f32> for JitKernels {
         let dzp = contiguous(&dz);
         let BlockGrads { dx, mut dw, db, norm } = grads;
         let batchnorm = block_norm(program, block, params);
-        if let (None, Some(kernel), Some((epsilon, p))) = (&dx, k.weight_sums, batchnorm) {
-            let [gamma, beta] = [p(0), p(1)];
-            let stats = tape.stats.expect("training forward keeps batch statistics");
-            let stats = stats.as_slice().expect("contiguous");
-            let y = contiguous(&tape.linear.expect("a normalizing block keeps its linear output"));
-            // the rectifier's mask from its input, rebuilt from y with the forward's coefficients
-            let affine = match k.rectify {
-                Some(_) => {
-                    let out = s.take(2 * sh.f);
-                    affine_coefficients(stats, [gamma, beta].map(ArrayView1::from), epsilon, out);
-                    out.as_mut_ptr()
-                }
-                None => std::ptr::null_mut(),
-            };
+        if let (None, Some(kernel), Some(batchnorm)) = (&dx, k.weight_sums, batchnorm) {
             let [h, w_in, c] = input_hwc(conv);
             let x4 = x.into_shape_with_order((n, h, w_in, c)).expect("the block's input");
             let xp = padded_into(x4, conv.pads, 0.0, s);
-            let dw = dw.as_slice_mut().expect("row-major kernel");
-            let grads = (
-                dw,
-                db.map(|db| db.into_slice().expect("contiguous")),
-                norm.expect("the batchnorm's gradients"),
-            );
-            return normalized_weights_backward(
-                kernel,
-                &sh,
-                [xp, dzp, affine, y],
-                gamma,
-                stats,
-                epsilon,
-                grads,
-                n,
-                s,
-            );
+            let grads = BlockGrads { dx, dw, db, norm };
+            return sums_backward(kernel, &sh, k.rectify, batchnorm, [xp, dzp], tape, grads, n, s);
         }
         let dc_len = n * sh.oh * sh.ow * sh.f;
         let dc: *mut f32 = match (batchnorm, k.norm) {
@@ -2659,6 +2629,41 @@ fn normalize_backward(
     if let Some(dx) = dx {
         run(apply, Buffers::new(&[dz, z, x, coef.as_mut_ptr(), dx]), n, n);
     }
+}
+
+/// A normalizing block's backward pass by its sums' kernel `kernel` ([`conv::normalized_weight_sums`],
+/// or [`conv::pooled_weight_sums`] with the pool's gradient for dz), from its padded input `xp`
+/// and `dz`; the rectifier's mask (where it has one) rebuilt from y with the forward's
+/// coefficients.
+#[allow(clippy::too_many_arguments)]
+fn sums_backward<'p>(
+    kernel: KernelFn,
+    sh: &ConvShape,
+    rectify: Option<f32>,
+    (epsilon, p): (f32, impl Fn(usize) -> &'p [f32]),
+    [xp, dz]: [*mut f32; 2],
+    tape: BlockTape<'_, f32>,
+    grads: BlockGrads<'_, f32>,
+    n: usize,
+    s: &mut Scratch<f32>,
+) {
+    let [gamma, beta] = [p(0), p(1)];
+    let stats = tape.stats.expect("training forward keeps batch statistics");
+    let stats = stats.as_slice().expect("contiguous");
+    let y = contiguous(&tape.linear.expect("a normalizing block keeps its linear output"));
+    let affine = match rectify {
+        Some(_) => {
+            let out = s.take(2 * sh.f);
+            affine_coefficients(stats, [gamma, beta].map(ArrayView1::from), epsilon, out);
+            out.as_mut_ptr()
+        }
+        None => std::ptr::null_mut(),
+    };
+    let BlockGrads { mut dw, db, norm, .. } = grads;
+    let dw = dw.as_slice_mut().expect("row-major kernel");
+    let grads =
+        (dw, db.map(|db| db.into_slice().expect("contiguous")), norm.expect("the batchnorm's gradients"));
+    normalized_weights_backward(kernel, sh, [xp, dz, affine, y], gamma, stats, epsilon, grads, n, s);
 }
 
 /// A normalizing block's backward by [`conv::normalized_weight_sums`]: its per-sample sums over
