@@ -17,6 +17,7 @@ use crate::Checked;
 use crate::autodiff::{self, Program, Step};
 use crate::backend::Backend as _;
 use crate::backend::jit::Jit;
+use crate::backend::jit::ceiling::{self, Ceiling};
 use crate::backend::reference::{self, Profile};
 use crate::ir::NodeId;
 use crate::ir::fuse::Block;
@@ -62,6 +63,8 @@ pub struct Report {
     pub inference: [f64; 2],
     /// Milliseconds to compile every kernel, fused and unfused.
     pub compile_ms: [f64; 2],
+    /// The f32x4 multiply-add ceiling of the machine, measured after the warm-up.
+    pub ceiling: Ceiling,
     pub rows: Vec<Row>,
 }
 
@@ -153,6 +156,7 @@ pub fn run(checked: &Checked, options: Options) -> anyhow::Result<Report> {
             backend.predict(state, infer_images);
         }
     }
+    let ceiling = ceiling::measure()?;
     // Rows: (group, phase) for the training groups' forward and backward passes, then the
     // inference groups, then the loss and the update.
     let plan = reference::plan(&backends[0].kernels, &fused, Pass::Infer, options.inference_batch_size, true);
@@ -243,6 +247,7 @@ pub fn run(checked: &Checked, options: Options) -> anyhow::Result<Report> {
         train: [median(&mut step_times[0]), median(&mut step_times[1])],
         inference: [median(&mut infer_times[0]), median(&mut infer_times[1])],
         compile_ms,
+        ceiling,
         rows,
     })
 }
@@ -270,26 +275,29 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "compiled in {:.1} ms fused, {:.1} ms unfused\n",
+            "compiled in {:.1} ms fused, {:.1} ms unfused",
             self.compile_ms[0], self.compile_ms[1]
         );
+        let _ = writeln!(out, "{}\n", self.ceiling_line());
         // a paired group's long name overflows its own line rather than widening every line
         let width =
             self.rows.iter().map(|r| r.name.len() + r.phase.len() + 1).max().unwrap_or(10).clamp(18, 56);
         let _ = writeln!(
             out,
-            "{:<width$}  {:>10}  {:>10}  {:>8}  {:>8}  {:>7}",
-            "group/phase", "fused ms", "unfused ms", "GFLOP/s", "unfused", "speedup"
+            "{:<width$}  {:>10}  {:>10}  {:>8}  {:>7}  {:>8}  {:>7}",
+            "group/phase", "fused ms", "unfused ms", "GFLOP/s", "ceiling", "unfused", "speedup"
         );
         let gf = |v: Option<f64>| v.map_or("-".to_string(), |g| format!("{g:.1}"));
         for row in &self.rows {
             let _ = writeln!(
                 out,
-                "{:<width$}  {:>10.3}  {:>10.3}  {:>8}  {:>8}  {:>6.2}x",
+                "{:<width$}  {:>10.3}  {:>10.3}  {:>8}  {:>7}  {:>8}  {:>6.2}x",
                 if row.name == row.phase { row.name.clone() } else { format!("{} {}", row.name, row.phase) },
                 row.fused_ms,
                 row.unfused_ms,
                 gf(gflops(row.flops, row.fused_ms)),
+                gflops(row.flops, row.fused_ms)
+                    .map_or("-".to_string(), |g| format!("{:.0}%", 100.0 * g / self.ceiling.gflops)),
                 gf(gflops(row.flops, row.unfused_ms)),
                 speedup(row.unfused_ms, row.fused_ms)
             );
@@ -297,7 +305,8 @@ impl Report {
         let _ = writeln!(
             out,
             "(GFLOP/s counts a direct convolution's FLOPs: on Winograd's kernels, 3x3 stride-1 layers\n\
-             do fewer, and theirs is the rate a direct kernel would need to match them)"
+             do fewer, and theirs is the rate a direct kernel would need to match them; ceiling: the\n\
+             fused rate as a share of the f32x4 ceiling above, past 100% only where Winograd's are)"
         );
         out.push('\n');
         for (what, [fused, unfused], batch) in [
@@ -315,6 +324,24 @@ impl Report {
             );
         }
         out
+    }
+
+    /// What the ceiling is, and how much wider the CPU's own vectors are.
+    fn ceiling_line(&self) -> String {
+        let c = &self.ceiling;
+        let threads = if c.threads == 1 { "thread" } else { "threads" };
+        let mut line = format!(
+            "f32x4 multiply-add ceiling, the most any kernel here reaches: {:.1} GFLOP/s on {} {threads}",
+            c.gflops, c.threads
+        );
+        if let (Some(bits), Some(wide)) = (c.host_bits, c.wide_gflops) {
+            line += &format!(
+                "\n(this CPU's vectors are {bits} bits wide, which Cranelift does not emit: the same loop on them, \
+                 as code built for them runs it, {wide:.1} GFLOP/s, {:.1}x)",
+                wide / c.gflops
+            );
+        }
+        line
     }
 
     /// The report as JSON (the fields `cnnc bench --json` documents).
@@ -346,6 +373,12 @@ impl Report {
             "threads": self.threads,
             "rounds": self.rounds,
             "compile_ms": {"fused": self.compile_ms[0], "unfused": self.compile_ms[1]},
+            "ceiling": {
+                "gflops": self.ceiling.gflops,
+                "threads": self.ceiling.threads,
+                "host_vector_bits": self.ceiling.host_bits,
+                "wide_gflops": self.ceiling.wide_gflops,
+            },
             "train": pair(self.train, self.batch_size),
             "inference": pair(self.inference, self.inference_batch_size),
             "kernels": kernels,

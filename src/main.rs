@@ -107,7 +107,8 @@ enum Command {
     },
     /// Time training steps and inference of the model compiled with and without fusion, side
     /// by side (A/B interleaved after warm-up), on random data: a table per layer group and
-    /// phase with median times, GFLOP/s and the fused/unfused speedup.
+    /// phase with median times, GFLOP/s, their share of the machine's f32x4 multiply-add
+    /// ceiling (measured first) and the fused/unfused speedup.
     Bench {
         /// The .cnn file.
         file: PathBuf,

@@ -210,6 +210,14 @@ fn bench_reports_fused_and_unfused_side_by_side() {
         let row = kernels.iter().find(|k| k["name"] == block && k["fused"] == fused).expect(block);
         assert!(row["median_ms"].as_f64().unwrap() > 0.0 && row["gflops"].as_f64().unwrap() > 0.0, "{row}");
     }
+    // the machine's f32x4 ceiling, measured on the bench's threads, and the widest vectors' one
+    // where the CPU has wider vectors
+    let ceiling = &report["ceiling"];
+    assert!(ceiling["gflops"].as_f64().is_some_and(|g| g > 0.0), "{ceiling}");
+    assert_eq!(ceiling["threads"].as_u64(), Some(2));
+    if ceiling["host_vector_bits"].as_u64().is_some_and(|bits| bits > 128) {
+        assert!(ceiling["wide_gflops"].as_f64().is_some_and(|g| g > 0.0), "{ceiling}");
+    }
     let bad = cnnc(&["bench", "models/mnist_bn.cnn", "--rounds", "0"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(text(&bad.stderr).contains("--rounds must be at least 1"), "{}", text(&bad.stderr));

@@ -5,6 +5,7 @@
 //! [`Kernels`] seam. Checked against the reference, op by op and step by step, in tests/jit.rs.
 
 pub mod activation;
+pub mod ceiling;
 pub mod conv;
 pub mod eltwise;
 pub mod emit;
