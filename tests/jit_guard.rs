@@ -7,6 +7,7 @@
 
 use cnnc::autodiff;
 use cnnc::backend::jit::activation::Sigmoidal;
+use cnnc::backend::jit::avx512;
 use cnnc::backend::jit::conv::pack_weights;
 use cnnc::backend::jit::{JitKernels, Listing};
 use cnnc::backend::reference::ops::Geometry;
@@ -156,6 +157,19 @@ fn check_with(model: &str, train: &str, batch: usize) -> Vec<&'static str> {
             close(&format!("{name} weight gradient"), dw_ref.as_slice().unwrap(), &gdw.to_vec());
             if s.bias {
                 close(&format!("{name} bias gradient"), db_ref.as_slice().unwrap(), &gdb.to_vec());
+            }
+            // the input gradient in 512-bit vectors, which replaces that kernel on such CPUs
+            // (its last vector of channels loads and stores under a mask)
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") && !s.is_point() {
+                let mut transposed = vec![0.0; avx512::transposed_len(&s)];
+                avx512::transpose_into(&w, &s, &mut transposed);
+                let gwide = Guarded::new(&transposed, flush_with_end);
+                let gdx = Guarded::new(&vec![0.0; x.len()], flush_with_end);
+                // SAFETY: AVX-512F is there, and the buffers have the shapes of `s`.
+                unsafe { avx512::backward_input(&s, [gdy.ptr, gwide.ptr], gdx.ptr, 0..batch) };
+                close(&format!("{name} input gradient (AVX-512)"), dx_ref.as_slice().unwrap(), &gdx.to_vec());
+                kinds.push("conv input gradient (AVX-512)");
             }
         }
         checked_nodes += 1;
@@ -353,6 +367,16 @@ fn conv_kernels_stay_inside_their_buffers() {
         "input 7x6x1 conv2d(19, kernel=4, padding=same, bias=false) flatten dense(3, activation=softmax)",
         1,
     );
+    // input channels of 19 and 40: a masked vector after one and after two whole ones; rows of
+    // 23 and 21 pixels: several blocks
+    let kinds = check(
+        "input 5x25x19 conv2d(40, kernel=3) conv2d(6, kernel=3) flatten dense(3, activation=softmax)",
+        2,
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        assert_eq!(kinds.iter().filter(|k| k.contains("AVX-512")).count(), 4, "{kinds:?}");
+    }
 }
 
 #[test]

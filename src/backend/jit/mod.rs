@@ -5,6 +5,7 @@
 //! [`Kernels`] seam. Checked against the reference, op by op and step by step, in tests/jit.rs.
 
 pub mod activation;
+pub mod avx512;
 pub mod ceiling;
 pub mod conv;
 pub mod eltwise;
@@ -263,6 +264,9 @@ pub struct JitKernels {
     /// Whether two pooled blocks in a row run as one step at inference, sample by sample
     /// ([`Kernels::pairs`]): on, unless `CNNC_PAIR=0` (for comparisons).
     pub pair_blocks: bool,
+    /// Whether convolutions' input gradients run in 512-bit vectors ([`avx512`]): where the
+    /// CPU has AVX-512F, unless `CNNC_AVX512=0`. Dense layers' stay on their Cranelift kernel.
+    pub wide_input_gradient: bool,
     /// (kernel name, CLIF or assembly) when a listing was asked for.
     pub listings: Vec<(String, String)>,
 }
@@ -540,6 +544,7 @@ impl JitKernels {
             _compiler: std::sync::Mutex::new(compiler),
             compile_ms: started.elapsed().as_secs_f64() * 1e3,
             pair_blocks: std::env::var("CNNC_PAIR").map_or(true, |v| v != "0"),
+            wide_input_gradient: avx512::available(),
             listings,
         })
     }
@@ -1589,7 +1594,14 @@ impl JitKernels {
     fn conv_input_scratch(&self, node: NodeId, n: usize) -> usize {
         let Some(k) = self.convs.get(&node) else { return 0 };
         let s = &k.shape;
-        piece(s.kh * s.kw * s.c * s.f) + piece(padded_len(n, input_hwc(k), k.pads))
+        // the weights transposed: packed for the Cranelift kernel, padded to whole vectors for
+        // the AVX-512 one
+        let weights = if self.wide_input_gradient && !s.is_point() {
+            avx512::transposed_len(s)
+        } else {
+            s.kh * s.kw * s.c * s.f
+        };
+        piece(weights) + piece(padded_len(n, input_hwc(k), k.pads))
     }
 
     /// Scratch of a node's forward kernel in `pass` (unfused) for `n` samples.
@@ -1949,8 +1961,29 @@ impl Kernels<f32> for JitKernels {
         assert_eq!(w.dim(), (sh.kh, sh.kw, sh.c, sh.f));
         let [h, width, c] = input_hwc(k);
         assert_eq!(dx.dim(), (n, h, width, c));
-        // The weights transposed to (KH, KW, F, C), packed by chunks of input channels.
         let w = w.as_slice().expect("row-major");
+        if self.wide_input_gradient && !sh.is_point() {
+            let wt = s.take(avx512::transposed_len(sh));
+            avx512::transpose_into(w, sh, wt);
+            let wt = wt.as_ptr();
+            let dxp = padded_output(&mut dx, k.pads, s);
+            let dyp = contiguous(&dy);
+            let buffers = Buffers::new(&[dyp, wt.cast_mut(), dxp]);
+            shards(n).for_each(|(_, lo, hi)| {
+                let [dy, wt, dx] = [0, 1, 2].map(|i| buffers.get(i));
+                // SAFETY: `wide_input_gradient` is set only where AVX-512F is; dy is (N, OH,
+                // OW, F) and dx (N, HP, WP, C) padded (the asserts above), wt transposed for
+                // this shape, and each shard writes only its own samples of dx.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    avx512::backward_input(sh, [dy, wt], dx, lo..hi)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!("AVX-512 without x86-64: {:?}", (dy, wt, dx, lo, hi));
+            });
+            return crop_into(dxp, k.pads, &mut dx);
+        }
+        // The weights transposed to (KH, KW, F, C), packed by chunks of input channels.
         let wt = s.take(w.len());
         let (taps, c, f) = (sh.kh * sh.kw, sh.c, sh.f);
         conv::pack_into(taps * f, c, |row, ci| w[((row / f) * c + ci) * f + row % f], wt);
