@@ -191,6 +191,144 @@ impl Block<'_> {
     }
 }
 
+/// The signature of [`products`], which Winograd's forward kernels call.
+pub type Products = unsafe extern "C" fn(*const f32, *const f32, *mut f32, i64, i64, i64, i64, i64, i64);
+
+/// Rows (tiles) of [`products`]' register block, at most: 6 rows x 4 vectors of 16 output
+/// channels are 24 of the 32 zmm registers.
+const TILES: usize = 6;
+/// Vectors of output channels of the block, at most.
+const COLUMNS: usize = 4;
+
+/// Winograd's products in 512-bit vectors, for one sample: M[ξ][t][f] = Σ_c V[ξ][t][c] ·
+/// U[ξ][c][f] for every position ξ < `positions`, t < `tiles`, f < `f`, the sums over c in
+/// order from zero, as [`super::winograd`]'s f32x4 kernel sums them (the same bits). V's
+/// planes are `plane_c` elements apart, rows of `c`; M's `plane_f` apart, rows of `f`; U's
+/// planes (C, F'), F' = [`padded_channels`] of F, row-major. Register blocks of up to
+/// [`TILES`] tiles x [`COLUMNS`] vectors, the last vector of a row stored under a mask where
+/// F is not a whole number of them. Called from the JIT's kernels (the shape is constants
+/// there), where [`available`] said yes when they were compiled.
+///
+/// # Safety
+/// AVX-512F is there; v, u and m hold the planes described.
+#[allow(clippy::too_many_arguments)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub unsafe extern "C" fn products(
+    v: *const f32,
+    u: *const f32,
+    m: *mut f32,
+    positions: i64,
+    tiles: i64,
+    c: i64,
+    f: i64,
+    plane_c: i64,
+    plane_f: i64,
+) {
+    let [positions, tiles, c, f, plane_c, plane_f] =
+        [positions, tiles, c, f, plane_c, plane_f].map(|d| d as usize);
+    let fp = padded_channels(f);
+    let vectors = fp / 16;
+    let row_blocks = tiles.div_ceil(TILES);
+    let column_blocks = vectors.div_ceil(COLUMNS);
+    for xi in 0..positions {
+        // SAFETY: the planes of position ξ (the caller's contract).
+        let (vx, ux, mx) = unsafe { (v.add(xi * plane_c), u.add(xi * c * fp), m.add(xi * plane_f)) };
+        for rb in 0..row_blocks {
+            let t0 = tiles * rb / row_blocks;
+            let rows = tiles * (rb + 1) / row_blocks - t0;
+            for cb in 0..column_blocks {
+                let v0 = vectors * cb / column_blocks;
+                let columns = vectors * (cb + 1) / column_blocks - v0;
+                let block = ProductBlock { c, f, fp, v: vx, u: ux, m: mx, t0, f0: 16 * v0 };
+                // SAFETY: rows and columns within the planes.
+                unsafe { block.run(rows, columns) };
+            }
+        }
+    }
+}
+
+/// The signature's stand-in where there is no AVX-512 (never called: [`available`] is false).
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe extern "C" fn products(
+    _: *const f32,
+    _: *const f32,
+    _: *mut f32,
+    _: i64,
+    _: i64,
+    _: i64,
+    _: i64,
+    _: i64,
+    _: i64,
+) {
+    unreachable!("AVX-512 without x86-64")
+}
+
+/// One register block of [`products`]: tiles from t0, vectors of output channels from f0.
+#[cfg(target_arch = "x86_64")]
+struct ProductBlock {
+    c: usize,
+    f: usize,
+    fp: usize,
+    v: *const f32,
+    u: *const f32,
+    m: *mut f32,
+    t0: usize,
+    f0: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl ProductBlock {
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run(&self, rows: usize, columns: usize) {
+        macro_rules! dispatch {
+            ($($r:literal),*) => {
+                match (rows, columns) {
+                    $(
+                        ($r, 1) => self.block::<$r, 1>(),
+                        ($r, 2) => self.block::<$r, 2>(),
+                        ($r, 3) => self.block::<$r, 3>(),
+                        ($r, 4) => self.block::<$r, 4>(),
+                    )*
+                    _ => unreachable!("blocks of 1 to {TILES} tiles and 1 to {COLUMNS} vectors"),
+                }
+            };
+        }
+        // SAFETY (every arm): the caller's.
+        unsafe { dispatch!(1, 2, 3, 4, 5, 6) }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block<const R: usize, const G: usize>(&self) {
+        use std::arch::x86_64::*;
+        let masks: [__mmask16; G] = std::array::from_fn(|g| {
+            let left = self.f.saturating_sub(self.f0 + 16 * g).min(16);
+            ((1u32 << left) - 1) as __mmask16
+        });
+        let mut acc = [[_mm512_setzero_ps(); G]; R];
+        // SAFETY: the caller's: U's rows hold F' ≥ f0 + 16G columns, V's block R rows of C.
+        unsafe {
+            let v = self.v.add(self.t0 * self.c);
+            let u = self.u.add(self.f0);
+            for k in 0..self.c {
+                let uk: [__m512; G] = std::array::from_fn(|g| _mm512_loadu_ps(u.add(k * self.fp + 16 * g)));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let a = _mm512_set1_ps(*v.add(r * self.c + k));
+                    for g in 0..G {
+                        acc[g] = _mm512_fmadd_ps(a, uk[g], acc[g]);
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let out = self.m.add((self.t0 + r) * self.f + self.f0);
+                for g in 0..G {
+                    _mm512_mask_storeu_ps(out.add(16 * g), masks[g], acc[g]);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;

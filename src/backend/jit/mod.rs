@@ -1194,7 +1194,7 @@ impl ConvForward {
     fn weights_len(self, conv: &ConvShape) -> usize {
         match self {
             ConvForward::Direct(_) => conv.kh * conv.kw * conv.c * conv.f,
-            ConvForward::Winograd(shape, _) => shape.positions() * conv.c * conv.f,
+            ConvForward::Winograd(shape, _) => shape.weights_len(),
         }
     }
 

@@ -84,6 +84,9 @@ pub struct WinogradShape {
     pub tw: usize,
     /// The output tile's size: F(m x m, 3x3).
     pub m: usize,
+    /// Whether the forward pass's products run in 512-bit vectors ([`super::avx512::products`],
+    /// where the CPU has AVX-512F), its U then laid out for them ([`transform_weights_into`]).
+    pub wide: bool,
 }
 
 impl WinogradShape {
@@ -96,7 +99,14 @@ impl WinogradShape {
         let (th, tw) = (conv.oh.div_ceil(m), conv.ow.div_ceil(m));
         let fits = m * th + 2 <= conv.hp && m * tw + 2 <= conv.wp;
         let known = matches!(m, 2 | 4 | 5 | 6);
-        (known && square && fits && conv.oh > 0 && conv.ow > 0).then_some(WinogradShape { conv, th, tw, m })
+        let wide = super::avx512::available();
+        (known && square && fits && conv.oh > 0 && conv.ow > 0).then_some(WinogradShape {
+            conv,
+            th,
+            tw,
+            m,
+            wide,
+        })
     }
 
     /// The weight gradient's tiles, F(3x3, m x m): m x m blocks of dy (a partial last row or
@@ -108,12 +118,39 @@ impl WinogradShape {
         let exact = conv.hp == conv.oh + 2 && conv.wp == conv.ow + 2;
         let (th, tw) = (conv.oh.div_ceil(m), conv.ow.div_ceil(m));
         let known = m == 2 || m == 4;
-        (known && square && exact && conv.oh > 0 && conv.ow > 0).then_some(WinogradShape { conv, th, tw, m })
+        // its products are its own (weight_block), on f32x4
+        let wide = false;
+        (known && square && exact && conv.oh > 0 && conv.ow > 0).then_some(WinogradShape {
+            conv,
+            th,
+            tw,
+            m,
+            wide,
+        })
     }
 
     /// Tasks of [`weight_gradient`]: one per position ξ and group of 4 input channels.
     pub fn weight_tasks(&self) -> usize {
         self.positions() * self.conv.c.div_ceil(WEIGHT_ROWS)
+    }
+
+    /// Elements of U ([`transform_weights`]): a (C, F) plane per position, packed by chunks
+    /// of output channels as [`super::conv::pack_weights`] packs a kernel, or, for the wide
+    /// products, a (C, F') plane, F' = F rounded up to 16, row-major, the columns past F zero.
+    pub fn weights_len(&self) -> usize {
+        self.positions() * self.weights_plane()
+    }
+
+    /// Elements from one position's plane of U to the next.
+    pub fn weights_plane(&self) -> usize {
+        let f = if self.wide { super::avx512::padded_channels(self.conv.f) } else { self.conv.f };
+        self.conv.c * f
+    }
+
+    /// Where U's plane holds the weight of input channel `ci` and output channel `fi`.
+    pub fn weights_index(&self, ci: usize, fi: usize) -> usize {
+        let (c, f) = (self.conv.c, self.conv.f);
+        if self.wide { ci * super::avx512::padded_channels(f) + fi } else { packed_index(c, f, ci, fi) }
     }
 
     /// Tiles per sample.
@@ -544,7 +581,7 @@ fn tile_cost(m: usize, [c, f]: [usize; 2], [oh, ow]: [usize; 2], [input, output]
 /// The kernel's weights for `shape.conv`: U[ξ][c][f] = (G w[·][·][c][f] Gᵀ)[ξ] from `w` laid out
 /// (3, 3, C, F) (HWIO), each ξ's (C, F) matrix packed by [`pack_weights`].
 pub fn transform_weights(w: &[f32], shape: &WinogradShape) -> Vec<f32> {
-    let mut u = vec![0.0; shape.positions() * shape.conv.c * shape.conv.f];
+    let mut u = vec![0.0; shape.weights_len()];
     transform_weights_into(w, shape, &mut u);
     u
 }
@@ -563,7 +600,8 @@ pub fn transform_weights_into(w: &[f32], shape: &WinogradShape, u: &mut [f32]) {
     use rayon::prelude::*;
     let (c, f) = (shape.conv.c, shape.conv.f);
     assert_eq!(w.len(), 9 * c * f, "a 3x3 kernel");
-    assert_eq!(u.len(), shape.positions() * c * f, "a plane of (C, F) per position");
+    assert_eq!(u.len(), shape.weights_len(), "a plane of (C, F) per position");
+    let plane = shape.weights_plane();
     let alpha = shape.alpha();
     let mut g = [[0.0f64; 3]; MAX_ALPHA];
     for (xi, row) in g.iter_mut().enumerate().take(alpha) {
@@ -575,15 +613,19 @@ pub fn transform_weights_into(w: &[f32], shape: &WinogradShape, u: &mut [f32]) {
                 let at = |i: usize, j: usize| f64::from(w[((i * 3 + j) * c + ci) * f + fi]);
                 let t: [f64; 3] =
                     std::array::from_fn(|j| g[a][0] * at(0, j) + g[a][1] * at(1, j) + g[a][2] * at(2, j));
-                let index = packed_index(c, f, ci, fi);
+                let index = shape.weights_index(ci, fi);
                 for b in 0..alpha {
                     let value = t[0] * g[b][0] + t[1] * g[b][1] + t[2] * g[b][2];
-                    planes[b * c * f + index] = value as f32;
+                    planes[b * plane + index] = value as f32;
                 }
             }
         }
     };
-    u.par_chunks_mut(alpha * c * f).enumerate().with_max_len(1).for_each(|(a, planes)| row(a, planes));
+    // the wide planes' padding columns stay zero
+    if shape.wide {
+        u.fill(0.0);
+    }
+    u.par_chunks_mut(alpha * plane).enumerate().with_max_len(1).for_each(|(a, planes)| row(a, planes));
 }
 
 /// y = conv(x, w) + b for samples start..end by F(m x m, 3x3), then `epilogue` (as
@@ -764,6 +806,9 @@ impl Staging {
 fn multiply(e: &mut Emit, shape: &WinogradShape, v: Value, u: Value, m: Value) {
     let s = shape.conv;
     let tiles = shape.tiles();
+    if shape.wide {
+        return call_wide_products(e, shape, [v, u, m]);
+    }
     e.for_n(shape.positions(), |e, xi| {
         let v_off = e.mul_k(xi, shape.plane(s.c) as i64);
         let vxi = e.at(v, v_off);
@@ -797,6 +842,22 @@ fn multiply(e: &mut Emit, shape: &WinogradShape, v: Value, u: Value, m: Value) {
             });
         });
     });
+}
+
+/// [`multiply`] by a call to [`super::avx512::products`], its shape as constant arguments.
+fn call_wide_products(e: &mut Emit, shape: &WinogradShape, [v, u, m]: [Value; 3]) {
+    use cranelift_codegen::ir::{AbiParam, Signature, types};
+    let s = shape.conv;
+    let mut sig = Signature::new(e.b.func.signature.call_conv);
+    sig.params.extend([AbiParam::new(e.ptr); 3]);
+    sig.params.extend([AbiParam::new(types::I64); 6]);
+    let sig = e.b.import_signature(sig);
+    let products: super::avx512::Products = super::avx512::products;
+    let callee = e.b.ins().iconst(e.ptr, products as usize as i64);
+    let dims = [shape.positions(), shape.tiles(), s.c, s.f, shape.plane(s.c), shape.plane(s.f)];
+    let mut args = vec![v, u, m];
+    args.extend(dims.map(|d| e.int(d as i64)));
+    e.b.ins().call_indirect(sig, callee, &args);
 }
 
 /// Where the output transform puts its pixels.
@@ -1242,7 +1303,7 @@ mod tests {
                     for (i, j) in (0..3).flat_map(|i| (0..3).map(move |j| (i, j))) {
                         expected += g[a][i] * f64::from(w[((i * 3 + j) * c + ci) * f + fi]) * g[b][j];
                     }
-                    let got = u[(a * alpha + b) * c * f + packed_index(c, f, ci, fi)];
+                    let got = u[(a * alpha + b) * shape.weights_plane() + shape.weights_index(ci, fi)];
                     let what = format!("F({m}) c={c} f={f}: U[{a}][{b}] of ({ci}, {fi})");
                     assert!((f64::from(got) - expected).abs() <= 1e-6 * expected.abs().max(1.0), "{what}");
                 }
