@@ -191,29 +191,26 @@ impl Block<'_> {
     }
 }
 
-/// The signature of [`products`], which Winograd's forward kernels call.
+/// The signature of [`products`] and [`weight_products`], which Winograd's kernels call with
+/// their shape as constants.
 pub type Products = unsafe extern "C" fn(*const f32, *const f32, *mut f32, i64, i64, i64, i64, i64, i64);
 
-/// Rows (tiles) of [`products`]' register block, at most: 6 rows x 4 vectors of 16 output
-/// channels are 24 of the 32 zmm registers.
-const TILES: usize = 6;
+/// Rows of a product's register block, at most: 6 rows x 4 vectors of 16 output channels are
+/// 24 of the 32 zmm registers.
+const ROWS: usize = 6;
 /// Vectors of output channels of the block, at most.
 const COLUMNS: usize = 4;
 
-/// Winograd's products in 512-bit vectors, for one sample: M[ξ][t][f] = Σ_c V[ξ][t][c] ·
-/// U[ξ][c][f] for every position ξ < `positions`, t < `tiles`, f < `f`, the sums over c in
+/// Winograd's forward products in 512-bit vectors, for one sample: M[ξ][t][f] = Σ_c V[ξ][t][c]
+/// · U[ξ][c][f] for every position ξ < `positions`, t < `tiles`, f < `f`, the sums over c in
 /// order from zero, as [`super::winograd`]'s f32x4 kernel sums them (the same bits). V's
 /// planes are `plane_c` elements apart, rows of `c`; M's `plane_f` apart, rows of `f`; U's
-/// planes (C, F'), F' = [`padded_channels`] of F, row-major. Register blocks of up to
-/// [`TILES`] tiles x [`COLUMNS`] vectors, the last vector of a row stored under a mask where
-/// F is not a whole number of them. Called from the JIT's kernels (the shape is constants
-/// there), where [`available`] said yes when they were compiled.
+/// planes (C, F'), F' = [`padded_channels`] of F, row-major.
 ///
 /// # Safety
-/// AVX-512F is there; v, u and m hold the planes described.
+/// AVX-512F is there ([`available`] said yes when the kernels were compiled); v, u and m hold
+/// the planes described.
 #[allow(clippy::too_many_arguments)]
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
 pub unsafe extern "C" fn products(
     v: *const f32,
     u: *const f32,
@@ -228,69 +225,116 @@ pub unsafe extern "C" fn products(
     let [positions, tiles, c, f, plane_c, plane_f] =
         [positions, tiles, c, f, plane_c, plane_f].map(|d| d as usize);
     let fp = padded_channels(f);
-    let vectors = fp / 16;
-    let row_blocks = tiles.div_ceil(TILES);
-    let column_blocks = vectors.div_ceil(COLUMNS);
     for xi in 0..positions {
         // SAFETY: the planes of position ξ (the caller's contract).
-        let (vx, ux, mx) = unsafe { (v.add(xi * plane_c), u.add(xi * c * fp), m.add(xi * plane_f)) };
-        for rb in 0..row_blocks {
-            let t0 = tiles * rb / row_blocks;
-            let rows = tiles * (rb + 1) / row_blocks - t0;
-            for cb in 0..column_blocks {
-                let v0 = vectors * cb / column_blocks;
-                let columns = vectors * (cb + 1) / column_blocks - v0;
-                let block = ProductBlock { c, f, fp, v: vx, u: ux, m: mx, t0, f0: 16 * v0 };
-                // SAFETY: rows and columns within the planes.
-                unsafe { block.run(rows, columns) };
+        let product = unsafe {
+            Product {
+                a: v.add(xi * plane_c),
+                a_row: c,
+                a_k: 1,
+                b: u.add(xi * c * fp),
+                b_k: fp,
+                out: m.add(xi * plane_f),
+                k: c,
+                accumulate: false,
             }
-        }
+        };
+        // SAFETY: as above.
+        unsafe { product.run([tiles, f]) };
     }
 }
 
-/// The signature's stand-in where there is no AVX-512 (never called: [`available`] is false).
-#[cfg(not(target_arch = "x86_64"))]
-pub unsafe extern "C" fn products(
-    _: *const f32,
-    _: *const f32,
-    _: *mut f32,
-    _: i64,
-    _: i64,
-    _: i64,
-    _: i64,
+/// Winograd's weight-gradient products in 512-bit vectors, for one group of samples' tiles:
+/// M[ξ][c][f] += Σ_t V[ξ][t][c] · D[ξ][t][f] for every position ξ < `positions`, c < `c`, f <
+/// `f`, over the `span` tiles in order, each element of M added to in the order of
+/// [`super::winograd`]'s f32x4 kernel (the same bits). V's planes are span·C elements apart,
+/// D's span·F, M's C·F (rows of F). The last two arguments are unused.
+///
+/// # Safety
+/// As [`products`]'.
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn weight_products(
+    v: *const f32,
+    d: *const f32,
+    m: *mut f32,
+    positions: i64,
+    span: i64,
+    c: i64,
+    f: i64,
     _: i64,
     _: i64,
 ) {
-    unreachable!("AVX-512 without x86-64")
+    let [positions, span, c, f] = [positions, span, c, f].map(|x| x as usize);
+    for xi in 0..positions {
+        // SAFETY: the planes of position ξ (the caller's contract).
+        let product = unsafe {
+            Product {
+                a: v.add(xi * span * c),
+                a_row: 1,
+                a_k: c,
+                b: d.add(xi * span * f),
+                b_k: f,
+                out: m.add(xi * c * f),
+                k: span,
+                accumulate: true,
+            }
+        };
+        // SAFETY: as above.
+        unsafe { product.run([c, f]) };
+    }
 }
 
-/// One register block of [`products`]: tiles from t0, vectors of output channels from f0.
-#[cfg(target_arch = "x86_64")]
-struct ProductBlock {
-    c: usize,
-    f: usize,
-    fp: usize,
-    v: *const f32,
-    u: *const f32,
-    m: *mut f32,
-    t0: usize,
-    f0: usize,
+/// out[r][j] (+)= Σ_k a[r·a_row + k·a_k] · b[k·b_k + j] for the rows r and columns j of a
+/// [rows, columns] product, out's rows `columns` apart, in register blocks of up to [`ROWS`]
+/// x [`COLUMNS`] vectors (balanced), each sum over k in order, from zero or from out.
+struct Product {
+    a: *const f32,
+    a_row: usize,
+    a_k: usize,
+    b: *const f32,
+    b_k: usize,
+    out: *mut f32,
+    k: usize,
+    accumulate: bool,
 }
 
-#[cfg(target_arch = "x86_64")]
-impl ProductBlock {
+impl Product {
+    /// # Safety
+    /// AVX-512F is there, and the buffers hold the rows and columns (b's loads and out's
+    /// loads and stores are masked at the last column).
+    unsafe fn run(&self, [rows, columns]: [usize; 2]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let vectors = columns.div_ceil(16);
+            let (row_blocks, column_blocks) = (rows.div_ceil(ROWS), vectors.div_ceil(COLUMNS));
+            for rb in 0..row_blocks {
+                let r0 = rows * rb / row_blocks;
+                let r = rows * (rb + 1) / row_blocks - r0;
+                for cb in 0..column_blocks {
+                    let v0 = vectors * cb / column_blocks;
+                    let g = vectors * (cb + 1) / column_blocks - v0;
+                    // SAFETY: the caller's, for this block of rows and columns.
+                    unsafe { self.block_of(r, g, [r0, 16 * v0], columns) };
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("AVX-512 without x86-64: {rows} x {columns}")
+    }
+
+    #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn run(&self, rows: usize, columns: usize) {
+    unsafe fn block_of(&self, rows: usize, vectors: usize, at: [usize; 2], columns: usize) {
         macro_rules! dispatch {
             ($($r:literal),*) => {
-                match (rows, columns) {
+                match (rows, vectors) {
                     $(
-                        ($r, 1) => self.block::<$r, 1>(),
-                        ($r, 2) => self.block::<$r, 2>(),
-                        ($r, 3) => self.block::<$r, 3>(),
-                        ($r, 4) => self.block::<$r, 4>(),
+                        ($r, 1) => self.block::<$r, 1>(at, columns),
+                        ($r, 2) => self.block::<$r, 2>(at, columns),
+                        ($r, 3) => self.block::<$r, 3>(at, columns),
+                        ($r, 4) => self.block::<$r, 4>(at, columns),
                     )*
-                    _ => unreachable!("blocks of 1 to {TILES} tiles and 1 to {COLUMNS} vectors"),
+                    _ => unreachable!("blocks of 1 to {ROWS} rows and 1 to {COLUMNS} vectors"),
                 }
             };
         }
@@ -298,31 +342,40 @@ impl ProductBlock {
         unsafe { dispatch!(1, 2, 3, 4, 5, 6) }
     }
 
+    #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn block<const R: usize, const G: usize>(&self) {
+    unsafe fn block<const R: usize, const G: usize>(&self, [r0, j0]: [usize; 2], columns: usize) {
         use std::arch::x86_64::*;
         let masks: [__mmask16; G] = std::array::from_fn(|g| {
-            let left = self.f.saturating_sub(self.f0 + 16 * g).min(16);
+            let left = columns.saturating_sub(j0 + 16 * g).min(16);
             ((1u32 << left) - 1) as __mmask16
         });
-        let mut acc = [[_mm512_setzero_ps(); G]; R];
-        // SAFETY: the caller's: U's rows hold F' ≥ f0 + 16G columns, V's block R rows of C.
+        // SAFETY: the caller's; the masks keep b's and out's accesses within their columns.
         unsafe {
-            let v = self.v.add(self.t0 * self.c);
-            let u = self.u.add(self.f0);
-            for k in 0..self.c {
-                let uk: [__m512; G] = std::array::from_fn(|g| _mm512_loadu_ps(u.add(k * self.fp + 16 * g)));
+            let out = self.out.add(r0 * columns + j0);
+            let mut acc = [[_mm512_setzero_ps(); G]; R];
+            if self.accumulate {
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let a = _mm512_set1_ps(*v.add(r * self.c + k));
                     for g in 0..G {
-                        acc[g] = _mm512_fmadd_ps(a, uk[g], acc[g]);
+                        acc[g] = _mm512_maskz_loadu_ps(masks[g], out.add(r * columns + 16 * g));
+                    }
+                }
+            }
+            let a = self.a.add(r0 * self.a_row);
+            let b = self.b.add(j0);
+            for k in 0..self.k {
+                let bk: [__m512; G] =
+                    std::array::from_fn(|g| _mm512_maskz_loadu_ps(masks[g], b.add(k * self.b_k + 16 * g)));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let x = _mm512_set1_ps(*a.add(r * self.a_row + k * self.a_k));
+                    for g in 0..G {
+                        acc[g] = _mm512_fmadd_ps(x, bk[g], acc[g]);
                     }
                 }
             }
             for (r, acc) in acc.iter().enumerate() {
-                let out = self.m.add((self.t0 + r) * self.f + self.f0);
                 for g in 0..G {
-                    _mm512_mask_storeu_ps(out.add(16 * g), masks[g], acc[g]);
+                    _mm512_mask_storeu_ps(out.add(r * columns + 16 * g), masks[g], acc[g]);
                 }
             }
         }

@@ -84,8 +84,9 @@ pub struct WinogradShape {
     pub tw: usize,
     /// The output tile's size: F(m x m, 3x3).
     pub m: usize,
-    /// Whether the forward pass's products run in 512-bit vectors ([`super::avx512::products`],
-    /// where the CPU has AVX-512F), its U then laid out for them ([`transform_weights_into`]).
+    /// Whether the products run in 512-bit vectors, where the CPU has AVX-512F: the forward
+    /// pass's ([`super::avx512::products`], U then laid out for them by
+    /// [`transform_weights_into`]) or the weight gradient's ([`super::avx512::weight_products`]).
     pub wide: bool,
 }
 
@@ -118,8 +119,7 @@ impl WinogradShape {
         let exact = conv.hp == conv.oh + 2 && conv.wp == conv.ow + 2;
         let (th, tw) = (conv.oh.div_ceil(m), conv.ow.div_ceil(m));
         let known = m == 2 || m == 4;
-        // its products are its own (weight_block), on f32x4
-        let wide = false;
+        let wide = super::avx512::available();
         (known && square && exact && conv.oh > 0 && conv.ow > 0).then_some(WinogradShape {
             conv,
             th,
@@ -845,17 +845,21 @@ fn multiply(e: &mut Emit, shape: &WinogradShape, v: Value, u: Value, m: Value) {
 }
 
 /// [`multiply`] by a call to [`super::avx512::products`], its shape as constant arguments.
-fn call_wide_products(e: &mut Emit, shape: &WinogradShape, [v, u, m]: [Value; 3]) {
-    use cranelift_codegen::ir::{AbiParam, Signature, types};
+fn call_wide_products(e: &mut Emit, shape: &WinogradShape, buffers: [Value; 3]) {
     let s = shape.conv;
+    let dims = [shape.positions(), shape.tiles(), s.c, s.f, shape.plane(s.c), shape.plane(s.f)];
+    call_products(e, super::avx512::products, buffers, dims);
+}
+
+/// A call to one of [`super::avx512`]'s products, its dimensions as constants.
+fn call_products(e: &mut Emit, products: super::avx512::Products, [a, b, c]: [Value; 3], dims: [usize; 6]) {
+    use cranelift_codegen::ir::{AbiParam, Signature, types};
     let mut sig = Signature::new(e.b.func.signature.call_conv);
     sig.params.extend([AbiParam::new(e.ptr); 3]);
     sig.params.extend([AbiParam::new(types::I64); 6]);
     let sig = e.b.import_signature(sig);
-    let products: super::avx512::Products = super::avx512::products;
     let callee = e.b.ins().iconst(e.ptr, products as usize as i64);
-    let dims = [shape.positions(), shape.tiles(), s.c, s.f, shape.plane(s.c), shape.plane(s.f)];
-    let mut args = vec![v, u, m];
+    let mut args = vec![a, b, c];
     args.extend(dims.map(|d| e.int(d as i64)));
     e.b.ins().call_indirect(sig, callee, &args);
 }
@@ -1020,6 +1024,10 @@ pub fn weight_gradient(e: &mut Emit, shape: &WinogradShape) {
             };
             e.when_else(present, transform, zeros);
         });
+        if shape.wide {
+            let dims = [shape.positions(), span, s.c, s.f, 0, 0];
+            return call_products(e, super::avx512::weight_products, [v, d, m], dims);
+        }
         e.for_n(shape.weight_tasks(), |e, task| {
             let bound = shape.weight_tasks() as u64;
             let xi = e.div_k(task, groups as u64, bound);
