@@ -1,21 +1,25 @@
-//! A convolution's input gradient in 512-bit vectors, where the CPU has AVX-512F: the one
-//! kernel of this backend that is not compiled by Cranelift, whose x64 backend emits vectors
-//! of 128 bits at most. On a CPU that runs AVX-512 at its full width (Zen 5: see
-//! [`super::ceiling`], 4x the f32x4 ceiling) that leaves three quarters of the machine to the
-//! frameworks it is compared with; the input gradient is the largest kernel of mnist.cnn's
-//! training step (conv2d_1's: ~40% of it, at ~85% of the f32x4 ceiling). Compiled by rustc
-//! from the CPU's intrinsics for any shape (the loops take it at run time; the register block
-//! is a const generic), checked against the reference in the tests here and, on such a CPU,
-//! by every differential test of the backend, which then runs it. `CNNC_AVX512=0` keeps the
-//! Cranelift kernel ([`super::conv::backward_input`]), for comparisons.
+//! The kernels of this backend that Cranelift does not compile, for CPUs with AVX-512F:
+//! Cranelift's x64 backend emits vectors of 128 bits at most, and a CPU that runs AVX-512 at
+//! its full width (Zen 5: see [`super::ceiling`], 4x the f32x4 ceiling) would leave three
+//! quarters of the machine to the frameworks cnnc is compared with. The heaviest loops of a
+//! training step run here in 512-bit vectors: a convolution's input gradient
+//! ([`backward_input`], mnist.cnn's conv2d_1's was ~40% of the step at ~85% of the f32x4
+//! ceiling) and Winograd's products, forward and weight gradient ([`products`],
+//! [`weight_products`], which the Winograd kernels call from their JIT-compiled code between
+//! their transforms). Compiled by rustc from the CPU's intrinsics for any shape (the loops take
+//! it at run time; register blocks are const generics), checked against the reference in the
+//! tests here, between guard pages in tests/jit_guard.rs and, on such a CPU, by every
+//! differential test of the backend, which then runs them. `CNNC_AVX512=0` keeps the Cranelift
+//! kernels, for comparisons.
 //!
-//! The same scatter as that kernel: for each row of dy, a block of up to [`PIXELS`] pixels and
-//! up to two vectors of 16 input channels (22 of the 32 zmm registers as accumulators),
-//! acc = Σ_f dy[pixel, f] · wᵀ[tap, f, channels], then dx[pixel + tap] += acc, tap by tap.
-//! A last vector of fewer than 16 channels is loaded and stored under a mask. Each sample is
-//! one thread's, and its elements sum in an order fixed by the shape: the result does not
-//! depend on the thread count (it differs from the Cranelift kernel's in the last bits, whose
-//! blocks of pixels are narrower and so order a dx element's taps otherwise).
+//! The input gradient is the same scatter as [`super::conv::backward_input`]: for each row of
+//! dy, a block of up to [`PIXELS`] pixels and up to two vectors of 16 input channels (22 of the
+//! 32 zmm registers as accumulators), acc = Σ_f dy[pixel, f] · wᵀ[tap, f, channels], then
+//! dx[pixel + tap] += acc, tap by tap. A last vector of fewer than 16 channels is loaded and
+//! stored under a mask. Each sample is one thread's, and its elements sum in an order fixed by
+//! the shape: the result does not depend on the thread count (it differs from the Cranelift
+//! kernel's in the last bits: its blocks of pixels are narrower, and so order a dx element's
+//! taps otherwise). The products sum as the Cranelift kernels' do: the same bits.
 
 use super::conv::ConvShape;
 
@@ -284,6 +288,19 @@ pub unsafe extern "C" fn weight_products(
     }
 }
 
+/// A dense layer's forward pass in 512-bit vectors, for `rows` samples: y[r][j] += Σ_k x[r][k] ·
+/// w[k][j], x (rows, K) and w (K, F) row-major, y (rows, F) holding the bias (or zeros), the
+/// sums over k in order after it, as the Cranelift kernel ([`super::conv::forward`] of a 1x1
+/// layer) sums them: the same bits.
+///
+/// # Safety
+/// AVX-512F is there ([`available`]); the buffers hold the shapes described.
+pub unsafe fn dense(x: *const f32, w: *const f32, y: *mut f32, [rows, k, f]: [usize; 3]) {
+    let product = Product { a: x, a_row: k, a_k: 1, b: w, b_k: f, out: y, k, accumulate: true };
+    // SAFETY: the caller's.
+    unsafe { product.run([rows, f]) };
+}
+
 /// out[r][j] (+)= Σ_k a[r·a_row + k·a_k] · b[k·b_k + j] for the rows r and columns j of a
 /// [rows, columns] product, out's rows `columns` apart, in register blocks of up to [`ROWS`]
 /// x [`COLUMNS`] vectors (balanced), each sum over k in order, from zero or from out.
@@ -306,7 +323,10 @@ impl Product {
         #[cfg(target_arch = "x86_64")]
         {
             let vectors = columns.div_ceil(16);
-            let (row_blocks, column_blocks) = (rows.div_ceil(ROWS), vectors.div_ceil(COLUMNS));
+            // one vector a row (a dense layer of 10 outputs) takes twice the rows: 12 chains of
+            // multiply-adds hide their latency where 6 would not
+            let most = if vectors == 1 { 2 * ROWS } else { ROWS };
+            let (row_blocks, column_blocks) = (rows.div_ceil(most), vectors.div_ceil(COLUMNS));
             for rb in 0..row_blocks {
                 let r0 = rows * rb / row_blocks;
                 let r = rows * (rb + 1) / row_blocks - r0;
@@ -334,12 +354,22 @@ impl Product {
                         ($r, 3) => self.block::<$r, 3>(at, columns),
                         ($r, 4) => self.block::<$r, 4>(at, columns),
                     )*
-                    _ => unreachable!("blocks of 1 to {ROWS} rows and 1 to {COLUMNS} vectors"),
+                    _ => unreachable!("blocks of 1 to {ROWS} rows and 1 to {COLUMNS} vectors, or 12 rows and 1"),
                 }
             };
         }
         // SAFETY (every arm): the caller's.
-        unsafe { dispatch!(1, 2, 3, 4, 5, 6) }
+        unsafe {
+            match (rows, vectors) {
+                (7, 1) => self.block::<7, 1>(at, columns),
+                (8, 1) => self.block::<8, 1>(at, columns),
+                (9, 1) => self.block::<9, 1>(at, columns),
+                (10, 1) => self.block::<10, 1>(at, columns),
+                (11, 1) => self.block::<11, 1>(at, columns),
+                (12, 1) => self.block::<12, 1>(at, columns),
+                _ => dispatch!(1, 2, 3, 4, 5, 6),
+            }
+        }
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -1,13 +1,13 @@
 //! The most that cnnc's kernels can reach on this machine, measured: a JIT-compiled loop of
 //! f32x4 fused multiply-adds on independent accumulators, run on every worker thread at once.
 //! Cranelift's x64 backend emits vectors of 128 bits at most, so this is the ceiling of every
-//! kernel here, whatever the CPU's own widest vectors are; `cnnc bench` reports each group's
-//! rate against it, says when the CPU has wider vectors (AVX2's 256 bits, AVX-512's 512),
-//! and measures the same loop on them, the ceiling of code compiled for them (oneDNN's,
-//! XLA's). On this project's machines: 117 GFLOP/s f32x4 against 232 at 256 bits on 2 Zen 4
-//! cores, whose AVX-512 runs 256 bits a cycle (../shared/JIT-NOTES.md: 2x); 114–121 against
-//! 430–478 at 512 bits on 2 Zen 5 cores (family 26, 2026-12-02, four runs of `cnnc bench`:
-//! 3.6–4.0x).
+//! Cranelift kernel, whatever the CPU's own widest vectors are. Where the CPU has wider ones
+//! (AVX2's 256 bits, AVX-512's 512) the same loop on them is measured too: the ceiling of
+//! code compiled for them, the peers' (oneDNN's, XLA's) and [`super::avx512`]'s. `cnnc bench`
+//! prints both and gives each group's rate as a share of the wider. On this project's
+//! machines: 117 GFLOP/s f32x4 against 232 at 256 bits on 2 Zen 4 cores, whose AVX-512 runs
+//! 256 bits a cycle (../shared/JIT-NOTES.md: 2x); 114–121 against 430–478 at 512 bits on 2
+//! Zen 5 cores (family 26, 2026-12-02, four runs of `cnnc bench`: 3.6–4.0x).
 
 use std::time::Instant;
 

@@ -264,9 +264,9 @@ pub struct JitKernels {
     /// Whether two pooled blocks in a row run as one step at inference, sample by sample
     /// ([`Kernels::pairs`]): on, unless `CNNC_PAIR=0` (for comparisons).
     pub pair_blocks: bool,
-    /// Whether convolutions' input gradients run in 512-bit vectors ([`avx512`]): where the
-    /// CPU has AVX-512F, unless `CNNC_AVX512=0`. Dense layers' stay on their Cranelift kernel.
-    pub wide_input_gradient: bool,
+    /// Whether convolutions' input gradients and dense layers' forward passes run in 512-bit
+    /// vectors ([`avx512`]): where the CPU has AVX-512F, unless `CNNC_AVX512=0`.
+    pub wide: bool,
     /// (kernel name, CLIF or assembly) when a listing was asked for.
     pub listings: Vec<(String, String)>,
 }
@@ -544,7 +544,7 @@ impl JitKernels {
             _compiler: std::sync::Mutex::new(compiler),
             compile_ms: started.elapsed().as_secs_f64() * 1e3,
             pair_blocks: std::env::var("CNNC_PAIR").map_or(true, |v| v != "0"),
-            wide_input_gradient: avx512::available(),
+            wide: avx512::available(),
             listings,
         })
     }
@@ -1596,11 +1596,8 @@ impl JitKernels {
         let s = &k.shape;
         // the weights transposed: packed for the Cranelift kernel, padded to whole vectors for
         // the AVX-512 one
-        let weights = if self.wide_input_gradient && !s.is_point() {
-            avx512::transposed_len(s)
-        } else {
-            s.kh * s.kw * s.c * s.f
-        };
+        let weights =
+            if self.wide && !s.is_point() { avx512::transposed_len(s) } else { s.kh * s.kw * s.c * s.f };
         piece(weights) + piece(padded_len(n, input_hwc(k), k.pads))
     }
 
@@ -1962,7 +1959,7 @@ impl Kernels<f32> for JitKernels {
         let [h, width, c] = input_hwc(k);
         assert_eq!(dx.dim(), (n, h, width, c));
         let w = w.as_slice().expect("row-major");
-        if self.wide_input_gradient && !sh.is_point() {
+        if self.wide && !sh.is_point() {
             let wt = s.take(avx512::transposed_len(sh));
             avx512::transpose_into(w, sh, wt);
             let wt = wt.as_ptr();
@@ -1971,7 +1968,7 @@ impl Kernels<f32> for JitKernels {
             let buffers = Buffers::new(&[dyp, wt.cast_mut(), dxp]);
             shards(n).for_each(|(_, lo, hi)| {
                 let [dy, wt, dx] = [0, 1, 2].map(|i| buffers.get(i));
-                // SAFETY: `wide_input_gradient` is set only where AVX-512F is; dy is (N, OH,
+                // SAFETY: `wide` is set only where AVX-512F is; dy is (N, OH,
                 // OW, F) and dx (N, HP, WP, C) padded (the asserts above), wt transposed for
                 // this shape, and each shard writes only its own samples of dx.
                 #[cfg(target_arch = "x86_64")]
@@ -2139,6 +2136,21 @@ impl Kernels<f32> for JitKernels {
         }
         let (n, inputs) = x.dim();
         let units = w.dim().1;
+        if self.wide {
+            // the bias, then the products added to it in 512-bit vectors
+            match b {
+                Some(b) => y.rows_mut().into_iter().for_each(|mut row| row.assign(&b)),
+                None => y.fill(0.0),
+            }
+            let buffers = Buffers::new(&[contiguous(&x), contiguous(&w), out_ptr(&mut y)]);
+            shards(n).for_each(|(_, lo, hi)| {
+                let [x, w, y] = [0, 1, 2].map(|i| buffers.get(i));
+                // SAFETY: AVX-512F is there (`wide`); x is (N, K), w (K, F) and y
+                // (N, F), all row-major, and each shard writes its own rows of y.
+                unsafe { avx512::dense(x.add(lo * inputs), w, y.add(lo * units), [hi - lo, inputs, units]) }
+            });
+            return;
+        }
         let x4 = x.into_shape_with_order((n, 1, 1, inputs)).expect("row-major input");
         let w4 = w.into_shape_with_order((1, 1, inputs, units)).expect("row-major kernel");
         let y4 = y.view_mut().into_shape_with_order((n, 1, 1, units)).expect("row-major output");
