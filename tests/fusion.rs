@@ -209,6 +209,20 @@ fn convolutions_and_max_pools_in_one_kernel_at_inference() {
     fused_matches_unfused(model, 1, fused.blocks.len());
     fused_matches_unfused(model, 5, fused.blocks.len());
 
+    // 48 = 6 chunks of 8 output channels, 2x2 windows in blocks of 2 (6 a row); then 16 without
+    // a bias, 3x3 windows after a leaky relu
+    let model = "input 12x15x2 conv2d(48, kernel=3, activation=relu) maxpool(2) \
+                 conv2d(16, kernel=2, bias=false) leaky_relu(alpha=0.2) maxpool(3) flatten dense(3, activation=softmax)";
+    let fused = program(model).fused();
+    let jit = JitKernels::compile(&fused, Listing::default()).unwrap();
+    let pooled: Vec<bool> = fused
+        .blocks
+        .iter()
+        .map(|b| jit.block(b.output()).and_then(|k| k.pooled).is_some_and(|(shape, _)| shape.fused))
+        .collect();
+    assert_eq!(pooled, [true, true], "{model}: each block's pool in its convolution's kernel");
+    fused_matches_unfused(model, 3, fused.blocks.len());
+
     // overlapping windows (and the 19x19 → 9x9 floor) keep the pool a pass of its own
     let model = "input 21x21x3 conv2d(9, kernel=3, activation=relu) maxpool(3, stride=2) flatten dense(3, activation=softmax)";
     let fused = program(model).fused();
@@ -327,6 +341,11 @@ fn a_first_block_runs_its_max_pool_in_training() {
              conv2d(5, kernel=1, bias=false) batchnorm relu maxpool(2x1) flatten dense(3, activation=softmax)",
             2,
         ),
+        // 16 output channels: two whole chunks of 8 a register block
+        (
+            "input 12x10x1 conv2d(16, kernel=3, activation=relu) maxpool(2) flatten dense(3, activation=softmax)",
+            1,
+        ),
     ];
     for (model, blocks) in models {
         let fused = program(model).fused();
@@ -352,7 +371,7 @@ fn a_first_block_runs_its_max_pool_in_training() {
     // ties: channels with zero weights hold the same value at every pixel (their bias, or
     // batchnorm's β), so each window's gradient goes to its first pixel (as the reference's),
     // whose patch of x the weight gradient then sums
-    for model in [models[0].0, models[2].0] {
+    for model in [models[0].0, models[2].0, models[4].0] {
         let (unfused, fused) = (program(model), program(model).fused());
         let jit = JitKernels::compile(&fused, Listing::default()).unwrap();
         let mut rng = Rng::new(9, &[]);
