@@ -4,13 +4,13 @@
 //! quarters of the machine to the frameworks cnnc is compared with. The heaviest loops of a
 //! training step run here in 512-bit vectors: a convolution's input gradient
 //! ([`backward_input`], mnist.cnn's conv2d_1's was ~40% of the step at ~85% of the f32x4
-//! ceiling) and Winograd's products, forward and weight gradient ([`products`],
+//! ceiling), Winograd's products, forward and weight gradient ([`products`],
 //! [`weight_products`], which the Winograd kernels call from their JIT-compiled code between
-//! their transforms). Compiled by rustc from the CPU's intrinsics for any shape (the loops take
-//! it at run time; register blocks are const generics), checked against the reference in the
-//! tests here, between guard pages in tests/jit_guard.rs and, on such a CPU, by every
-//! differential test of the backend, which then runs them. `CNNC_AVX512=0` keeps the Cranelift
-//! kernels, for comparisons.
+//! their transforms), and a dense layer's forward pass ([`dense`]). Compiled by rustc from the
+//! CPU's intrinsics for any shape (the loops take it at run time; register blocks are const
+//! generics), checked against the reference in the tests here, between guard pages in
+//! tests/jit_guard.rs and, on such a CPU, by every differential test of the backend, which then
+//! runs them. `CNNC_AVX512=0` keeps the Cranelift kernels, for comparisons.
 //!
 //! The input gradient is the same scatter as [`super::conv::backward_input`]: for each row of
 //! dy, a block of up to [`PIXELS`] pixels and up to two vectors of 16 input channels (22 of the
@@ -26,7 +26,7 @@ use super::conv::ConvShape;
 /// dy pixels of a register block, at most: mnist.cnn's conv2d_1 has rows of 11.
 pub const PIXELS: usize = 11;
 
-/// Whether the input gradient runs here: the CPU has AVX-512F and `CNNC_AVX512` is not `0`.
+/// Whether the kernels here run: the CPU has AVX-512F and `CNNC_AVX512` is not `0`.
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
