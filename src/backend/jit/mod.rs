@@ -265,7 +265,8 @@ pub struct JitKernels {
     /// ([`Kernels::pairs`]): on, unless `CNNC_PAIR=0` (for comparisons).
     pub pair_blocks: bool,
     /// Whether convolutions' input gradients and dense layers' forward passes run in 512-bit
-    /// vectors ([`avx512`]): where the CPU has AVX-512F, unless `CNNC_AVX512=0`.
+    /// vectors ([`avx512`]): where the CPU has AVX-512F, unless `CNNC_AVX512=0`. Winograd's
+    /// products take the same test, when their kernels are compiled (`WinogradShape::wide`).
     pub wide: bool,
     /// (kernel name, CLIF or assembly) when a listing was asked for.
     pub listings: Vec<(String, String)>,
@@ -1968,9 +1969,9 @@ impl Kernels<f32> for JitKernels {
             let buffers = Buffers::new(&[dyp, wt.cast_mut(), dxp]);
             shards(n).for_each(|(_, lo, hi)| {
                 let [dy, wt, dx] = [0, 1, 2].map(|i| buffers.get(i));
-                // SAFETY: `wide` is set only where AVX-512F is; dy is (N, OH,
-                // OW, F) and dx (N, HP, WP, C) padded (the asserts above), wt transposed for
-                // this shape, and each shard writes only its own samples of dx.
+                // SAFETY: `wide` is set only where AVX-512F is; dy is (N, OH, OW, F) and dx
+                // (N, HP, WP, C) padded (the asserts above), wt transposed for this shape, and
+                // each shard writes only its own samples of dx.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     avx512::backward_input(sh, [dy, wt], dx, lo..hi)
@@ -2145,8 +2146,8 @@ impl Kernels<f32> for JitKernels {
             let buffers = Buffers::new(&[contiguous(&x), contiguous(&w), out_ptr(&mut y)]);
             shards(n).for_each(|(_, lo, hi)| {
                 let [x, w, y] = [0, 1, 2].map(|i| buffers.get(i));
-                // SAFETY: AVX-512F is there (`wide`); x is (N, K), w (K, F) and y
-                // (N, F), all row-major, and each shard writes its own rows of y.
+                // SAFETY: AVX-512F is there (`wide`); x is (N, K), w (K, F) and y (N, F), all
+                // row-major, and each shard writes its own rows of y.
                 unsafe { avx512::dense(x.add(lo * inputs), w, y.add(lo * units), [hi - lo, inputs, units]) }
             });
             return;
