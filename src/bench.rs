@@ -335,10 +335,13 @@ impl Report {
             c.threads, c.gflops
         );
         if let (Some(bits), Some(wide)) = (c.host_bits, c.wide_gflops) {
-            line += &format!(
-                ", {wide:.1} in this CPU's {bits}-bit vectors ({:.1}x: where cnnc's AVX-512 kernels run, and the peers' code)",
-                wide / c.gflops
-            );
+            // cnnc's own wide kernels are AVX-512's only
+            let who = if bits == 512 {
+                "where cnnc's AVX-512 kernels run, and the peers' code"
+            } else {
+                "the peers' code"
+            };
+            line += &format!(", {wide:.1} in this CPU's {bits}-bit vectors ({:.1}x: {who})", wide / c.gflops);
         }
         line
     }
